@@ -1,0 +1,63 @@
+"""Outbound events on `leads.events`: CloudEvents 1.0 structured JSON envelopes."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENT_TYPE_PREFIX = "org.leadrouter."
+
+
+class ContactEventData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    contact_id: int
+    status: Literal["open", "closed"]
+    lead_id: int
+    lead_external_id: str
+    source: str = Field(description="Key of the source the contact came through")
+    operator_id: int | None = Field(description="Null while the contact is queued")
+    inbound_message_id: str
+    queued_seconds: float | None = Field(
+        default=None, description="contact.assigned only: how long the contact waited in the queue"
+    )
+
+
+class ContactEvent(BaseModel):
+    """Envelope shared by contact.assigned, contact.queued and contact.closed."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(description="Stable across re-publishes: de-duplicate on it")
+    source: str = Field(
+        description="URI reference of the leadrouter source, /leadrouter/sources/KEY"
+    )
+    type: Literal[
+        "org.leadrouter.contact.assigned",
+        "org.leadrouter.contact.queued",
+        "org.leadrouter.contact.closed",
+    ]
+    time: datetime
+    subject: str = Field(description="contacts/ID")
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: ContactEventData
+
+
+ROUTING_KEYS = ("contact.assigned", "contact.queued", "contact.closed")
+
+
+def build_event(
+    event_id: str, routing_key: str, time: datetime, data: ContactEventData
+) -> ContactEvent:
+    """The envelope for one contact state change; pure, so it is tested without I/O."""
+    if routing_key not in ROUTING_KEYS:
+        raise ValueError(f"unknown event routing key {routing_key!r}")
+    return ContactEvent(
+        id=event_id,
+        source=f"/leadrouter/sources/{data.source}",
+        type=f"{EVENT_TYPE_PREFIX}{routing_key}",  # type: ignore[arg-type]
+        time=time,
+        subject=f"contacts/{data.contact_id}",
+        data=data,
+    )

@@ -1,0 +1,212 @@
+"""The `leadrouter` command as a person or a script uses it, run as a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests import services
+from tests.integration.test_worker_processes import worker_env
+from worker.settings import Settings
+
+
+def leadrouter(
+    settings: Settings, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def as_json(settings: Settings, *args: str) -> Any:
+    return json.loads(leadrouter(settings, *args, "--json").stdout)
+
+
+def fails_cleanly(settings: Settings, *args: str, expect: str) -> None:
+    result = leadrouter(settings, *args, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert expect in lines[0]
+
+
+def test_admin_verbs_end_to_end(settings: Settings) -> None:
+    alice = as_json(settings, "operators", "add", "Alice", "--max-load", "3")
+    bob = as_json(settings, "operators", "add", "Bob", "--inactive")
+    assert alice == {
+        "id": alice["id"],
+        "name": "Alice",
+        "is_active": True,
+        "max_load": 3,
+        "load": 0,
+    }
+    assert bob["is_active"] is False and bob["max_load"] == 10
+    source = as_json(
+        settings,
+        "sources",
+        "add",
+        "telegram-bot",
+        "--name",
+        "Telegram",
+        "--description",
+        "main bot",
+        "--strategy",
+        "weighted_random",
+    )
+    assert source["key"] == "telegram-bot" and source["strategy"] == "weighted_random"
+    assert [s["key"] for s in as_json(settings, "sources", "list")] == ["telegram-bot"]
+
+    out = leadrouter(
+        settings, "weights", "set", "telegram-bot", f"{alice['id']}=10", f"{bob['id']}=30"
+    )
+    assert "2 weight(s) set" in out.stdout
+    assert as_json(settings, "weights", "show", "telegram-bot") == [
+        {"operator_id": alice["id"], "operator_name": "Alice", "weight": 10},
+        {"operator_id": bob["id"], "operator_name": "Bob", "weight": 30},
+    ]
+    updated = as_json(
+        settings,
+        "operators",
+        "update",
+        str(bob["id"]),
+        "--active",
+        "--max-load",
+        "5",
+        "--name",
+        "Robert",
+    )
+    assert updated["is_active"] is True and updated["max_load"] == 5 and updated["name"] == "Robert"
+    listed = as_json(settings, "operators", "list")
+    assert [(o["name"], o["load"]) for o in listed] == [("Alice", 0), ("Robert", 0)]
+    assert as_json(settings, "contacts", "list", "--status", "open") == []
+
+    table = leadrouter(settings, "operators", "list").stdout
+    assert "Alice" in table and "max_load" in table
+
+    fails_cleanly(settings, "sources", "add", "telegram-bot", expect="already exists")
+    fails_cleanly(settings, "weights", "set", "telegram-bot", f"{alice['id']}=0", expect="positive")
+    fails_cleanly(
+        settings, "weights", "set", "telegram-bot", "424242=1", expect="no operator with id 424242"
+    )
+    fails_cleanly(settings, "weights", "set", "nope", f"{alice['id']}=1", expect="no source")
+    fails_cleanly(settings, "operators", "add", "Carol", "--max-load", "-1", expect="max-load")
+    fails_cleanly(settings, "operators", "update", "424242", "--active", expect="no operator")
+    fails_cleanly(settings, "contacts", "close", "424242", expect="no contact")
+    fails_cleanly(settings, "sources", "add", "Not A Slug", expect="invalid source")
+
+
+async def test_contacts_list_and_close(settings: Settings, pool: asyncpg.Pool) -> None:
+    from tests.integration.test_pipeline import setup_source
+
+    [op] = await setup_source(pool, "tg", [("a", 1, 1)])
+    source_id = await pool.fetchval("SELECT id FROM sources")
+    for n in range(2):
+        lead_id = await pool.fetchval(
+            "INSERT INTO leads (external_id) VALUES ($1) RETURNING id", f"c:{n}"
+        )
+        await pool.execute(
+            "INSERT INTO contacts (lead_id, source_id, inbound_message_id) VALUES ($1, $2, $3)",
+            lead_id,
+            source_id,
+            f"c-{n}",
+        )
+    leadrouter(settings, "operators", "update", str(op), "--max-load", "1")  # drains one
+    contacts = as_json(settings, "contacts", "list")
+    assert [(c["lead_external_id"], c["operator_id"]) for c in contacts] == [
+        ("c:0", op),
+        ("c:1", None),
+    ]
+    assert [c["id"] for c in as_json(settings, "contacts", "list", "--unassigned")] == [
+        contacts[1]["id"]
+    ]
+    assert as_json(settings, "contacts", "list", "--source", "other") == []
+
+    out = leadrouter(settings, "contacts", "close", str(contacts[0]["id"])).stdout
+    assert "1 queued contact(s) assigned" in out
+    assert (
+        "already closed" in leadrouter(settings, "contacts", "close", str(contacts[0]["id"])).stdout
+    )
+    after = as_json(settings, "contacts", "list", "--operator", str(op), "--status", "open")
+    assert [c["id"] for c in after] == [contacts[1]["id"]]
+    # The CLI publishes nothing itself: the events wait in the outbox for the worker.
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 3
+
+
+def test_concurrent_migrate_creates_the_database_once(
+    service_urls: tuple[str, str], settings: Settings
+) -> None:
+    pg_url, _ = service_urls
+    name = services.unique("lrtest_migrate")
+    fresh = settings.model_copy(update={"database_url": services.with_database(pg_url, name)})
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "migrate"],
+                env=worker_env(fresh),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        applied = sorted(int(out.split()[1]) for out, _ in outputs)
+        migrations = len(list(Path("migrations").glob("*.sql")))
+        assert applied == [0, 0, migrations]
+        assert leadrouter(fresh, "migrate").stdout.strip() == "applied 0 migration(s)"
+    finally:
+        import asyncio
+
+        asyncio.run(services.drop_database(pg_url, name))
+
+
+def test_unreachable_database_is_one_masked_line(settings: Settings) -> None:
+    down = settings.model_copy(
+        update={"database_url": "postgresql://someone:s3cret@127.0.0.1:1/nothing"}
+    )
+    result = leadrouter(down, "operators", "list", check=False)
+    assert result.returncode == 2
+    assert "s3cret" not in result.stderr and "***" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_unmigrated_database_says_what_to_do(
+    service_urls: tuple[str, str], settings: Settings
+) -> None:
+    import asyncio
+
+    name = services.unique("lrtest_empty")
+    asyncio.run(services.create_database(service_urls[0], name))
+    try:
+        empty = settings.model_copy(
+            update={"database_url": services.with_database(service_urls[0], name)}
+        )
+        result = leadrouter(empty, "operators", "list", check=False)
+        assert result.returncode == 2 and "leadrouter migrate" in result.stderr
+    finally:
+        asyncio.run(services.drop_database(service_urls[0], name))
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(settings: Settings, service_urls: tuple[str, str]) -> None:
+    import asyncio
+
+    result = leadrouter(settings, "demo", "--leads", "200")
+    assert "200 leads routed" in result.stdout
+    assert "telegram-bot" in result.stdout and "observed share" in result.stdout
+    demo_db = settings.database_url.rsplit("/", 1)[1] + "_demo"
+    asyncio.run(services.drop_database(service_urls[0], demo_db))

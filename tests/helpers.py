@@ -1,0 +1,69 @@
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from schemas.events import ContactEvent
+
+
+class EventCollector:
+    """Collects outbound events and lets a test wait for a number of them."""
+
+    def __init__(self) -> None:
+        self.events: list[ContactEvent] = []
+        self.routing_keys: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        event = ContactEvent.model_validate_json(message.body)
+        assert message.message_id == event.id
+        self.events.append(event)
+        self.routing_keys.append(message.routing_key or "")
+        self._changed.set()
+
+    def of(self, routing_key: str) -> list[ContactEvent]:
+        return [e for e, k in zip(self.events, self.routing_keys, strict=True) if k == routing_key]
+
+    async def wait_for(
+        self, routing_key: str, count: int, timeout: float = 20
+    ) -> list[ContactEvent]:
+        deadline = time.monotonic() + timeout
+        while len(self.of(routing_key)) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"got {len(self.of(routing_key))} {routing_key} events, wanted {count}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
+        return self.of(routing_key)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], timeout: float = 20, what: str = "condition"
+) -> Any:
+    """Poll `check` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {result!r})")
+        await asyncio.sleep(0.05)
+
+
+def raw_message(body: Any, message_id: str | None = None, **kwargs: Any) -> aio_pika.Message:
+    """A message as any AMQP client would publish it: bytes as given, or JSON."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return aio_pika.Message(body=data, message_id=message_id, **kwargs)
+
+
+def lead(source: str, external_id: str, **fields: Any) -> dict[str, Any]:
+    return {"source": source, "lead": {"external_id": external_id, **fields}, "message": "hi"}

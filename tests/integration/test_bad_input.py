@@ -1,0 +1,209 @@
+"""Every kind of bad input is dead-lettered at once with its reason, and the worker keeps
+consuming. Messages are published with pika, which sends exactly what it is given (aio-pika
+would stamp a message_id on everything)."""
+
+import asyncio
+import json
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pika
+import pytest
+
+from tests.helpers import EventCollector, lead, wait_until
+from worker import admin, distribution
+from worker.app import Worker
+from worker.consumer import ERROR_HEADER, REASON_HEADER
+from worker.settings import Settings
+
+ONE_MIB = 1024 * 1024
+
+
+def publish_raw(
+    settings: Settings, routing_key: str, body: bytes | dict[str, Any], message_id: str | None
+) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            settings.inbound_exchange,
+            routing_key,
+            data,
+            pika.BasicProperties(message_id=message_id, delivery_mode=2),
+            mandatory=True,
+        )
+    finally:
+        connection.close()
+
+
+async def dead_letters(
+    settings: Settings, count: int, timeout: float = 20
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take `count` messages off the dead-letter queue."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(settings.dead_queue)
+
+        async def take() -> bool:
+            while (message := await queue.get(fail=False)) is not None:
+                await message.ack()
+                taken.append(message)
+            return len(taken) >= count
+
+        await wait_until(take, timeout=timeout, what=f"{count} dead letters")
+    return taken
+
+
+BAD_INPUT: list[tuple[str, str, bytes | dict[str, Any], str | None, str]] = [
+    # (case, routing key, body, AMQP message_id, expected reason)
+    ("not json", "lead.contact", b"{not json", "bad-json", "invalid_json"),
+    ("not utf-8", "lead.contact", b"\xff\xfe\x00", "bad-utf8", "invalid_json"),
+    ("deep nesting", "lead.contact", b"[" * 200_000, "bad-deep", "invalid_json"),
+    (
+        "huge number",
+        "contact.close",
+        b'{"contact_id": 1' + b"0" * 5000 + b"}",
+        "bad-bignum",
+        "invalid_json",
+    ),
+    ("wrong type", "contact.close", {"contact_id": "12"}, "bad-type", "invalid_schema"),
+    (
+        "contact id out of range",
+        "contact.close",
+        {"contact_id": 2**70},
+        "bad-range",
+        "invalid_schema",
+    ),
+    (
+        "extra field",
+        "lead.contact",
+        {**lead("tg", "e:1"), "admin": True},
+        "bad-extra",
+        "invalid_schema",
+    ),
+    ("no lead", "lead.contact", {"source": "tg"}, "bad-missing", "invalid_schema"),
+    ("huge field", "lead.contact", lead("tg", "x" * 100_000), "bad-huge-field", "invalid_schema"),
+    (
+        "NUL byte",
+        "lead.contact",
+        {**lead("tg", "n:1"), "message": "a\u0000b"},
+        "bad-nul",
+        "invalid_schema",
+    ),
+    (
+        "bad e-mail",
+        "lead.contact",
+        lead("tg", "m:1", email="not-an-email"),
+        "bad-email",
+        "invalid_schema",
+    ),
+    (
+        "SQL-ish source",
+        "lead.contact",
+        lead("tg'; DROP TABLE contacts;--", "s:1"),
+        "bad-sqlish",
+        "invalid_schema",
+    ),
+    ("unknown routing key", "lead.delete", lead("tg", "k:1"), "bad-key", "invalid_schema"),
+    ("no message id", "lead.contact", lead("tg", "i:1"), None, "missing_message_id"),
+    ("unknown source", "lead.contact", lead("nobody", "u:1"), "bad-source", "unknown_source"),
+    (
+        "unknown contact",
+        "contact.close",
+        {"contact_id": 987654321},
+        "bad-contact",
+        "unknown_contact",
+    ),
+    ("too large", "lead.contact", b" " * (ONE_MIB + 1), "bad-large", "too_large"),
+]
+
+
+async def test_bad_input_is_dead_lettered_with_its_reason(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+    worker: Worker,
+) -> None:
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 100, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+
+    for _case, routing_key, body, message_id, _reason in BAD_INPUT:
+        await asyncio.to_thread(publish_raw, settings, routing_key, body, message_id)
+    # Valid messages after the junk are still routed, with the id in the property or the body.
+    await asyncio.to_thread(publish_raw, settings, "lead.contact", lead("tg", "ok:1"), "good-1")
+    await asyncio.to_thread(
+        publish_raw, settings, "lead.contact", {**lead("tg", "ok:2"), "message_id": "good-2"}, None
+    )
+
+    assigned = await events.wait_for("contact.assigned", 2)
+    assert {e.data.inbound_message_id for e in assigned} == {"good-1", "good-2"}
+    dead = await dead_letters(settings, len(BAD_INPUT))
+    by_case = {}
+    for message in dead:
+        headers = message.headers or {}
+        # aiormq stamps an id on the dead copy of a message that had none.
+        key = "no id" if headers.get(REASON_HEADER) == "missing_message_id" else message.message_id
+        by_case[(key, message.routing_key)] = (
+            headers.get(REASON_HEADER),
+            headers.get(ERROR_HEADER),
+            message.body,
+        )
+    for case, routing_key, body, message_id, reason in BAD_INPUT:
+        got_reason, error, dead_body = by_case[(message_id or "no id", routing_key)]
+        assert got_reason == reason, case
+        assert isinstance(error, str) and error, case
+        sent = body if isinstance(body, bytes) else json.dumps(body).encode()
+        assert dead_body == sent, f"{case}: the dead letter keeps the original body"
+    # Dead-lettered once, at once: no retries, nothing written.
+    assert worker.outcomes["ok"] == 2
+    assert sum(worker.outcomes.values()) == len(BAD_INPUT) + 2
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 2
+    assert await pool.fetchval("SELECT count(*) FROM leads") == 2
+    assert "not-an-email" not in str(by_case[("bad-email", "lead.contact")][1])
+
+
+@pytest.mark.settings(delivery_limit=2)
+async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    events: EventCollector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug is retried through the quorum queue's delivery limit, then the broker
+    dead-letters the message with x-death; other messages are not blocked."""
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 100, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+    real = distribution.route_new_contact
+
+    async def buggy(conn: asyncpg.Connection, message: Any, message_id: str) -> Any:
+        if message.lead.external_id == "boom":
+            raise RuntimeError("a bug")
+        return await real(conn, message, message_id)
+
+    monkeypatch.setattr(distribution, "route_new_contact", buggy)
+    limited = settings
+    app = Worker(limited)
+    await app.start()
+    try:
+        await asyncio.to_thread(publish_raw, limited, "lead.contact", lead("tg", "boom"), "crash-1")
+        await asyncio.to_thread(publish_raw, limited, "lead.contact", lead("tg", "fine"), "fine-1")
+        [assigned] = await events.wait_for("contact.assigned", 1)
+        assert assigned.data.inbound_message_id == "fine-1"
+        [dead] = await dead_letters(limited, 1)
+    finally:
+        await app.stop()
+    headers = dead.headers or {}
+    assert dead.message_id == "crash-1"
+    assert REASON_HEADER not in headers
+    [death] = headers["x-death"]  # type: ignore[misc]
+    assert death["reason"] == b"delivery_limit" or death["reason"] == "delivery_limit"  # type: ignore[index]
+    assert app.outcomes["error"] >= 2
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 1

@@ -1,0 +1,235 @@
+"""Real worker processes: graceful shutdown, and several workers (one killed mid-stream)
+sharing sources and operators without losing, doubling or over-assigning anything."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+
+from tests.helpers import EventCollector, lead, raw_message, wait_until
+from worker import admin
+from worker.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+OVER_CAPACITY = """
+    SELECT o.id, o.max_load, count(c.id) AS open_now
+    FROM operators o
+    LEFT JOIN contacts c ON c.operator_id = o.id AND c.status = 'open'
+    GROUP BY o.id
+    HAVING count(c.id) > o.max_load
+"""
+STILL_OPEN = "SELECT count(*) = 0 FROM contacts WHERE id = ANY($1::bigint[]) AND status = 'open'"
+FIRST_EVENTS = """
+    SELECT count(DISTINCT contact_id) FROM outbox
+    WHERE routing_key IN ('contact.assigned', 'contact.queued')
+"""
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
+    for name, value in settings.model_dump().items():
+        env[f"LEADROUTER_{name.upper()}"] = str(value)
+    return env
+
+
+@contextmanager
+def worker_processes(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start worker processes on demand (append to the list); all are ended on exit."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
+    with (log_dir / f"worker-{n}.log").open("wb") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker"],
+            env=worker_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_ready(pool: asyncpg.Pool, settings: Settings, log_dir: Path, n: int) -> None:
+    async def started() -> bool:
+        return b"worker_started" in (log_dir / f"worker-{n}.log").read_bytes()
+
+    await wait_until(started, timeout=20, what=f"worker {n} started")
+
+
+async def test_sigterm_finishes_in_flight_work_and_exits_zero(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+    tmp_path: Path,
+) -> None:
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 10_000, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    total = 400
+    await asyncio.gather(
+        *(
+            exchange.publish(raw_message(lead("tg", f"t:{n}"), f"t-{n}"), "lead.contact")
+            for n in range(total)
+        )
+    )
+    with worker_processes(settings, tmp_path) as procs:
+        procs.append(spawn(settings, tmp_path, 0))
+        await wait_until(lambda: pool.fetchval("SELECT count(*) > 20 FROM contacts"), what="work")
+        procs[0].send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.to_thread(procs[0].wait, 15)
+        assert code == 0, (tmp_path / "worker-0.log").read_text()[-2000:]
+        assert time.monotonic() - started < 10
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "worker_stopped" in log and "Traceback" not in log
+
+        # What it committed was published before it left; a second worker does the rest.
+        done = await pool.fetchval("SELECT count(*) FROM contacts")
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        assert done < total, "stopped before the end, so the rest tests the handover"
+        procs.append(spawn(settings, tmp_path, 1))
+        await events.wait_for("contact.assigned", total, timeout=30)
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == total
+    assert len({e.data.contact_id for e in events.of("contact.assigned")}) == total
+
+
+async def test_several_workers_one_killed_keep_every_invariant(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+    tmp_path: Path,
+) -> None:
+    """3 worker processes, 2 sources sharing operators of small capacity, every message
+    published twice, one worker SIGKILLed mid-stream and restarted, then contacts closed
+    so that freed capacity drains both backlogs."""
+    operators = [(await admin.add_operator(pool, f"op{n}", 6, True))["id"] for n in range(4)]
+    for key, weights in {"tg": [1, 2, 3, 0], "web": [0, 3, 2, 1]}.items():
+        await admin.add_source(pool, key, None, "", None)
+        await admin.set_weights(
+            pool, key, {o: w for o, w in zip(operators, weights, strict=True) if w}
+        )
+    total = 500
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+
+    over_capacity: list[object] = []
+
+    async def watch_capacity() -> None:
+        """Sample committed state all along: nobody may ever be over max_load."""
+        while True:
+            rows = await pool.fetch(OVER_CAPACITY)
+            over_capacity.extend(dict(r) for r in rows)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_capacity())
+    with worker_processes(settings, tmp_path) as procs:
+        for n in range(3):
+            procs.append(spawn(settings, tmp_path, n))
+        for n in range(3):
+            await wait_ready(pool, settings, tmp_path, n)
+
+        async def publish_all() -> None:
+            for start in range(0, total, 50):
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            raw_message(lead("tg" if n % 2 else "web", f"k:{n % 300}"), f"k-{n}"),
+                            "lead.contact",
+                        )
+                        for n in range(start, start + 50)
+                        for _copy in range(2)
+                    )
+                )
+
+        publishing = asyncio.create_task(publish_all())
+        await wait_until(lambda: pool.fetchval("SELECT count(*) > 100 FROM contacts"), what="work")
+        procs[0].kill()  # SIGKILL: no chance to finish anything
+        procs[0].wait()
+        procs.append(spawn(settings, tmp_path, 3))
+        await publishing
+        await wait_until(
+            lambda: pool.fetchval("SELECT count(*) = $1 FROM contacts", total),
+            timeout=60,
+            what=f"{total} contacts",
+        )
+
+        # Close every assigned contact, several times over, as a CRM would retry.
+        assigned = [
+            r["id"]
+            for r in await pool.fetch("SELECT id FROM contacts WHERE operator_id IS NOT NULL")
+        ]
+        while assigned:
+            await asyncio.gather(
+                *(
+                    exchange.publish(raw_message({"contact_id": c}, f"close-{c}"), "contact.close")
+                    for c in assigned
+                    for _copy in range(2)
+                )
+            )
+            closing = list(assigned)
+            await wait_until(
+                lambda closing=closing: pool.fetchval(STILL_OPEN, closing),
+                timeout=60,
+                what="closes",
+            )
+            assigned = [
+                r["id"]
+                for r in await pool.fetch(
+                    "SELECT id FROM contacts WHERE operator_id IS NOT NULL AND status = 'open'"
+                )
+            ]
+        await wait_until(
+            lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"),
+            timeout=30,
+            what="outbox published",
+        )
+        outbox_ids = {str(r["event_id"]) for r in await pool.fetch("SELECT event_id FROM outbox")}
+        await wait_until(
+            lambda: _covered(events, outbox_ids), timeout=30, what="every event received"
+        )
+    watcher.cancel()
+
+    # Exactly one contact per message id; every contact went through open → closed.
+    assert await pool.fetchval("SELECT count(DISTINCT inbound_message_id) FROM contacts") == total
+    assert await pool.fetchval("SELECT count(*) FROM contacts WHERE status = 'open'") == 0
+    # One event row per state change: a first event (assigned or queued) for every contact,
+    # an assigned event for every contact that was ever assigned, a closed event for each.
+    first = await pool.fetchval(FIRST_EVENTS)
+    assert first == total
+    assert (
+        await pool.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'contact.closed'")
+        == total
+    )
+    assert (
+        await pool.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'contact.assigned'")
+        == total
+    )
+    # Capacity never exceeded, and the counter matches the rows.
+    assert over_capacity == []
+    assert await pool.fetchval("SELECT count(*) FROM operators WHERE open_load <> 0") == 0
+    # Every event was published at least once, and ids are unique per state change.
+    received = [e.id for e in events.events]
+    assert set(received) == outbox_ids
+    assert len({(e.data.contact_id, e.type) for e in events.events}) == len(outbox_ids)
+
+
+async def _covered(events: EventCollector, ids: set[str]) -> bool:
+    return ids <= {e.id for e in events.events}

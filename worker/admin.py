@@ -1,0 +1,123 @@
+"""Admin actions behind the CLI. Those that change who can take work route the backlog
+in the same transaction and leave their events in the outbox for the worker's relay."""
+
+from typing import Any
+
+import asyncpg
+
+from schemas.inbound import ContactClose
+from worker import distribution
+from worker.errors import DeadLetter, UserError
+from worker.sql import Q
+from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+Row = dict[str, Any]
+
+
+async def add_operator(pool: asyncpg.Pool, name: str, max_load: int, active: bool) -> Row:
+    _check_name(name)
+    if max_load < 0:
+        raise UserError(f"max-load must be 0 or more, not {max_load}")
+    return dict(await pool.fetchrow(Q.insert_operator, name, active, max_load))
+
+
+async def list_operators(pool: asyncpg.Pool) -> list[Row]:
+    return [dict(r) for r in await pool.fetch(Q.list_operators)]
+
+
+async def update_operator(
+    pool: asyncpg.Pool,
+    operator_id: int,
+    name: str | None = None,
+    max_load: int | None = None,
+    active: bool | None = None,
+) -> tuple[Row, int]:
+    """Change an operator; returns it and how many queued contacts it was given."""
+    if name is not None:
+        _check_name(name)
+    if max_load is not None and max_load < 0:
+        raise UserError(f"max-load must be 0 or more, not {max_load}")
+    async with pool.acquire() as conn, conn.transaction():
+        source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
+        await distribution.lock_sources(conn, source_ids)
+        row = await conn.fetchrow(Q.update_operator, operator_id, name, max_load, active)
+        if row is None:
+            raise UserError(f"no operator with id {operator_id}")
+        drained = await distribution.drain_sources(conn, source_ids)
+        return dict(row), drained
+
+
+async def add_source(
+    pool: asyncpg.Pool, key: str, name: str | None, description: str, strategy: str | None
+) -> Row:
+    strategy = strategy or DEFAULT_STRATEGY
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    try:
+        return dict(await pool.fetchrow(Q.insert_source, key, name or key, description, strategy))
+    except asyncpg.UniqueViolationError:
+        raise UserError(f"a source with key {key!r} already exists") from None
+    except asyncpg.CheckViolationError:
+        raise UserError(
+            f"invalid source {key!r}: the key is lower-case letters, digits, '.', '_' or '-' "
+            "(at most 128, starting with a letter or digit); name up to 256 characters, "
+            "description up to 2000"
+        ) from None
+
+
+async def list_sources(pool: asyncpg.Pool) -> list[Row]:
+    return [dict(r) for r in await pool.fetch(Q.list_sources)]
+
+
+async def set_weights(pool: asyncpg.Pool, source_key: str, weights: dict[int, int]) -> int:
+    """Replace the source's weights; returns how many queued contacts were then assigned."""
+    bad = {op: w for op, w in weights.items() if w <= 0}
+    if bad:
+        raise UserError(f"weights must be positive integers: {bad}")
+    async with pool.acquire() as conn, conn.transaction():
+        source = await _source(conn, source_key)
+        await distribution.lock_sources(conn, {source["id"]})
+        missing = [r["id"] for r in await conn.fetch(Q.missing_operators, list(weights))]
+        if missing:
+            raise UserError(f"no operator with id {', '.join(map(str, missing))}")
+        await conn.execute(Q.delete_weights, source["id"])
+        await conn.execute(Q.insert_weights, source["id"], list(weights), list(weights.values()))
+        return await distribution.drain_sources(conn, {source["id"]})
+
+
+async def show_weights(pool: asyncpg.Pool, source_key: str) -> list[Row]:
+    async with pool.acquire() as conn:
+        source = await _source(conn, source_key)
+        return [dict(r) for r in await conn.fetch(Q.show_weights, source["id"])]
+
+
+async def list_contacts(
+    pool: asyncpg.Pool,
+    source_key: str | None = None,
+    operator_id: int | None = None,
+    status: str | None = None,
+    unassigned: bool = False,
+    limit: int = 1000,
+) -> list[Row]:
+    rows = await pool.fetch(Q.list_contacts, source_key, operator_id, status, unassigned, limit)
+    return [dict(r) for r in rows]
+
+
+async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Outcome:
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            return await distribution.close_contact(conn, ContactClose(contact_id=contact_id))
+        except DeadLetter as exc:
+            raise UserError(exc.detail) from None
+
+
+async def _source(conn: asyncpg.Connection, key: str) -> asyncpg.Record:
+    source = await conn.fetchrow(Q.source_by_key, key)
+    if source is None:
+        raise UserError(f"no source with key {key!r}")
+    return source
+
+
+def _check_name(name: str) -> None:
+    if not 1 <= len(name) <= 256:
+        raise UserError("name must be 1 to 256 characters")

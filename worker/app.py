@@ -1,0 +1,151 @@
+"""The worker process: connects, declares the topology, consumes, relays the outbox,
+sweeps the backlog, and shuts down gracefully."""
+
+import asyncio
+import contextlib
+from collections import Counter
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+
+from worker import distribution, log, topology
+from worker.consumer import Consumer
+from worker.failures import backoff, connect_with_retry, is_transient
+from worker.outbox import OutboxRelay
+from worker.settings import Settings, mask_url
+from worker.sql import Q
+
+logger = log.get(__name__)
+CONNECT_ATTEMPTS = 20
+
+
+class Worker:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.outcomes: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool: asyncpg.Pool | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self.consumer: Consumer | None = None
+        self.relay: OutboxRelay | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        logger.info(
+            "worker_starting",
+            database=mask_url(s.database_url),
+            amqp=mask_url(s.amqp_url),
+            queue=s.inbound_queue,
+            prefetch=s.prefetch,
+        )
+        self._pool = await connect_with_retry(
+            "postgres",
+            lambda: asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size),
+            CONNECT_ATTEMPTS,
+            s.retry_max_seconds,
+        )
+        self._connection = await connect_with_retry(
+            "rabbitmq",
+            lambda: aio_pika.connect_robust(s.amqp_url),
+            CONNECT_ATTEMPTS,
+            s.retry_max_seconds,
+        )
+        # Robust channels re-declare what was declared on them after a reconnect.
+        publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        declared = await topology.declare(publish_channel, s)
+        consume_channel = await self._connection.channel(publisher_confirms=False)
+        await consume_channel.set_qos(prefetch_count=s.prefetch)
+        self._queue = (await topology.declare(consume_channel, s)).queues[s.inbound_queue]
+
+        self.relay = OutboxRelay(self._pool, declared.exchanges[s.events_exchange], s)
+        self.consumer = Consumer(
+            self._pool,
+            declared.exchanges[s.dead_exchange],
+            s,
+            lambda outcome: self.outcomes.update([outcome]),
+        )
+        self._tasks = [
+            asyncio.create_task(self.relay.run(self._stop), name="outbox-relay"),
+            asyncio.create_task(self._sweep_backlog(), name="backlog-sweep"),
+        ]
+        self._consumer_tag = await self._queue.consume(self.consumer.on_message)
+        logger.info("worker_started")
+
+    async def stop(self) -> None:
+        """Stop taking messages, let in-flight ones finish within the grace period,
+        publish what they committed, then close."""
+        logger.info("worker_stopping")
+        grace = self.settings.shutdown_grace_seconds
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=grace or 1)
+        if self.consumer is not None:
+            self.consumer.stopping = True
+            pending = set(self.consumer.in_flight)
+            if pending:
+                _done, late = await asyncio.wait(pending, timeout=grace)
+                for task in late:  # rolled back; the broker redelivers them
+                    task.cancel()
+                if late:
+                    logger.warning("in_flight_abandoned", count=len(late))
+        self._stop.set()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.relay.drain(), timeout=grace or 1)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+        if self._pool is not None:
+            await self._pool.close()
+        logger.info("worker_stopped", outcomes=dict(self.outcomes))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until request_stop() (a signal handler in the CLI)."""
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await asyncio.shield(self.stop())
+
+    async def _sweep_backlog(self) -> None:
+        """The safety net: capacity is normally handed out by the transaction that frees
+        it; this catches what that could not (e.g. a source it did not hold the lock of)."""
+        assert self._pool is not None
+        attempt = 0
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.backlog_sweep_seconds)
+            if self._stop.is_set():
+                return
+            try:
+                assigned = await sweep_backlog(self._pool)
+                attempt = 0
+            except Exception as exc:
+                attempt += 1
+                if not is_transient(exc):
+                    logger.exception("backlog_sweep_failed")
+                await asyncio.sleep(backoff(attempt, self.settings.retry_max_seconds))
+                continue
+            if assigned:
+                logger.info("backlog_swept", assigned=assigned)
+
+
+async def sweep_backlog(pool: asyncpg.Pool) -> int:
+    """Assign queued contacts of every source someone can take work from."""
+    total = 0
+    for row in await pool.fetch(Q.sources_with_backlog):
+        async with pool.acquire() as conn, conn.transaction():
+            await distribution.lock_sources(conn, {row["source_id"]})
+            total += await distribution.drain_sources(conn, {row["source_id"]})
+    return total

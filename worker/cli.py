@@ -1,0 +1,336 @@
+"""`leadrouter`: the one command. Lists print a table for people and --json for scripts;
+wrong input prints one line on stderr and exits non-zero."""
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+import click
+from rich.console import Console
+from rich.table import Table
+
+from worker import admin, log
+from worker.errors import UserError
+from worker.settings import Settings, mask_url
+from worker.strategies import STRATEGIES
+
+P = ParamSpec("P")
+T = TypeVar("T")
+BIGINT = click.IntRange(1, 2**63 - 1)
+CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
+
+
+def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+
+    return wrapper
+
+
+async def _pool(settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    assert pool is not None
+    return pool
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    log.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([{c: r[c] for c in r} for r in rows], default=_json_default))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def _print_one(row: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(row, default=_json_default))
+    else:
+        click.echo(" ".join(f"{k}={_cell(v)}" for k, v in row.items()))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+@click.group()
+def cli() -> None:
+    """leadrouter: distributes inbound leads from RabbitMQ among operators."""
+
+
+@cli.command()
+@run_async
+async def migrate() -> None:
+    """Create the database if needed and apply pending migrations."""
+    from worker.migrate import migrate as run_migrations
+
+    settings = _settings()
+    applied = await run_migrations(settings.database_url, settings.migrations_dir)
+    click.echo(
+        f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
+    )
+
+
+@cli.command()
+@run_async
+async def worker() -> None:
+    """Consume inbound leads until SIGTERM or SIGINT."""
+    from worker.app import Worker
+
+    app = Worker(_settings())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop)
+    await app.run()
+
+
+@cli.command()
+@click.option("--leads", default=300, show_default=True, type=click.IntRange(1, 100_000))
+@run_async
+async def demo(leads: int) -> None:
+    """Run the whole job end to end in a database and topology of its own."""
+    from worker.demo import run_demo
+
+    await run_demo(_settings(), leads)
+
+
+# --- operators ---------------------------------------------------------------------
+
+
+@cli.group()
+def operators() -> None:
+    """People who take contacts."""
+
+
+@operators.command("add")
+@click.argument("name")
+@click.option("--max-load", default=10, show_default=True, type=int, help="Most open contacts.")
+@click.option("--inactive", is_flag=True, help="Create switched off.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_add(name: str, max_load: int, inactive: bool, as_json: bool) -> None:
+    """Add an operator; prints it with its id."""
+    async with await _pool(_settings()) as pool:
+        _print_one(await admin.add_operator(pool, name, max_load, not inactive), as_json)
+
+
+@operators.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_list(as_json: bool) -> None:
+    """Every operator with its load."""
+    async with await _pool(_settings()) as pool:
+        rows = await admin.list_operators(pool)
+    _print_rows(rows, ["id", "name", "is_active", "max_load", "load"], as_json)
+
+
+@operators.command("update")
+@click.argument("operator_id", type=BIGINT)
+@click.option("--name")
+@click.option("--max-load", type=int)
+@click.option("--active/--inactive", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_update(
+    operator_id: int, name: str | None, max_load: int | None, active: bool | None, as_json: bool
+) -> None:
+    """Change an operator. Freed capacity goes to queued contacts at once."""
+    async with await _pool(_settings()) as pool:
+        row, drained = await admin.update_operator(pool, operator_id, name, max_load, active)
+    _print_one(row, as_json)
+    if drained and not as_json:
+        click.echo(f"assigned {drained} queued contact(s)")
+
+
+# --- sources -----------------------------------------------------------------------
+
+
+@cli.group()
+def sources() -> None:
+    """Channels and bots that leads come from."""
+
+
+@sources.command("add")
+@click.argument("key")
+@click.option("--name")
+@click.option("--description", default="")
+@click.option("--strategy", type=click.Choice(sorted(STRATEGIES)))
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def sources_add(
+    key: str, name: str | None, description: str, strategy: str | None, as_json: bool
+) -> None:
+    """Add a source that bots publish with KEY."""
+    async with await _pool(_settings()) as pool:
+        _print_one(await admin.add_source(pool, key, name, description, strategy), as_json)
+
+
+@sources.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def sources_list(as_json: bool) -> None:
+    """Every source."""
+    async with await _pool(_settings()) as pool:
+        rows = await admin.list_sources(pool)
+    _print_rows(rows, ["id", "key", "name", "description", "strategy"], as_json)
+
+
+# --- weights -----------------------------------------------------------------------
+
+
+def _parse_weights(pairs: Sequence[str]) -> dict[int, int]:
+    weights: dict[int, int] = {}
+    for pair in pairs:
+        operator, sep, weight = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            operator_id, value = int(operator), int(weight)
+        except ValueError:
+            raise UserError(f"invalid weight {pair!r}: expected OPERATOR_ID=WEIGHT") from None
+        if not 1 <= operator_id < 2**63:
+            raise UserError(f"invalid operator id {operator_id}")
+        if not 1 <= value < 2**31:
+            raise UserError(f"weight for operator {operator_id} must be a positive integer")
+        if operator_id in weights:
+            raise UserError(f"operator {operator_id} is given twice")
+        weights[operator_id] = value
+    return weights
+
+
+@cli.group()
+def weights() -> None:
+    """Each operator's share of a source's traffic."""
+
+
+@weights.command("set")
+@click.argument("source_key")
+@click.argument("pairs", nargs=-1, metavar="OPERATOR_ID=WEIGHT...")
+@run_async
+async def weights_set(source_key: str, pairs: tuple[str, ...]) -> None:
+    """Replace the source's weights (none given: remove them all)."""
+    parsed = _parse_weights(pairs)
+    async with await _pool(_settings()) as pool:
+        drained = await admin.set_weights(pool, source_key, parsed)
+    click.echo(f"{source_key}: {len(parsed)} weight(s) set, {drained} queued contact(s) assigned")
+
+
+@weights.command("show")
+@click.argument("source_key")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def weights_show(source_key: str, as_json: bool) -> None:
+    """The source's weights."""
+    async with await _pool(_settings()) as pool:
+        rows = await admin.show_weights(pool, source_key)
+    _print_rows(rows, ["operator_id", "operator_name", "weight"], as_json)
+
+
+# --- contacts ----------------------------------------------------------------------
+
+
+@cli.group()
+def contacts() -> None:
+    """Appeals of leads through sources."""
+
+
+@contacts.command("list")
+@click.option("--source", "source_key")
+@click.option("--operator", "operator_id", type=BIGINT)
+@click.option("--status", type=click.Choice(["open", "closed"]))
+@click.option("--unassigned", is_flag=True, help="Only queued contacts.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def contacts_list(
+    source_key: str | None,
+    operator_id: int | None,
+    status: str | None,
+    unassigned: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Contacts, oldest first."""
+    async with await _pool(_settings()) as pool:
+        rows = await admin.list_contacts(pool, source_key, operator_id, status, unassigned, limit)
+    _print_rows(
+        rows, ["id", "lead_external_id", "source", "operator_id", "status", "created_at"], as_json
+    )
+
+
+@contacts.command("close")
+@click.argument("contact_id", type=BIGINT)
+@run_async
+async def contacts_close(contact_id: int) -> None:
+    """Close a contact; its operator's freed capacity goes to the backlog at once."""
+    async with await _pool(_settings()) as pool:
+        outcome = await admin.close_contact(pool, contact_id)
+    if outcome.duplicate:
+        click.echo(f"contact {contact_id} was already closed")
+    else:
+        click.echo(
+            f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns every expected failure into one line."""
+    try:
+        result = cli.main(args=argv, prog_name="leadrouter", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:  # `leadrouter` alone: show the help
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except CONNECTION_ERRORS as exc:
+        settings = Settings()
+        click.echo(
+            f"error: cannot reach a service ({type(exc).__name__}: {exc}); "
+            f"database {mask_url(settings.database_url)}, broker {mask_url(settings.amqp_url)}",
+            err=True,
+        )
+        return 2
+    except asyncpg.UndefinedTableError:
+        click.echo("error: the database has no schema yet; run `leadrouter migrate`", err=True)
+        return 2
+    except asyncpg.InvalidCatalogNameError as exc:
+        click.echo(f"error: {exc}; run `leadrouter migrate` to create it", err=True)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Inbound bytes to a validated message, or DeadLetter with the reason. No I/O."""
+
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from schemas.inbound import ROUTING_KEYS, SHORT, ContactClose, LeadContact, storable
+from worker.errors import DeadLetter, Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    message_id: str
+    routing_key: str
+    body: LeadContact | ContactClose
+
+
+def decode(body: bytes, routing_key: str, message_id: str | None, max_bytes: int) -> Inbound:
+    """Check size, JSON, schema and id, in that order; the first failure is the reason."""
+    if len(body) > max_bytes:
+        raise DeadLetter(Reason.TOO_LARGE, f"body is {len(body)} bytes, the limit is {max_bytes}")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DeadLetter(Reason.INVALID_JSON, _short(str(exc))) from None
+
+    model = ROUTING_KEYS.get(routing_key)
+    if model is None:
+        raise DeadLetter(
+            Reason.INVALID_SCHEMA,
+            f"unknown routing key {_short(routing_key)!r}; expected one of {sorted(ROUTING_KEYS)}",
+        )
+    try:
+        parsed = model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise DeadLetter(Reason.INVALID_SCHEMA, _describe(exc)) from None
+    except RecursionError:
+        raise DeadLetter(Reason.INVALID_SCHEMA, "nested too deeply") from None
+
+    # The body field wins: it is the bot's own choice, while some clients (aiormq) stamp
+    # a random message_id property on anything published without one.
+    message_id = parsed.message_id or message_id
+    if not message_id:
+        raise DeadLetter(
+            Reason.MISSING_MESSAGE_ID, "set the AMQP message_id property or a message_id field"
+        )
+    if len(message_id) > SHORT:
+        raise DeadLetter(Reason.INVALID_SCHEMA, f"message id longer than {SHORT} characters")
+    try:
+        storable(message_id)
+    except ValueError as exc:
+        raise DeadLetter(Reason.INVALID_SCHEMA, f"message id {exc}") from None
+    return Inbound(message_id=message_id, routing_key=routing_key, body=parsed)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One readable line per error, without echoing the (possibly personal) input."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return _short("; ".join(parts))
+
+
+def _short(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

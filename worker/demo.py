@@ -1,0 +1,205 @@
+"""`leadrouter demo`: the whole job end to end, in a database and AMQP names of its own
+(`<database>_demo`, `<exchange or queue>.demo`), so it never touches real routing data."""
+
+import asyncio
+import random
+import time
+from collections import Counter, defaultdict
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import click
+from rich.console import Console
+from rich.table import Table
+
+from schemas.inbound import ContactClose, Lead, LeadContact
+from worker import admin, log, publisher, topology
+from worker.app import Worker
+from worker.migrate import migrate
+from worker.settings import Settings, mask_url
+
+# Dan is small on purpose: once he is full, partner-api contacts (his alone) wait queued,
+# and closing one of his contacts hands the oldest of them to him at once.
+OPERATORS = [("Alice", 150), ("Bob", 150), ("Carol", 150), ("Dan", 10)]
+SOURCES = {  # key: (strategy, {operator name: weight})
+    "telegram-bot": ("weighted_random", {"Alice": 1, "Bob": 3, "Carol": 6}),
+    "web-form": ("weighted_random", {"Alice": 1, "Bob": 1}),
+    "partner-api": ("weighted_random", {"Dan": 1}),
+}
+TIMEOUT_SECONDS = 60
+
+
+def demo_settings(settings: Settings) -> Settings:
+    parts = urlsplit(settings.database_url)
+    database = (parts.path.lstrip("/") or "leadrouter") + "_demo"
+    names = ("inbound_exchange", "inbound_queue", "events_exchange", "dead_exchange", "dead_queue")
+    return settings.model_copy(
+        update={
+            "database_url": urlunsplit(parts._replace(path=f"/{database}")),
+            **{name: getattr(settings, name) + ".demo" for name in names},
+            "shutdown_grace_seconds": 5.0,
+        }
+    )
+
+
+async def _recreate_database(url: str) -> None:
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:  # the demo's own database; an identifier cannot be a parameter
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def run_demo(base: Settings, leads: int) -> None:
+    settings = demo_settings(base)
+    log.configure("WARNING", base.log_format)  # the tables below are the demo's output
+    out = Console(width=None if Console().is_terminal else 120)
+    out.print(
+        f"demo database {mask_url(settings.database_url)}, broker {mask_url(settings.amqp_url)}"
+    )
+    await _recreate_database(settings.database_url)
+    await migrate(settings.database_url, settings.migrations_dir)
+
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
+        ids: dict[str, int] = {}
+        for name, max_load in OPERATORS:
+            ids[name] = (await admin.add_operator(pool, name, max_load, True))["id"]
+        for key, (strategy, weights) in SOURCES.items():
+            await admin.add_source(pool, key, key.replace("-", " ").title(), "demo", strategy)
+            await admin.set_weights(pool, key, {ids[n]: w for n, w in weights.items()})
+
+        connection = await aio_pika.connect_robust(settings.amqp_url)
+        worker = Worker(settings)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            declared = await topology.declare(channel, settings)
+            events = await channel.declare_queue(exclusive=True)
+            await events.bind(declared.exchanges[settings.events_exchange], "#")
+            await worker.start()
+            started = time.perf_counter()
+            inbound = declared.exchanges[settings.inbound_exchange]
+            await _publish_leads(inbound, leads)
+            await _wait(pool, "SELECT count(*) FROM contacts", leads)
+            closed = await _close_some(pool, inbound)
+            await _wait(pool, "SELECT count(*) FROM contacts WHERE status = 'closed'", closed)
+            await _wait(
+                pool,
+                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+                await pool.fetchval("SELECT count(*) FROM outbox"),
+            )
+            elapsed = time.perf_counter() - started
+            kinds = await _count_events(events)
+            out.print(
+                f"{leads} leads routed and {closed} contacts closed in {elapsed:.1f}s; events "
+                + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
+            )
+            await _print_shares(pool, out)
+        finally:
+            await worker.stop()
+            channel = await connection.channel()
+            await topology.delete(channel, settings)
+            await connection.close()
+    click.echo(
+        f"inspect it: LEADROUTER_DATABASE_URL={mask_url(settings.database_url)} "
+        "leadrouter contacts list --source partner-api"
+    )
+
+
+async def _publish_leads(exchange: aio_pika.abc.AbstractExchange, count: int) -> None:
+    rng = random.Random(7)
+    keys = list(SOURCES)
+    with click.progressbar(length=count, label="publishing leads") as bar:
+        for start in range(0, count, 100):
+            batch = []
+            for n in range(start, min(start + 100, count)):
+                # One lead in five writes again: it is recognised by external_id.
+                lead_no = rng.randrange(n) if n > 10 and rng.random() < 0.2 else n
+                body = LeadContact(
+                    source=rng.choice(keys),
+                    lead=Lead(external_id=f"demo:{lead_no}", name=f"Lead {lead_no}"),
+                    message="Hello, I would like a quote.",
+                )
+                msg = publisher.lead_contact_message(body, f"demo-lead-{n}")
+                batch.append(publisher.publish(exchange, "lead.contact", msg))
+            await asyncio.gather(*batch)
+            bar.update(len(batch))
+
+
+async def _close_some(pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange) -> int:
+    """Close a third of the assigned contacts by message, as a CRM would."""
+    ids = [
+        r["id"]
+        for r in await pool.fetch(
+            "SELECT id FROM contacts WHERE operator_id IS NOT NULL ORDER BY id"
+        )
+    ][::3]
+    await asyncio.gather(
+        *(
+            publisher.publish(
+                exchange,
+                "contact.close",
+                publisher.contact_close_message(ContactClose(contact_id=i), f"demo-close-{i}"),
+            )
+            for i in ids
+        )
+    )
+    return len(ids)
+
+
+async def _wait(pool: asyncpg.Pool, count_sql: str, expected: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while (got := await pool.fetchval(count_sql)) < expected:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"timed out: {got} of {expected} ({count_sql})")
+        await asyncio.sleep(0.1)
+
+
+async def _count_events(queue: aio_pika.abc.AbstractQueue) -> Counter[str]:
+    kinds: Counter[str] = Counter()
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        kinds[message.routing_key or ""] += 1
+    return kinds
+
+
+async def _print_shares(pool: asyncpg.Pool, out: Console) -> None:
+    rows = await pool.fetch(
+        """
+        SELECT s.key, o.name, w.weight, count(c.id) AS assigned,
+               count(c.id) FILTER (WHERE c.status = 'open') AS open_now
+        FROM source_weights w
+        JOIN sources s ON s.id = w.source_id
+        JOIN operators o ON o.id = w.operator_id
+        LEFT JOIN contacts c ON c.source_id = w.source_id AND c.operator_id = w.operator_id
+        GROUP BY s.key, o.name, w.weight ORDER BY s.key, o.name
+        """
+    )
+    queued = {
+        r["key"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT s.key, count(*) AS n FROM contacts c JOIN sources s ON s.id = c.source_id "
+            "WHERE c.status = 'open' AND c.operator_id IS NULL GROUP BY s.key"
+        )
+    }
+    totals: dict[str, int] = defaultdict(int)
+    weight_totals: dict[str, int] = defaultdict(int)
+    for r in rows:
+        totals[r["key"]] += r["assigned"]
+        weight_totals[r["key"]] += r["weight"]
+    table = Table("source", "operator", "weight share", "assigned", "observed share", "open now")
+    for r in rows:
+        total = totals[r["key"]] or 1
+        table.add_row(
+            r["key"],
+            r["name"],
+            f"{r['weight'] / weight_totals[r['key']]:.0%}",
+            str(r["assigned"]),
+            f"{r['assigned'] / total:.0%}",
+            str(r["open_now"]),
+        )
+    out.print(table)
+    out.print(
+        "queued (nobody free): " + (", ".join(f"{k}={v}" for k, v in queued.items()) or "none")
+    )

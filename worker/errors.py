@@ -1,0 +1,28 @@
+"""The control exceptions from which the consumer decides ack / dead-letter / retry."""
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a message was dead-lettered: the x-leadrouter-reason header."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_SCHEMA = "invalid_schema"
+    MISSING_MESSAGE_ID = "missing_message_id"
+    UNKNOWN_SOURCE = "unknown_source"
+    UNKNOWN_CONTACT = "unknown_contact"
+    TOO_LARGE = "too_large"
+    DELIVERY_LIMIT = "delivery_limit"
+
+
+class DeadLetter(Exception):
+    """The message can never succeed: dead-letter it once, at once, with this reason."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class UserError(Exception):
+    """Wrong input to an admin action: shown to the person as one line."""

@@ -1,0 +1,60 @@
+"""Which failures are transient (wait and retry, never dead-letter) and how long to wait."""
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiormq.exceptions
+import asyncpg
+
+from worker import log
+
+logger = log.get(__name__)
+T = TypeVar("T")
+
+# SQLSTATE classes that a retry can outlive: connection exception, transaction rollback
+# (serialization failure, deadlock), insufficient resources, operator intervention
+# (admin shutdown, cannot connect now).
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc) or "closing" in str(exc)
+    if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):
+        # Connection and channel loss, and an unroutable dead-letter publish (someone
+        # removed the dead-letter queue): waiting loses nothing.
+        return True
+    return isinstance(exc, OSError | ConnectionError | TimeoutError)
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """Exponential backoff from 50 ms with full jitter, at most `cap` seconds."""
+    return random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 32)))
+
+
+async def connect_with_retry(
+    what: str, connect: Callable[[], Awaitable[T]], attempts: int, cap: float
+) -> T:
+    """Call `connect` until it succeeds or `attempts` transient failures have passed."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await connect()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            delay = max(backoff(attempt, cap), cap / 4)
+            logger.warning(
+                "connect_failed",
+                target=what,
+                attempt=attempt,
+                retry_in=round(delay, 2),
+                error=type(exc).__name__,
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,95 @@
+"""Applies migrations/NNNN_name.sql files in order, each once, one process at a time."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from worker import log
+from worker.errors import UserError
+from worker.settings import mask_url
+from worker.sql import Q
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def discover(directory: Path) -> list[Migration]:
+    """The migrations of a directory in order; refuses misnamed files and gaps."""
+    if not directory.is_dir():
+        raise UserError(f"migrations directory {directory} does not exist")
+    found = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix != ".sql":
+            continue
+        match = _FILE.match(path.name)
+        if not match:
+            raise UserError(f"migration file {path.name} is not named NNNN_snake_case.sql")
+        found.append(Migration(int(match[1]), path.name, path))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise UserError(f"migration versions must run 1, 2, 3… without gaps; found {versions}")
+    return found
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the URL's database when it does not exist. Returns whether it created it."""
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    maintenance = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        # An identifier cannot be a parameter; the name comes from configuration.
+        await maintenance.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another process created it first (a simultaneous CREATE DATABASE can also
+        # surface as a unique violation on pg_database).
+        return False
+    except asyncpg.InsufficientPrivilegeError:
+        raise UserError(
+            f"database {name!r} does not exist and this role may not create it "
+            f"({mask_url(url)}); create it or grant CREATEDB"
+        ) from None
+    finally:
+        await maintenance.close()
+    logger.info("database_created", database=name)
+    return True
+
+
+async def migrate(url: str, directory: Path) -> list[str]:
+    """Apply pending migrations; returns the names of those applied now."""
+    migrations = discover(directory)
+    await ensure_database(url)
+    conn = await asyncpg.connect(url)
+    applied_now = []
+    try:
+        await conn.execute(Q.migrations_lock)
+        await conn.execute(Q.create_migrations_table)
+        done = {r["version"] for r in await conn.fetch(Q.applied_migrations)}
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.path.read_text(encoding="utf-8"))
+                await conn.execute(Q.record_migration, migration.version, migration.name)
+            logger.info("migration_applied", migration=migration.name)
+            applied_now.append(migration.name)
+        await conn.execute(Q.migrations_unlock)
+    finally:
+        await conn.close()
+    return applied_now

@@ -1,0 +1,110 @@
+"""The outbox relay: publishes committed events with publisher confirms, and marks them
+published only after the broker confirmed them. Several relays share the table safely
+(FOR UPDATE SKIP LOCKED); a relay killed mid-batch leaves its events to be re-sent."""
+
+import asyncio
+import contextlib
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractExchange
+
+from worker import log
+from worker.failures import backoff, is_transient
+from worker.settings import Settings
+from worker.sql import Q
+
+logger = log.get(__name__)
+CHANNEL = "leadrouter_outbox"
+
+
+class OutboxRelay:
+    def __init__(self, pool: asyncpg.Pool, exchange: AbstractExchange, settings: Settings):
+        self._pool = pool
+        self._exchange = exchange
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self.published = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of pending events; returns how many."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(Q.claim_pending_events, self._settings.outbox_batch)
+            if not rows:
+                return 0
+            await asyncio.gather(*(self._publish(r) for r in rows))
+            await conn.execute(Q.mark_events_published, [r["id"] for r in rows])
+        self.published += len(rows)
+        logger.debug("events_published", count=len(rows))
+        return len(rows)
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        message = aio_pika.Message(
+            body=row["payload"].encode(),
+            message_id=str(row["event_id"]),
+            content_type="application/cloudevents+json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type=row["routing_key"],
+        )
+        # Not mandatory: an event nobody subscribed to yet is not an error.
+        await self._exchange.publish(message, row["routing_key"], mandatory=False)
+
+    async def drain(self) -> None:
+        """Publish until nothing is pending."""
+        while await self.publish_pending() == self._settings.outbox_batch:
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish whenever a commit notifies us, and sweep on a timer for what a crash or
+        a lost notification left behind."""
+        listener = asyncio.create_task(self._listen(stop))
+        attempt = 0
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.drain()
+                    attempt = 0
+                except Exception as exc:
+                    if not is_transient(exc):
+                        logger.exception("outbox_relay_failed")
+                    else:
+                        logger.warning("outbox_relay_retrying", error=type(exc).__name__)
+                    attempt += 1
+                    await asyncio.sleep(backoff(attempt, self._settings.retry_max_seconds))
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), timeout=self._settings.outbox_sweep_seconds
+                    )
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Keep a LISTEN connection; reconnect when it drops (the sweep covers the gap)."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(self._settings.database_url)
+            except Exception as exc:
+                attempt += 1
+                logger.warning("outbox_listen_failed", error=type(exc).__name__)
+                await asyncio.sleep(max(backoff(attempt, self._settings.retry_max_seconds), 0.5))
+                continue
+            attempt = 0
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            try:
+                await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
+                self._wake.set()  # catch up on what was committed while not listening
+                await lost.wait()
+            except Exception as exc:
+                logger.warning("outbox_listen_lost", error=type(exc).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.close(timeout=2))

@@ -1,0 +1,31 @@
+"""Publishing inbound messages the way an upstream bot does (demo, tests, bot developers)."""
+
+import json
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractExchange
+
+from schemas.inbound import ContactClose, LeadContact
+
+
+def lead_contact_message(body: LeadContact, message_id: str) -> aio_pika.Message:
+    return _message(body.model_dump(exclude_none=True), message_id)
+
+
+def contact_close_message(body: ContactClose, message_id: str) -> aio_pika.Message:
+    return _message(body.model_dump(exclude_none=True), message_id)
+
+
+def _message(payload: dict[str, Any], message_id: str) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=json.dumps(payload).encode(),
+        message_id=message_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def publish(exchange: AbstractExchange, routing_key: str, message: aio_pika.Message) -> None:
+    """Publish and wait for the broker's confirm (the channel must have confirms on)."""
+    await exchange.publish(message, routing_key=routing_key, mandatory=True)

@@ -1,0 +1,63 @@
+"""Configuration, from LEADROUTER_* environment variables (or a secrets directory)."""
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# Docker/Kubernetes secrets: a file per setting, e.g. /run/secrets/leadrouter_amqp_url.
+_SECRETS_DIR = Path("/run/secrets")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LEADROUTER_",
+        secrets_dir=_SECRETS_DIR if _SECRETS_DIR.is_dir() else None,
+        extra="ignore",
+    )
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/leadrouter"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+
+    inbound_exchange: str = "leads.inbound"
+    inbound_queue: str = "leadrouter.inbound"
+    events_exchange: str = "leads.events"
+    dead_exchange: str = "leads.dead"
+    dead_queue: str = "leadrouter.dead"
+
+    # Deliveries after which the broker dead-letters a message that keeps failing.
+    delivery_limit: int = Field(default=10, ge=1)
+    prefetch: int = Field(default=32, ge=1)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    pool_size: int = Field(default=8, ge=1)
+
+    outbox_batch: int = Field(default=200, ge=1)
+    outbox_sweep_seconds: float = Field(default=5.0, gt=0)
+    backlog_sweep_seconds: float = Field(default=30.0, gt=0)
+    retry_max_seconds: float = Field(default=5.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto | json | console
+
+    migrations_dir: Path = _REPO_MIGRATIONS
+
+    def masked(self) -> dict[str, object]:
+        """The settings as they may be logged: URLs without passwords."""
+        data = self.model_dump()
+        data["database_url"] = mask_url(self.database_url)
+        data["amqp_url"] = mask_url(self.amqp_url)
+        data["migrations_dir"] = str(self.migrations_dir)
+        return data
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of a URL with ***; works for multi-host libpq URLs too."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
