@@ -21,6 +21,10 @@ class ContactEventData(BaseModel):
     queued_seconds: float | None = Field(
         default=None, description="contact.assigned only: how long the contact waited in the queue"
     )
+    affinity: bool = Field(
+        default=False,
+        description="contact.assigned only: went back to the operator who had this lead before",
+    )
 
 
 class ContactEvent(BaseModel):

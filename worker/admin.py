@@ -47,22 +47,71 @@ async def update_operator(
         return dict(row), drained
 
 
+_INVALID_SOURCE = (
+    "the key is lower-case letters, digits, '.', '_' or '-' (at most 128, starting with a "
+    "letter or digit); name up to 256 characters, description up to 2000"
+)
+
+
 async def add_source(
-    pool: asyncpg.Pool, key: str, name: str | None, description: str, strategy: str | None
+    pool: asyncpg.Pool,
+    key: str,
+    name: str | None,
+    description: str,
+    strategy: str | None,
+    affinity_hours: int | None = None,
 ) -> Row:
     strategy = strategy or DEFAULT_STRATEGY
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    _check_strategy(strategy)
+    _check_affinity(affinity_hours)
     try:
-        return dict(await pool.fetchrow(Q.insert_source, key, name or key, description, strategy))
+        row = await pool.fetchrow(
+            Q.insert_source, key, name or key, description, strategy, affinity_hours or None
+        )
     except asyncpg.UniqueViolationError:
         raise UserError(f"a source with key {key!r} already exists") from None
     except asyncpg.CheckViolationError:
-        raise UserError(
-            f"invalid source {key!r}: the key is lower-case letters, digits, '.', '_' or '-' "
-            "(at most 128, starting with a letter or digit); name up to 256 characters, "
-            "description up to 2000"
-        ) from None
+        raise UserError(f"invalid source {key!r}: {_INVALID_SOURCE}") from None
+    return dict(row)
+
+
+async def update_source(
+    pool: asyncpg.Pool,
+    key: str,
+    name: str | None = None,
+    description: str | None = None,
+    strategy: str | None = None,
+    affinity_hours: int | None = None,
+) -> Row:
+    """Change a source; affinity_hours 0 turns affinity off, None leaves it."""
+    if strategy is not None:
+        _check_strategy(strategy)
+    _check_affinity(affinity_hours)
+    try:
+        row = await pool.fetchrow(
+            Q.update_source,
+            key,
+            name,
+            description,
+            strategy,
+            affinity_hours is not None,
+            affinity_hours or None,
+        )
+    except asyncpg.CheckViolationError:
+        raise UserError(f"invalid source {key!r}: {_INVALID_SOURCE}") from None
+    if row is None:
+        raise UserError(f"no source with key {key!r}")
+    return dict(row)
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _check_affinity(hours: int | None) -> None:
+    if hours is not None and not 0 <= hours <= 24 * 365:
+        raise UserError("affinity hours must be between 0 (off) and 8760")
 
 
 async def list_sources(pool: asyncpg.Pool) -> list[Row]:

@@ -18,7 +18,7 @@ from rich.table import Table
 from worker import admin, log
 from worker.errors import UserError
 from worker.settings import Settings, mask_url
-from worker.strategies import STRATEGIES
+from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -53,7 +53,7 @@ def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json:
     table = Table(*columns)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
-    Console(width=max(Console().width, 120)).print(table)
+    _console().print(table)
 
 
 def _print_one(row: dict[str, Any], as_json: bool) -> None:
@@ -174,19 +174,60 @@ def sources() -> None:
     """Channels and bots that leads come from."""
 
 
+STRATEGY = click.option(
+    "--strategy",
+    type=click.Choice(list(STRATEGIES)),
+    help=f"How to choose among available operators (default {DEFAULT_STRATEGY}).",
+)
+AFFINITY = click.option(
+    "--affinity-hours",
+    type=click.IntRange(0, 24 * 365),
+    help="Send a lead who wrote within N hours back to the same operator (0: off).",
+)
+
+
 @sources.command("add")
 @click.argument("key")
 @click.option("--name")
 @click.option("--description", default="")
-@click.option("--strategy", type=click.Choice(sorted(STRATEGIES)))
+@STRATEGY
+@AFFINITY
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_add(
-    key: str, name: str | None, description: str, strategy: str | None, as_json: bool
+    key: str,
+    name: str | None,
+    description: str,
+    strategy: str | None,
+    affinity_hours: int | None,
+    as_json: bool,
 ) -> None:
     """Add a source that bots publish with KEY."""
     async with await _pool(_settings()) as pool:
-        _print_one(await admin.add_source(pool, key, name, description, strategy), as_json)
+        row = await admin.add_source(pool, key, name, description, strategy, affinity_hours)
+    _print_one(row, as_json)
+
+
+@sources.command("update")
+@click.argument("key")
+@click.option("--name")
+@click.option("--description")
+@STRATEGY
+@AFFINITY
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def sources_update(
+    key: str,
+    name: str | None,
+    description: str | None,
+    strategy: str | None,
+    affinity_hours: int | None,
+    as_json: bool,
+) -> None:
+    """Change a source's name, description, strategy or affinity."""
+    async with await _pool(_settings()) as pool:
+        row = await admin.update_source(pool, key, name, description, strategy, affinity_hours)
+    _print_one(row, as_json)
 
 
 @sources.command("list")
@@ -196,7 +237,7 @@ async def sources_list(as_json: bool) -> None:
     """Every source."""
     async with await _pool(_settings()) as pool:
         rows = await admin.list_sources(pool)
-    _print_rows(rows, ["id", "key", "name", "description", "strategy"], as_json)
+    _print_rows(rows, ["id", "key", "name", "description", "strategy", "affinity_hours"], as_json)
 
 
 # --- weights -----------------------------------------------------------------------
@@ -295,6 +336,33 @@ async def contacts_close(contact_id: int) -> None:
         click.echo(
             f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned"
         )
+
+
+# --- stats -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--source", "source_key", help="Only this source.")
+@click.option("--since", help="Only contacts assigned in this window, e.g. 24h, 7d.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def stats(source_key: str | None, since: str | None, as_json: bool) -> None:
+    """Who got what per source: observed share next to the configured weight."""
+    from dataclasses import asdict
+
+    from worker.stats import collect, parse_duration, render
+
+    window = parse_duration(since) if since else None
+    async with await _pool(_settings()) as pool:
+        result = await collect(pool, source_key, window)
+    if as_json:
+        click.echo(json.dumps([asdict(s) for s in result]))
+    else:
+        render(result, _console(), since)
+
+
+def _console() -> Console:
+    return Console(width=None if Console().is_terminal else 120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

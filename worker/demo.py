@@ -4,27 +4,28 @@
 import asyncio
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import click
 from rich.console import Console
-from rich.table import Table
 
 from schemas.inbound import ContactClose, Lead, LeadContact
-from worker import admin, log, publisher, topology
+from worker import admin, log, publisher, stats, topology
 from worker.app import Worker
 from worker.migrate import migrate
 from worker.settings import Settings, mask_url
+from worker.sql import Q
 
 # Dan is small on purpose: once he is full, partner-api contacts (his alone) wait queued,
 # and closing one of his contacts hands the oldest of them to him at once.
 OPERATORS = [("Alice", 150), ("Bob", 150), ("Carol", 150), ("Dan", 10)]
 SOURCES = {  # key: (strategy, {operator name: weight})
-    "telegram-bot": ("weighted_random", {"Alice": 1, "Bob": 3, "Carol": 6}),
-    "web-form": ("weighted_random", {"Alice": 1, "Bob": 1}),
+    "telegram-bot": ("smooth", {"Alice": 1, "Bob": 3, "Carol": 6}),
+    "web-form": ("least_loaded", {"Alice": 1, "Bob": 1}),
     "partner-api": ("weighted_random", {"Dan": 1}),
 }
 TIMEOUT_SECONDS = 60
@@ -82,21 +83,28 @@ async def run_demo(base: Settings, leads: int) -> None:
             started = time.perf_counter()
             inbound = declared.exchanges[settings.inbound_exchange]
             await _publish_leads(inbound, leads)
-            await _wait(pool, "SELECT count(*) FROM contacts", leads)
+
+            async def routed() -> bool:
+                return bool((await pool.fetchrow(Q.count_contacts))["total"] >= leads)
+
+            await _wait("the leads to be routed", routed)
             closed = await _close_some(pool, inbound)
-            await _wait(pool, "SELECT count(*) FROM contacts WHERE status = 'closed'", closed)
-            await _wait(
-                pool,
-                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
-                await pool.fetchval("SELECT count(*) FROM outbox"),
-            )
+
+            async def all_closed() -> bool:
+                return bool((await pool.fetchrow(Q.count_contacts))["closed"] >= closed)
+
+            async def all_published() -> bool:
+                return bool(await pool.fetchval(Q.count_pending_events) == 0)
+
+            await _wait("the contacts to be closed", all_closed)
+            await _wait("the events to be published", all_published)
             elapsed = time.perf_counter() - started
             kinds = await _count_events(events)
             out.print(
                 f"{leads} leads routed and {closed} contacts closed in {elapsed:.1f}s; events "
                 + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
             )
-            await _print_shares(pool, out)
+            stats.render(await stats.collect(pool, None, None), out, None)
         finally:
             await worker.stop()
             channel = await connection.channel()
@@ -130,12 +138,7 @@ async def _publish_leads(exchange: aio_pika.abc.AbstractExchange, count: int) ->
 
 async def _close_some(pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange) -> int:
     """Close a third of the assigned contacts by message, as a CRM would."""
-    ids = [
-        r["id"]
-        for r in await pool.fetch(
-            "SELECT id FROM contacts WHERE operator_id IS NOT NULL ORDER BY id"
-        )
-    ][::3]
+    ids = [r["id"] for r in await pool.fetch(Q.assigned_contact_ids, 1_000_000)][::3]
     await asyncio.gather(
         *(
             publisher.publish(
@@ -149,11 +152,11 @@ async def _close_some(pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchang
     return len(ids)
 
 
-async def _wait(pool: asyncpg.Pool, count_sql: str, expected: int) -> None:
+async def _wait(what: str, done: Callable[[], Awaitable[bool]]) -> None:
     deadline = time.monotonic() + TIMEOUT_SECONDS
-    while (got := await pool.fetchval(count_sql)) < expected:
+    while not await done():
         if time.monotonic() > deadline:
-            raise click.ClickException(f"timed out: {got} of {expected} ({count_sql})")
+            raise click.ClickException(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
 
 
@@ -162,44 +165,3 @@ async def _count_events(queue: aio_pika.abc.AbstractQueue) -> Counter[str]:
     while (message := await queue.get(fail=False, no_ack=True)) is not None:
         kinds[message.routing_key or ""] += 1
     return kinds
-
-
-async def _print_shares(pool: asyncpg.Pool, out: Console) -> None:
-    rows = await pool.fetch(
-        """
-        SELECT s.key, o.name, w.weight, count(c.id) AS assigned,
-               count(c.id) FILTER (WHERE c.status = 'open') AS open_now
-        FROM source_weights w
-        JOIN sources s ON s.id = w.source_id
-        JOIN operators o ON o.id = w.operator_id
-        LEFT JOIN contacts c ON c.source_id = w.source_id AND c.operator_id = w.operator_id
-        GROUP BY s.key, o.name, w.weight ORDER BY s.key, o.name
-        """
-    )
-    queued = {
-        r["key"]: r["n"]
-        for r in await pool.fetch(
-            "SELECT s.key, count(*) AS n FROM contacts c JOIN sources s ON s.id = c.source_id "
-            "WHERE c.status = 'open' AND c.operator_id IS NULL GROUP BY s.key"
-        )
-    }
-    totals: dict[str, int] = defaultdict(int)
-    weight_totals: dict[str, int] = defaultdict(int)
-    for r in rows:
-        totals[r["key"]] += r["assigned"]
-        weight_totals[r["key"]] += r["weight"]
-    table = Table("source", "operator", "weight share", "assigned", "observed share", "open now")
-    for r in rows:
-        total = totals[r["key"]] or 1
-        table.add_row(
-            r["key"],
-            r["name"],
-            f"{r['weight'] / weight_totals[r['key']]:.0%}",
-            str(r["assigned"]),
-            f"{r['assigned'] / total:.0%}",
-            str(r["open_now"]),
-        )
-    out.print(table)
-    out.print(
-        "queued (nobody free): " + (", ".join(f"{k}={v}" for k, v in queued.items()) or "none")
-    )

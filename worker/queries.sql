@@ -7,11 +7,11 @@ SELECT pg_advisory_xact_lock(1280, $1::integer);
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
-SELECT id, key, name, description, strategy, created_at FROM sources WHERE key = $1;
+SELECT id, key, name, description, strategy, affinity_hours FROM sources WHERE key = $1;
 
 -- name: sources_by_ids
 -- Sources by id, in lock order ($1 source ids).
-SELECT id, key, strategy FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
+SELECT id, key, strategy, affinity_hours FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
 
 -- name: contact_exists_for_message
 -- Whether an inbound message already made its contact ($1 inbound message id).
@@ -48,7 +48,7 @@ LIMIT $2;
 
 -- name: candidates
 -- Operators who may take a contact of a source now ($1 source id).
-SELECT o.id, o.name, w.weight, o.open_load, o.max_load, o.last_assigned_at
+SELECT o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_lag
 FROM source_weights w
 JOIN operators o ON o.id = w.operator_id
 WHERE w.source_id = $1 AND o.is_active AND o.open_load < o.max_load
@@ -61,6 +61,24 @@ UPDATE operators
 SET open_load = open_load + 1, last_assigned_at = now()
 WHERE id = $1 AND is_active AND open_load < max_load
 RETURNING id;
+
+-- name: update_smooth_lags
+-- Store the smooth strategy's state after an assignment ($1 source id, $2 operator ids,
+-- $3 lags).
+UPDATE source_weights w
+SET smooth_lag = t.lag
+FROM unnest($2::bigint[], $3::double precision[]) AS t (operator_id, lag)
+WHERE w.source_id = $1 AND w.operator_id = t.operator_id;
+
+-- name: affinity_operator
+-- The operator of the lead's latest other assigned contact through the source within
+-- the affinity window ($1 lead id, $2 source id, $3 contact id, $4 hours).
+SELECT operator_id
+FROM contacts
+WHERE lead_id = $1 AND source_id = $2 AND id <> $3 AND operator_id IS NOT NULL
+  AND created_at >= now() - make_interval(hours => $4)
+ORDER BY created_at DESC
+LIMIT 1;
 
 -- name: release_operator
 -- Give back one unit of an operator's capacity ($1 operator id).
@@ -144,13 +162,24 @@ WHERE id = $1
 RETURNING id, name, is_active, max_load, open_load AS load;
 
 -- name: insert_source
--- A new source ($1 key, $2 name, $3 description, $4 strategy).
-INSERT INTO sources (key, name, description, strategy) VALUES ($1, $2, $3, $4)
-RETURNING id, key, name, description, strategy;
+-- A new source ($1 key, $2 name, $3 description, $4 strategy, $5 affinity hours).
+INSERT INTO sources (key, name, description, strategy, affinity_hours) VALUES ($1, $2, $3, $4, $5)
+RETURNING id, key, name, description, strategy, affinity_hours;
+
+-- name: update_source
+-- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6
+-- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours).
+UPDATE sources
+SET name           = COALESCE($2, name),
+    description    = COALESCE($3, description),
+    strategy       = COALESCE($4, strategy),
+    affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE affinity_hours END
+WHERE key = $1
+RETURNING id, key, name, description, strategy, affinity_hours;
 
 -- name: list_sources
 -- Every source.
-SELECT id, key, name, description, strategy FROM sources ORDER BY id;
+SELECT id, key, name, description, strategy, affinity_hours FROM sources ORDER BY id;
 
 -- name: delete_weights
 -- Remove all weights of a source ($1 source id).
@@ -212,3 +241,49 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- name: record_migration
 -- Mark a migration applied ($1 version, $2 file name).
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: stats_rows
+-- Per source and operator (weighted now, or assigned contacts in the window): the
+-- weight, contacts assigned since $2, open now, load and limit ($1 source key or NULL,
+-- $2 since).
+WITH pairs AS (
+    SELECT source_id, operator_id FROM source_weights
+    UNION
+    SELECT source_id, operator_id FROM contacts
+    WHERE operator_id IS NOT NULL AND assigned_at >= $2
+)
+SELECT s.key AS source, s.strategy, o.id AS operator_id, o.name AS operator_name,
+       o.is_active, o.open_load AS load, o.max_load, COALESCE(w.weight, 0) AS weight,
+       (SELECT count(*) FROM contacts c
+        WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
+          AND c.assigned_at >= $2) AS assigned,
+       (SELECT count(*) FROM contacts c
+        WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
+          AND c.status = 'open') AS open_now
+FROM pairs p
+JOIN sources s ON s.id = p.source_id
+JOIN operators o ON o.id = p.operator_id
+LEFT JOIN source_weights w ON w.source_id = p.source_id AND w.operator_id = p.operator_id
+WHERE $1::text IS NULL OR s.key = $1
+ORDER BY s.key, o.id;
+
+-- name: stats_sources
+-- Every source (or one) with its queued contacts now ($1 source key or NULL).
+SELECT s.key AS source, s.strategy,
+       (SELECT count(*) FROM contacts c
+        WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL) AS queued_now
+FROM sources s
+WHERE $1::text IS NULL OR s.key = $1
+ORDER BY s.key;
+
+-- name: count_contacts
+-- How many contacts exist, and how many are closed (demo progress).
+SELECT count(*) AS total, count(*) FILTER (WHERE status = 'closed') AS closed FROM contacts;
+
+-- name: count_pending_events
+-- Events not yet confirmed by the broker.
+SELECT count(*) FROM outbox WHERE published_at IS NULL;
+
+-- name: assigned_contact_ids
+-- Ids of open, assigned contacts, oldest first ($1 limit).
+SELECT id FROM contacts WHERE status = 'open' AND operator_id IS NOT NULL ORDER BY id LIMIT $1;

@@ -15,6 +15,7 @@ class Candidate:
     open_load: int
     max_load: int
     last_assigned_at: datetime | None = None
+    lag: float = 0.0  # smooth: contacts owed (+) or ahead (-) relative to the exact share
 
 
 Strategy = Callable[[Sequence[Candidate], random.Random], Candidate]
@@ -25,6 +26,37 @@ def weighted_random(candidates: Sequence[Candidate], rng: random.Random) -> Cand
     if not candidates:
         raise ValueError("no candidates")
     return rng.choices(candidates, weights=[c.weight for c in candidates], k=1)[0]
+
+
+def smooth(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:
+    """Smooth weighted round robin that keeps every operator within one contact of their
+    exact share. Each available operator is owed weight / (total weight of the available
+    ones) per contact; `lag` is what they are owed so far. Among those still owed
+    something after this contact (so nobody gets ahead of their share by a whole contact),
+    the one who would otherwise fall a whole contact behind soonest takes it (ties: larger
+    weight, then lower id). nginx's algorithm (the one owed most takes it) can leave an
+    operator more than one contact behind (weights 1,1,1,1,1,20,76 at the 76th contact);
+    this earliest-deadline variant cannot while availability holds. Deterministic."""
+    if not candidates:
+        raise ValueError("no candidates")
+    total = sum(c.weight for c in candidates)
+
+    def owed(c: Candidate) -> float:
+        return c.lag + c.weight / total
+
+    # Nobody is owed anything only when operators who left are owed a lot: take the
+    # one owed most.
+    eligible = [c for c in candidates if owed(c) > 0] or candidates
+    return min(eligible, key=lambda c: ((1 - owed(c)) * total / c.weight, -c.weight, c.id))
+
+
+def smooth_lags(candidates: Sequence[Candidate], chosen_id: int) -> dict[int, float]:
+    """The candidates' lags after `chosen_id` took a contact: everyone available is owed
+    their share of it, and the one who took it has been paid one contact."""
+    total = sum(c.weight for c in candidates)
+    return {
+        c.id: c.lag + c.weight / total - (1.0 if c.id == chosen_id else 0.0) for c in candidates
+    }
 
 
 def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:
@@ -45,7 +77,8 @@ def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candida
 
 
 STRATEGIES: dict[str, Strategy] = {
+    "smooth": smooth,
     "weighted_random": weighted_random,
     "least_loaded": least_loaded,
 }
-DEFAULT_STRATEGY = "weighted_random"
+DEFAULT_STRATEGY = "smooth"

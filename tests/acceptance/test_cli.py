@@ -207,6 +207,70 @@ def test_demo_runs_end_to_end(settings: Settings, service_urls: tuple[str, str])
 
     result = leadrouter(settings, "demo", "--leads", "200")
     assert "200 leads routed" in result.stdout
-    assert "telegram-bot" in result.stdout and "observed share" in result.stdout
+    assert "telegram-bot (smooth)" in result.stdout and "observed" in result.stdout
+    assert "partner-api (weighted_random)" in result.stdout and "queued now" in result.stdout
     demo_db = settings.database_url.rsplit("/", 1)[1] + "_demo"
     asyncio.run(services.drop_database(service_urls[0], demo_db))
+
+
+def test_sources_update(settings: Settings) -> None:
+    as_json(settings, "sources", "add", "tg")
+    source = as_json(
+        settings,
+        "sources",
+        "update",
+        "tg",
+        "--strategy",
+        "least_loaded",
+        "--affinity-hours",
+        "24",
+        "--name",
+        "Telegram",
+    )
+    assert (source["strategy"], source["affinity_hours"], source["name"]) == (
+        "least_loaded",
+        24,
+        "Telegram",
+    )
+    assert (
+        as_json(settings, "sources", "update", "tg", "--affinity-hours", "0")["affinity_hours"]
+        is None
+    )
+    assert as_json(settings, "sources", "list")[0]["strategy"] == "least_loaded"
+    assert as_json(settings, "sources", "add", "new")["strategy"] == "smooth"  # the default
+    fails_cleanly(settings, "sources", "update", "nope", "--name", "x", expect="no source")
+    result = leadrouter(settings, "sources", "update", "tg", "--strategy", "fastest", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+async def test_stats_show_observed_share_next_to_weight(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    from tests.integration.test_pipeline import setup_source
+
+    a, b = await setup_source(pool, "tg", [("a", 10, 1), ("b", 10, 3)])
+    source_id = await pool.fetchval("SELECT id FROM sources")
+    for n, operator in enumerate([a, b, b, b, None]):
+        lead_id = await pool.fetchval(
+            "INSERT INTO leads (external_id) VALUES ($1) RETURNING id", f"s:{n}"
+        )
+        await pool.execute(
+            "INSERT INTO contacts"
+            " (lead_id, source_id, operator_id, assigned_at, inbound_message_id)"
+            " VALUES ($1, $2, $3, CASE WHEN $3::bigint IS NULL THEN NULL ELSE now() END, $4)",
+            lead_id,
+            source_id,
+            operator,
+            f"s-{n}",
+        )
+    [tg] = as_json(settings, "stats")
+    assert (tg["source"], tg["assigned"], tg["queued_now"]) == ("tg", 4, 1)
+    assert [
+        (o["operator_id"], o["weight_share"], o["observed_share"], o["assigned"])
+        for o in tg["operators"]
+    ] == [(a, 0.25, 0.25, 1), (b, 0.75, 0.75, 3)]
+    table = leadrouter(settings, "stats", "--since", "1h").stdout
+    assert "tg" in table and "75%" in table and "|" in table
+    assert as_json(settings, "stats", "--source", "tg", "--since", "1h")[0]["assigned"] == 4
+    fails_cleanly(settings, "stats", "--since", "soon", expect="invalid duration")
+    fails_cleanly(settings, "stats", "--source", "nope", expect="no source")

@@ -1,0 +1,130 @@
+"""`leadrouter stats`: who got what, per source, next to the configured weights."""
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from worker.errors import UserError
+from worker.sql import Q
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+BAR_WIDTH = 24
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `24h`, `7d`, `2w`."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match[1]) > 10_000_000:
+        raise UserError(f"invalid duration {text!r}: use a number and one of s, m, h, d, w (24h)")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+@dataclass
+class OperatorShare:
+    operator_id: int
+    operator_name: str
+    is_active: bool
+    weight: int
+    weight_share: float
+    assigned: int
+    observed_share: float
+    open_now: int
+    load: int
+    max_load: int
+
+
+@dataclass
+class SourceStats:
+    source: str
+    strategy: str
+    queued_now: int
+    assigned: int = 0
+    operators: list[OperatorShare] = field(default_factory=list)
+
+
+def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[SourceStats]:
+    """Group the rows by source and compute configured and observed shares. Pure."""
+    by_key = {
+        s["source"]: SourceStats(s["source"], s["strategy"], s["queued_now"]) for s in sources
+    }
+    for row in rows:
+        by_key[row["source"]].assigned += row["assigned"]
+    for key, stats in by_key.items():
+        mine = [r for r in rows if r["source"] == key]
+        total_weight = sum(r["weight"] for r in mine)
+        for r in mine:
+            stats.operators.append(
+                OperatorShare(
+                    operator_id=r["operator_id"],
+                    operator_name=r["operator_name"],
+                    is_active=r["is_active"],
+                    weight=r["weight"],
+                    weight_share=r["weight"] / total_weight if total_weight else 0.0,
+                    assigned=r["assigned"],
+                    observed_share=r["assigned"] / stats.assigned if stats.assigned else 0.0,
+                    open_now=r["open_now"],
+                    load=r["load"],
+                    max_load=r["max_load"],
+                )
+            )
+    return list(by_key.values())
+
+
+async def collect(
+    pool: asyncpg.Pool, source_key: str | None, since: timedelta | None
+) -> list[SourceStats]:
+    start = datetime.now(UTC) - since if since else datetime.min.replace(tzinfo=UTC)
+    sources = [dict(r) for r in await pool.fetch(Q.stats_sources, source_key)]
+    if source_key is not None and not sources:
+        raise UserError(f"no source with key {source_key!r}")
+    rows = [dict(r) for r in await pool.fetch(Q.stats_rows, source_key, start)]
+    return shares(sources, rows)
+
+
+def bar(share: float, target: float, width: int = BAR_WIDTH) -> str:
+    """Observed share as a bar, with `|` where the configured share would end."""
+    filled = round(share * width)
+    cells = ["█" if i < filled else " " for i in range(width)]
+    mark = min(round(target * width), width - 1) if target else None
+    if mark is not None:
+        cells[mark] = "|" if cells[mark] == " " else "▌"
+    return "".join(cells)
+
+
+def render(stats: list[SourceStats], console: Console, since: str | None) -> None:
+    window = f"since {since} ago" if since else "all time"
+    for s in stats:
+        table = Table(
+            "operator",
+            "weight",
+            "share",
+            "assigned",
+            "observed",
+            "",
+            "open",
+            "load",
+            title=f"{s.source} ({s.strategy}): {s.assigned} assigned {window}, "
+            f"{s.queued_now} queued now",
+            title_justify="left",
+        )
+        for op in s.operators:
+            name = op.operator_name + ("" if op.is_active else " (inactive)")
+            table.add_row(
+                f"{op.operator_id} {name}",
+                str(op.weight),
+                f"{op.weight_share:.0%}",
+                str(op.assigned),
+                f"{op.observed_share:.0%}",
+                bar(op.observed_share, op.weight_share),
+                str(op.open_now),
+                f"{op.load}/{op.max_load}",
+            )
+        console.print(table)
+    if not stats:
+        console.print("no sources yet: leadrouter sources add KEY")
