@@ -43,6 +43,10 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY migrations/ /app/migrations/
 
+# /metrics, /healthz, /readyz (LEADROUTER_METRICS_PORT); reachable from outside the container.
+ENV LEADROUTER_METRICS_HOST=0.0.0.0
+EXPOSE 9100
+
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 

@@ -72,6 +72,7 @@ async def settings(
         shutdown_grace_seconds=5,
         outbox_sweep_seconds=1,
         retry_max_seconds=1,
+        metrics_port=0,  # several workers share this host; health tests pick a port
         log_format="json",
     ).model_copy(update=overrides)
     yield settings

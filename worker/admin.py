@@ -44,7 +44,7 @@ async def update_operator(
         if row is None:
             raise UserError(f"no operator with id {operator_id}")
         drained = await distribution.drain_sources(conn, source_ids)
-        return dict(row), drained
+        return dict(row), drained.total()
 
 
 _INVALID_SOURCE = (
@@ -131,7 +131,7 @@ async def set_weights(pool: asyncpg.Pool, source_key: str, weights: dict[int, in
             raise UserError(f"no operator with id {', '.join(map(str, missing))}")
         await conn.execute(Q.delete_weights, source["id"])
         await conn.execute(Q.insert_weights, source["id"], list(weights), list(weights.values()))
-        return await distribution.drain_sources(conn, {source["id"]})
+        return (await distribution.drain_sources(conn, {source["id"]})).total()
 
 
 async def show_weights(pool: asyncpg.Pool, source_key: str) -> list[Row]:
@@ -150,6 +150,19 @@ async def list_contacts(
 ) -> list[Row]:
     rows = await pool.fetch(Q.list_contacts, source_key, operator_id, status, unassigned, limit)
     return [dict(r) for r in rows]
+
+
+async def list_leads(pool: asyncpg.Pool, limit: int = 100) -> list[Row]:
+    return [dict(r) for r in await pool.fetch(Q.list_leads, limit)]
+
+
+async def show_lead(pool: asyncpg.Pool, external_id: str) -> Row:
+    """A lead with all its contacts across sources."""
+    lead = await pool.fetchrow(Q.lead_by_external_id, external_id)
+    if lead is None:
+        raise UserError(f"no lead with external id {external_id!r}")
+    contacts = [dict(r) for r in await pool.fetch(Q.lead_contacts, lead["id"])]
+    return {**dict(lead), "contacts": contacts}
 
 
 async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Outcome:

@@ -1,8 +1,9 @@
 """The worker process: connects, declares the topology, consumes, relays the outbox,
-sweeps the backlog, and shuts down gracefully."""
+sweeps the backlog, reports health, and shuts down gracefully."""
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 
 import aio_pika
@@ -12,6 +13,8 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from worker import distribution, log, topology
 from worker.consumer import Consumer
 from worker.failures import backoff, connect_with_retry, is_transient
+from worker.health import HealthServer, Readiness
+from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.settings import Settings, mask_url
 from worker.sql import Q
@@ -23,18 +26,39 @@ CONNECT_ATTEMPTS = 20
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.outcomes: Counter[str] = Counter()
+        self.metrics = Metrics()
+        self.readiness = Readiness()
+        self.consumer: Consumer | None = None
+        self.relay: OutboxRelay | None = None
+        self._health: HealthServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self.consumer: Consumer | None = None
-        self.relay: OutboxRelay | None = None
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        """Messages settled by this worker, by outcome."""
+        return self.consumer.outcomes if self.consumer else Counter()
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
 
     async def start(self) -> None:
         s = self.settings
+        if s.metrics_port:
+            # First, so that a port taken by another process fails the start at once.
+            self._health = HealthServer(
+                s.metrics_host,
+                s.metrics_port,
+                self.metrics,
+                self.readiness,
+                stale_after=max(10 * s.health_interval_seconds, 30),
+            )
+            self._health.start()
         logger.info(
             "worker_starting",
             database=mask_url(s.database_url),
@@ -63,28 +87,25 @@ class Worker:
         await consume_channel.set_qos(prefetch_count=s.prefetch)
         self._queue = (await topology.declare(consume_channel, s)).queues[s.inbound_queue]
 
-        self.relay = OutboxRelay(self._pool, declared.exchanges[s.events_exchange], s)
-        self.consumer = Consumer(
-            self._pool,
-            declared.exchanges[s.dead_exchange],
-            s,
-            lambda outcome: self.outcomes.update([outcome]),
-        )
+        self.relay = OutboxRelay(self._pool, declared.exchanges[s.events_exchange], s, self.metrics)
+        self.consumer = Consumer(self._pool, declared.exchanges[s.dead_exchange], s, self.metrics)
+        await self._consume()
         self._tasks = [
             asyncio.create_task(self.relay.run(self._stop), name="outbox-relay"),
             asyncio.create_task(self._sweep_backlog(), name="backlog-sweep"),
+            asyncio.create_task(self._probe(), name="health-probe"),
         ]
-        self._consumer_tag = await self._queue.consume(self.consumer.on_message)
-        logger.info("worker_started")
+        logger.info("worker_started", metrics_port=self.health_port)
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish within the grace period,
         publish what they committed, then close."""
         logger.info("worker_stopping")
         grace = self.settings.shutdown_grace_seconds
-        if self._queue is not None and self._consumer_tag is not None:
+        self._stop.set()
+        if self._consumer_tag is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=grace or 1)
+                await asyncio.wait_for(self._pause(), timeout=grace or 1)
         if self.consumer is not None:
             self.consumer.stopping = True
             pending = set(self.consumer.in_flight)
@@ -94,7 +115,6 @@ class Worker:
                     task.cancel()
                 if late:
                     logger.warning("in_flight_abandoned", count=len(late))
-        self._stop.set()
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.relay.drain(), timeout=grace or 1)
@@ -105,6 +125,8 @@ class Worker:
             await self._connection.close()
         if self._pool is not None:
             await self._pool.close()
+        if self._health is not None:
+            self._health.stop()
         logger.info("worker_stopped", outcomes=dict(self.outcomes))
 
     def request_stop(self) -> None:
@@ -117,6 +139,50 @@ class Worker:
             await self._stop.wait()
         finally:
             await asyncio.shield(self.stop())
+
+    async def _consume(self) -> None:
+        assert self._queue is not None and self.consumer is not None
+        self._consumer_tag = await self._queue.consume(self.consumer.on_message)
+        self.readiness.consuming = True
+
+    async def _pause(self) -> None:
+        """Stop taking messages; those in flight keep retrying until PostgreSQL is back."""
+        assert self._queue is not None
+        self.readiness.consuming = False
+        if self._consumer_tag is not None:
+            tag, self._consumer_tag = self._consumer_tag, None
+            await self._queue.cancel(tag)
+
+    async def _probe(self) -> None:
+        """Check both services, update the gauges and readiness, and pause consuming
+        while PostgreSQL is unreachable (messages wait in RabbitMQ meanwhile)."""
+        assert self._pool is not None and self._connection is not None
+        interval = self.settings.health_interval_seconds
+        while not self._stop.is_set():
+            try:
+                counts = await asyncio.wait_for(self._pool.fetchrow(Q.health_counts), interval * 2)
+                self.metrics.queued_contacts.set(counts["queued"])
+                self.metrics.outbox_pending.set(counts["outbox_pending"])
+                postgres = True
+            except Exception as exc:
+                postgres = False
+                if self.readiness.postgres:
+                    logger.warning("postgres_unreachable", error=type(exc).__name__)
+            self.readiness.postgres = postgres
+            self.readiness.rabbitmq = self._connection.connected.is_set()
+            try:
+                if not postgres and self._consumer_tag is not None:
+                    await self._pause()
+                    logger.warning("consuming_paused")
+                elif postgres and self._consumer_tag is None and not self._stop.is_set():
+                    await self._consume()
+                    logger.info("consuming_resumed")
+            except Exception as exc:  # the broker is away too: try again next round
+                logger.warning("consumer_toggle_failed", error=type(exc).__name__)
+            self.readiness.heartbeat = time.monotonic()
+            self.metrics.ready.set(self.readiness.ready())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
 
     async def _sweep_backlog(self) -> None:
         """The safety net: capacity is normally handed out by the transaction that frees
@@ -147,5 +213,5 @@ async def sweep_backlog(pool: asyncpg.Pool) -> int:
     for row in await pool.fetch(Q.sources_with_backlog):
         async with pool.acquire() as conn, conn.transaction():
             await distribution.lock_sources(conn, {row["source_id"]})
-            total += await distribution.drain_sources(conn, {row["source_id"]})
+            total += (await distribution.drain_sources(conn, {row["source_id"]})).total()
     return total

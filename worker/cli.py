@@ -3,27 +3,35 @@ wrong input prints one line on stderr and exits non-zero."""
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import wraps
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import aiormq.exceptions
 import asyncpg
 import click
 from rich.console import Console
 from rich.table import Table
 
 from worker import admin, log
-from worker.errors import UserError
+from worker.errors import Reason, UserError
 from worker.settings import Settings, mask_url
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 P = ParamSpec("P")
 T = TypeVar("T")
 BIGINT = click.IntRange(1, 2**63 - 1)
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
+CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    aiormq.exceptions.AMQPConnectionError,
+)
 
 
 def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
@@ -40,9 +48,14 @@ async def _pool(settings: Settings) -> asyncpg.Pool:
     return pool
 
 
-def _settings() -> Settings:
+def _settings(long_running: bool = False) -> Settings:
     settings = Settings()
     log.configure(settings.log_level, settings.log_format)
+    if not long_running:
+        # A one-shot command reports a failure in one line of its own; the AMQP
+        # libraries' connection logging would add lines that say the same.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     return settings
 
 
@@ -101,7 +114,7 @@ async def worker() -> None:
     """Consume inbound leads until SIGTERM or SIGINT."""
     from worker.app import Worker
 
-    app = Worker(_settings())
+    app = Worker(_settings(long_running=True))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
@@ -109,7 +122,7 @@ async def worker() -> None:
 
 
 @cli.command()
-@click.option("--leads", default=300, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--leads", default=3000, show_default=True, type=click.IntRange(1, 100_000))
 @run_async
 async def demo(leads: int) -> None:
     """Run the whole job end to end in a database and topology of its own."""
@@ -338,6 +351,90 @@ async def contacts_close(contact_id: int) -> None:
         )
 
 
+# --- leads -------------------------------------------------------------------------
+
+
+@cli.group()
+def leads() -> None:
+    """End customers and their contacts across sources."""
+
+
+@leads.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def leads_list(limit: int, as_json: bool) -> None:
+    """Leads, newest first."""
+    async with await _pool(_settings()) as pool:
+        rows = await admin.list_leads(pool, limit)
+    _print_rows(
+        rows, ["id", "external_id", "name", "contacts", "open_contacts", "updated_at"], as_json
+    )
+
+
+@leads.command("show")
+@click.argument("external_id")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def leads_show(external_id: str, as_json: bool) -> None:
+    """A lead with every contact it made, who handled each, and when."""
+    async with await _pool(_settings()) as pool:
+        lead = await admin.show_lead(pool, external_id)
+    if as_json:
+        click.echo(json.dumps(lead, default=_json_default))
+        return
+    contacts = lead.pop("contacts")
+    _print_one(lead, as_json=False)
+    _print_rows(
+        contacts,
+        ["id", "source", "operator_id", "operator_name", "status", "created_at", "closed_at"],
+        as_json=False,
+    )
+
+
+# --- publish -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--source", "source_key", required=True, help="Source key, e.g. telegram-bot.")
+@click.option("--external-id", required=True, help="The lead's id in the bot's world.")
+@click.option("--name")
+@click.option("--email")
+@click.option("--phone")
+@click.option("--message", default="")
+@click.option("--message-id", help="Idempotency key (default: a new uuid).")
+@run_async
+async def publish(
+    source_key: str,
+    external_id: str,
+    name: str | None,
+    email: str | None,
+    phone: str | None,
+    message: str,
+    message_id: str | None,
+) -> None:
+    """Publish one lead.contact message, as a bot would (to try the contract)."""
+    import uuid
+
+    from pydantic import ValidationError
+
+    from schemas.inbound import Lead, LeadContact
+    from worker.decode import describe
+    from worker.publisher import publish_lead
+
+    try:
+        body = LeadContact(
+            source=source_key,
+            lead=Lead(external_id=external_id, name=name, email=email, phone=phone),
+            message=message,
+        )
+    except ValidationError as exc:
+        raise UserError(f"invalid message: {describe(exc)}") from None
+    message_id = message_id or str(uuid.uuid4())
+    await publish_lead(_settings(), body, message_id)
+    click.echo(f"published lead.contact {message_id}")
+
+
 # --- stats -------------------------------------------------------------------------
 
 
@@ -363,6 +460,166 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
 
 def _console() -> Console:
     return Console(width=None if Console().is_terminal else 120)
+
+
+# --- dlq ---------------------------------------------------------------------------
+
+REASONS = click.Choice([str(r) for r in Reason])
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: inspect, replay, purge."""
+
+
+def _entry_row(entry: Any) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "reason": entry.reason,
+        "error": entry.error,
+        "routing_key": entry.routing_key,
+        "source": entry.source,
+        "message_id": entry.message_id,
+        "age_seconds": None if entry.age_seconds is None else round(entry.age_seconds, 1),
+    }
+
+
+@dlq.command("list")
+@click.option("--reason", type=REASONS)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def dlq_list(reason: str | None, limit: int, as_json: bool) -> None:
+    """Dead letters, oldest first (looking changes nothing)."""
+    from worker import dlq as dead
+
+    settings = _settings()
+    entries = await dead.list_entries(settings, reason, limit)
+    rows = [_entry_row(e) for e in entries]
+    _print_rows(rows, ["id", "reason", "routing_key", "source", "age_seconds", "error"], as_json)
+    if not as_json:
+        click.echo(f"{len(rows)} shown of {await dead.count(settings)} in {settings.dead_queue}")
+
+
+@dlq.command("show")
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def dlq_show(entry_id: str, as_json: bool) -> None:
+    """One dead letter in full: headers, properties, body."""
+    from worker import dlq as dead
+
+    entry = await dead.show(_settings(), entry_id)
+    if entry is None:
+        raise UserError(f"no dead letter with id {entry_id!r}")
+    full = {
+        **_entry_row(entry),
+        "headers": dict(entry.headers),
+        "properties": dict(entry.properties),
+        "body_size": entry.body_size,
+        "body": entry.text,
+    }
+    if as_json:
+        click.echo(json.dumps(full, default=str))
+    else:
+        for key, value in full.items():
+            click.echo(f"{key}: {value}")
+
+
+@dlq.command("replay")
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@click.option("--reason", type=REASONS, help="Those dead-lettered for this reason.")
+@click.option("--id", "ids", multiple=True, help="These entries (ids from `dlq list`).")
+@run_async
+async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...]) -> None:
+    """Put dead letters back on the inbound exchange, with their original message id and
+    routing key; each leaves the dead-letter queue only once the broker confirmed it."""
+    from aio_pika.exceptions import PublishError
+
+    from worker import dlq as dead
+
+    if sum((everything, reason is not None, bool(ids))) != 1:
+        raise UserError("say which: --all, --reason R or --id ID (one of them)")
+    settings = _settings()
+    try:
+        replayed = await dead.replay(settings, all=everything, reason=reason, ids=ids)
+    except PublishError:
+        raise UserError(
+            f"the inbound exchange {settings.inbound_exchange!r} routes nowhere; start "
+            "`leadrouter worker` once to declare its queue (nothing was removed)"
+        ) from None
+    click.echo(f"replayed {replayed}")
+
+
+@dlq.command("purge")
+@click.option("--reason", type=REASONS, help="Only those dead-lettered for this reason.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@run_async
+async def dlq_purge(reason: str | None, yes: bool) -> None:
+    """Delete dead letters for good."""
+    from worker import dlq as dead
+
+    settings = _settings()
+    if not yes:
+        what = f"dead letters with reason {reason}" if reason else "ALL dead letters"
+        total = await dead.count(settings)
+        click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
+    click.echo(f"purged {await dead.purge(settings, reason)}")
+
+
+# --- apply -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def apply(file: Path, dry_run: bool, as_json: bool) -> None:
+    """Make operators, sources and weights what a routing file (TOML or YAML) says."""
+    from dataclasses import asdict
+
+    from worker import routing_file
+
+    routing = routing_file.load(file)
+    async with await _pool(_settings()) as pool:
+        changes = await routing_file.apply(pool, routing, dry_run)
+    if as_json:
+        click.echo(json.dumps([asdict(c) for c in changes]))
+        return
+    for change in changes:
+        if change.kind != "unchanged":
+            click.echo(("would " if dry_run else "") + str(change))
+    changed = sum(c.kind != "unchanged" for c in changes)
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{file}: {verb} {changed}, {len(changes) - changed} already as written")
+
+
+# --- contract ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write (default: the schemas/ folder of this checkout).",
+)
+@click.option("--check", is_flag=True, help="Only report stale files; exit 1 if any.")
+def contract(directory: Path | None, check: bool) -> None:
+    """Generate the JSON Schemas and the AsyncAPI document from the pydantic models."""
+    from worker import contract as generator
+
+    directory = directory or generator.DEFAULT_DIRECTORY
+    if check:
+        stale = generator.stale(directory)
+        if stale:
+            raise UserError(f"stale in {directory}: {', '.join(stale)}; run `leadrouter contract`")
+        click.echo(f"{directory}: up to date")
+        return
+    written = generator.write(directory)
+    click.echo(
+        f"{directory}: wrote {len(written)} file(s)" + "".join(f"\n  {p.name}" for p in written)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,6 +650,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except asyncpg.UndefinedTableError:
         click.echo("error: the database has no schema yet; run `leadrouter migrate`", err=True)
+        return 2
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        click.echo(
+            f"error: {exc}; start `leadrouter worker` once to declare the topology", err=True
+        )
         return 2
     except asyncpg.InvalidCatalogNameError as exc:
         click.echo(f"error: {exc}; run `leadrouter migrate` to create it", err=True)

@@ -4,7 +4,9 @@ place, `_settle`, from the outcome of handling a message."""
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import aio_pika
 import asyncpg
@@ -14,14 +16,12 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from schemas.inbound import LeadContact
 from worker import distribution, log
 from worker.decode import Inbound, decode
-from worker.errors import DeadLetter
+from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter
 from worker.failures import backoff, is_transient
+from worker.metrics import Metrics
 from worker.settings import Settings
 
 logger = log.get(__name__)
-
-REASON_HEADER = "x-leadrouter-reason"
-ERROR_HEADER = "x-leadrouter-error"
 
 
 class Consumer:
@@ -30,12 +30,13 @@ class Consumer:
         pool: asyncpg.Pool,
         dead_exchange: AbstractExchange,
         settings: Settings,
-        on_outcome: Callable[[str], None] = lambda _outcome: None,
+        metrics: Metrics,
     ):
         self._pool = pool
         self._dead = dead_exchange
         self._settings = settings
-        self._on_outcome = on_outcome
+        self._metrics = metrics
+        self.outcomes: Counter[str] = Counter()
         self.stopping = False
         self.in_flight: set[asyncio.Task[None]] = set()
 
@@ -58,7 +59,7 @@ class Consumer:
                 raise failure
         finally:
             self.in_flight.discard(task)
-            logger.debug("message_done", ms=round((time.perf_counter() - started) * 1000, 2))
+            self._metrics.processing.observe(time.perf_counter() - started)
 
     async def _outcome_of(self, message: AbstractIncomingMessage) -> BaseException | None:
         """Handle the message; None on success, else what went wrong."""
@@ -85,6 +86,8 @@ class Consumer:
             else:
                 structlog.contextvars.bind_contextvars(contact_id=inbound.body.contact_id)
                 outcome = await distribution.close_contact(conn, inbound.body)
+        for (source, strategy), count in outcome.assignments.items():
+            self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
             "message_handled",
             kind=inbound.routing_key,
@@ -115,12 +118,16 @@ class Consumer:
                 )
                 await asyncio.sleep(delay)
 
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self._metrics.messages.labels(outcome).inc()
+
     async def _settle(
         self, message: AbstractIncomingMessage, failure: BaseException | None
     ) -> None:
         """The one place that acks, dead-letters or hands a message back."""
         if failure is None:
-            self._on_outcome("ok")
+            self._count("ok")
             await self._ack(message)
         elif isinstance(failure, DeadLetter):
             logger.warning("dead_lettered", reason=str(failure.reason), error=failure.detail)
@@ -130,16 +137,17 @@ class Consumer:
                 # Stopping while the broker is away: leave it unacked, it comes back.
                 logger.warning("dead_letter_deferred")
                 return
-            self._on_outcome(str(failure.reason))
+            self._count(str(failure.reason))
+            self._metrics.dead_letters.labels(str(failure.reason)).inc()
             await self._ack(message)
         elif isinstance(failure, asyncio.CancelledError) or is_transient(failure):
             # Shutting down: unacked, the broker redelivers it; nothing was committed.
-            self._on_outcome("deferred")
+            self._count("deferred")
             logger.info("message_deferred", error=type(failure).__name__)
         else:
             # A bug. The broker counts the redeliveries and dead-letters the message at
             # the queue's delivery limit, so it can neither loop forever nor be lost.
-            self._on_outcome("error")
+            self._count("error")
             logger.error("message_failed", exc_info=failure)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
@@ -153,7 +161,7 @@ class Consumer:
             headers=headers,
             message_id=message.message_id,
             content_type=message.content_type,
-            timestamp=message.timestamp,
+            timestamp=message.timestamp or datetime.now(UTC),  # so `dlq list` shows an age
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         # Mandatory: if the dead-letter queue is gone we must not ack and lose it.

@@ -34,7 +34,7 @@ def decode(body: bytes, routing_key: str, message_id: str | None, max_bytes: int
     try:
         parsed = model.model_validate(data, strict=True)
     except ValidationError as exc:
-        raise DeadLetter(Reason.INVALID_SCHEMA, _describe(exc)) from None
+        raise DeadLetter(Reason.INVALID_SCHEMA, describe(exc)) from None
     except RecursionError:
         raise DeadLetter(Reason.INVALID_SCHEMA, "nested too deeply") from None
 
@@ -54,7 +54,7 @@ def decode(body: bytes, routing_key: str, message_id: str | None, max_bytes: int
     return Inbound(message_id=message_id, routing_key=routing_key, body=parsed)
 
 
-def _describe(exc: ValidationError) -> str:
+def describe(exc: ValidationError) -> str:
     """One readable line per error, without echoing the (possibly personal) input."""
     parts = []
     for error in exc.errors(include_input=False, include_url=False)[:5]:

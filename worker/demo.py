@@ -3,32 +3,28 @@
 
 import asyncio
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from importlib.resources import as_file, files
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import click
 from rich.console import Console
+from rich.progress import Progress
 
 from schemas.inbound import ContactClose, Lead, LeadContact
-from worker import admin, log, publisher, stats, topology
+from worker import log, publisher, routing_file, stats, topology
 from worker.app import Worker
 from worker.migrate import migrate
 from worker.settings import Settings, mask_url
 from worker.sql import Q
 
-# Dan is small on purpose: once he is full, partner-api contacts (his alone) wait queued,
-# and closing one of his contacts hands the oldest of them to him at once.
-OPERATORS = [("Alice", 150), ("Bob", 150), ("Carol", 150), ("Dan", 10)]
-SOURCES = {  # key: (strategy, {operator name: weight})
-    "telegram-bot": ("smooth", {"Alice": 1, "Bob": 3, "Carol": 6}),
-    "web-form": ("least_loaded", {"Alice": 1, "Bob": 1}),
-    "partner-api": ("weighted_random", {"Dan": 1}),
-}
 TIMEOUT_SECONDS = 60
+PUBLISH_BATCH = 200
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -39,9 +35,20 @@ def demo_settings(settings: Settings) -> Settings:
         update={
             "database_url": urlunsplit(parts._replace(path=f"/{database}")),
             **{name: getattr(settings, name) + ".demo" for name in names},
+            "metrics_port": _free_port(settings.metrics_host, settings.metrics_port),
             "shutdown_grace_seconds": 5.0,
         }
     )
+
+
+def _free_port(host: str, preferred: int) -> int:
+    """The configured metrics port, or any free one if a real worker already has it."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, preferred))
+        except OSError:
+            probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 async def _recreate_database(url: str) -> None:
@@ -61,17 +68,20 @@ async def run_demo(base: Settings, leads: int) -> None:
     out.print(
         f"demo database {mask_url(settings.database_url)}, broker {mask_url(settings.amqp_url)}"
     )
+    out.print(
+        f"metrics while it runs: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    )
     await _recreate_database(settings.database_url)
     await migrate(settings.database_url, settings.migrations_dir)
 
     async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
-        ids: dict[str, int] = {}
-        for name, max_load in OPERATORS:
-            ids[name] = (await admin.add_operator(pool, name, max_load, True))["id"]
-        for key, (strategy, weights) in SOURCES.items():
-            await admin.add_source(pool, key, key.replace("-", " ").title(), "demo", strategy)
-            await admin.set_weights(pool, key, {ids[n]: w for n, w in weights.items()})
-
+        with as_file(files("worker").joinpath("demo_routing.toml")) as sample:
+            routing = routing_file.load(sample)
+        await routing_file.apply(pool, routing, dry_run=False)
+        out.print(
+            f"applied the sample routing: {len(routing.operators)} operators, "
+            f"{len(routing.sources)} sources"
+        )
         connection = await aio_pika.connect_robust(settings.amqp_url)
         worker = Worker(settings)
         try:
@@ -82,7 +92,8 @@ async def run_demo(base: Settings, leads: int) -> None:
             await worker.start()
             started = time.perf_counter()
             inbound = declared.exchanges[settings.inbound_exchange]
-            await _publish_leads(inbound, leads)
+            keys = [s.key for s in routing.sources]
+            await _publish_leads(inbound, keys, leads, out)
 
             async def routed() -> bool:
                 return bool((await pool.fetchrow(Q.count_contacts))["total"] >= leads)
@@ -116,13 +127,15 @@ async def run_demo(base: Settings, leads: int) -> None:
     )
 
 
-async def _publish_leads(exchange: aio_pika.abc.AbstractExchange, count: int) -> None:
+async def _publish_leads(
+    exchange: aio_pika.abc.AbstractExchange, keys: list[str], count: int, out: Console
+) -> None:
     rng = random.Random(7)
-    keys = list(SOURCES)
-    with click.progressbar(length=count, label="publishing leads") as bar:
-        for start in range(0, count, 100):
+    with Progress(console=out, transient=not out.is_terminal) as progress:
+        task = progress.add_task("publishing leads", total=count)
+        for start in range(0, count, PUBLISH_BATCH):
             batch = []
-            for n in range(start, min(start + 100, count)):
+            for n in range(start, min(start + PUBLISH_BATCH, count)):
                 # One lead in five writes again: it is recognised by external_id.
                 lead_no = rng.randrange(n) if n > 10 and rng.random() < 0.2 else n
                 body = LeadContact(
@@ -133,7 +146,7 @@ async def _publish_leads(exchange: aio_pika.abc.AbstractExchange, count: int) ->
                 msg = publisher.lead_contact_message(body, f"demo-lead-{n}")
                 batch.append(publisher.publish(exchange, "lead.contact", msg))
             await asyncio.gather(*batch)
-            bar.update(len(batch))
+            progress.update(task, advance=len(batch))
 
 
 async def _close_some(pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange) -> int:

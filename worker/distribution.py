@@ -4,7 +4,8 @@ after the advisory locks of the sources it touches have been taken in ascending 
 
 import random
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -19,6 +20,9 @@ _rng = random.SystemRandom()
 DRAIN_PAGE = 100
 
 
+Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What a routing transaction did, for logs and metrics."""
@@ -27,6 +31,7 @@ class Outcome:
     operator_id: int | None = None
     duplicate: bool = False
     late_assignments: int = 0
+    assignments: Assignments = field(default_factory=Counter)
 
 
 async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
@@ -91,6 +96,7 @@ async def route_new_contact(
         contact_id=contact_id,
         operator_id=operator_id,
         late_assignments=len(assigned) - (operator_id is not None),
+        assignments=Counter({(source.key, source.strategy): len(assigned)}),
     )
 
 
@@ -126,22 +132,28 @@ async def close_contact(conn: asyncpg.Connection, message: ContactClose) -> Outc
             inbound_message_id=closed["inbound_message_id"],
         ),
     )
-    late = 0
+    late: Assignments = Counter()
     if operator_id is not None:
         # A queued contact may have been assigned between our read and our locks; only
         # sources we hold the lock of may be routed now, the sweep covers the rest.
         source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
         late = await drain_sources(conn, source_ids & locked)
-    return Outcome(contact_id=closed["id"], operator_id=operator_id, late_assignments=late)
+    return Outcome(
+        contact_id=closed["id"],
+        operator_id=operator_id,
+        late_assignments=late.total(),
+        assignments=late,
+    )
 
 
-async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> int:
+async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assignments:
     """Route the backlog of these sources (their locks must be held). Returns how many
-    queued contacts were assigned."""
-    total = 0
+    queued contacts were assigned, per source and strategy."""
+    assigned: Assignments = Counter()
     for row in await conn.fetch(Q.sources_by_ids, list(source_ids)):
-        total += len(await drain_source(conn, Route.of(row)))
-    return total
+        route = Route.of(row)
+        assigned[(route.key, route.strategy)] += len(await drain_source(conn, route))
+    return +assigned
 
 
 async def drain_source(conn: asyncpg.Connection, source: Route) -> dict[int, int]:

@@ -2,6 +2,10 @@
 
 from enum import StrEnum
 
+# Headers of a message the worker dead-letters itself.
+REASON_HEADER = "x-leadrouter-reason"
+ERROR_HEADER = "x-leadrouter-error"
+
 
 class Reason(StrEnum):
     """Why a message was dead-lettered: the x-leadrouter-reason header."""

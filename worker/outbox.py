@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractExchange
 
 from worker import log
 from worker.failures import backoff, is_transient
+from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.sql import Q
 
@@ -19,12 +20,14 @@ CHANNEL = "leadrouter_outbox"
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, exchange: AbstractExchange, settings: Settings):
+    def __init__(
+        self, pool: asyncpg.Pool, exchange: AbstractExchange, settings: Settings, metrics: Metrics
+    ):
         self._pool = pool
         self._exchange = exchange
         self._settings = settings
+        self._metrics = metrics
         self._wake = asyncio.Event()
-        self.published = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -37,7 +40,7 @@ class OutboxRelay:
                 return 0
             await asyncio.gather(*(self._publish(r) for r in rows))
             await conn.execute(Q.mark_events_published, [r["id"] for r in rows])
-        self.published += len(rows)
+        self._metrics.events_published.inc(len(rows))
         logger.debug("events_published", count=len(rows))
         return len(rows)
 

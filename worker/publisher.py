@@ -7,6 +7,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from schemas.inbound import ContactClose, LeadContact
+from worker.settings import Settings
 
 
 def lead_contact_message(body: LeadContact, message_id: str) -> aio_pika.Message:
@@ -29,3 +30,12 @@ def _message(payload: dict[str, Any], message_id: str) -> aio_pika.Message:
 async def publish(exchange: AbstractExchange, routing_key: str, message: aio_pika.Message) -> None:
     """Publish and wait for the broker's confirm (the channel must have confirms on)."""
     await exchange.publish(message, routing_key=routing_key, mandatory=True)
+
+
+async def publish_lead(settings: Settings, body: LeadContact, message_id: str) -> None:
+    """Publish one `lead.contact` as a bot would, waiting for the broker's confirm."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(settings.inbound_exchange)
+        await publish(exchange, "lead.contact", lead_contact_message(body, message_id))

@@ -287,3 +287,38 @@ SELECT count(*) FROM outbox WHERE published_at IS NULL;
 -- name: assigned_contact_ids
 -- Ids of open, assigned contacts, oldest first ($1 limit).
 SELECT id FROM contacts WHERE status = 'open' AND operator_id IS NOT NULL ORDER BY id LIMIT $1;
+
+-- name: health_counts
+-- The backlog and the unpublished outbox, for the gauges (and as the readiness probe).
+SELECT (SELECT count(*) FROM contacts WHERE status = 'open' AND operator_id IS NULL) AS queued,
+       (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_pending;
+
+-- name: list_leads
+-- Leads, newest first, with their contact counts ($1 limit).
+SELECT l.id, l.external_id, l.name, l.created_at, l.updated_at,
+       count(c.id) AS contacts, count(c.id) FILTER (WHERE c.status = 'open') AS open_contacts
+FROM leads l
+LEFT JOIN contacts c ON c.lead_id = l.id
+GROUP BY l.id
+ORDER BY l.id DESC
+LIMIT $1;
+
+-- name: lead_by_external_id
+-- One lead ($1 external id).
+SELECT id, external_id, name, email, phone, created_at, updated_at
+FROM leads WHERE external_id = $1;
+
+-- name: lead_contacts
+-- Every contact of a lead across sources, with who handled it ($1 lead id).
+SELECT c.id, s.key AS source, c.operator_id, o.name AS operator_name, c.status,
+       c.created_at, c.assigned_at, c.closed_at
+FROM contacts c
+JOIN sources s ON s.id = c.source_id
+LEFT JOIN operators o ON o.id = c.operator_id
+WHERE c.lead_id = $1
+ORDER BY c.id;
+
+-- name: lock_apply
+-- One `leadrouter apply` at a time, until commit: two applies of one file must not both
+-- create an operator, as operator names are not unique.
+SELECT pg_advisory_xact_lock(1282, 0);

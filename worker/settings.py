@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
+    # /metrics, /healthz, /readyz; port 0 turns the server off. Bind 0.0.0.0 in a container.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # How often the worker checks PostgreSQL and RabbitMQ; it stops taking messages while
+    # PostgreSQL is unreachable.
+    health_interval_seconds: float = Field(default=1.0, gt=0)
+
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
 

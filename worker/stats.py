@@ -106,7 +106,7 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
             "share",
             "assigned",
             "observed",
-            "",
+            "observed, | at the weight",
             "open",
             "load",
             title=f"{s.source} ({s.strategy}): {s.assigned} assigned {window}, "

@@ -55,9 +55,12 @@ def topology(settings: Settings) -> Topology:
             # for someone to see rather than dropped by the exchange.
             bindings=((settings.inbound_exchange, "#"),),
         ),
+        # Classic, not quorum: a quorum queue reorders messages handed back unacked and
+        # counts each inspection as a delivery, and `leadrouter dlq list` must neither
+        # reorder nor wear out what it only looks at. Lazy: dead letters may pile up.
         dead_queue=QueueSpec(
             settings.dead_queue,
-            {"x-queue-type": "quorum"},
+            {"x-queue-type": "classic", "x-queue-mode": "lazy"},
             bindings=((settings.dead_exchange, "#"),),
         ),
     )

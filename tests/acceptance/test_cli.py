@@ -274,3 +274,110 @@ async def test_stats_show_observed_share_next_to_weight(
     assert as_json(settings, "stats", "--source", "tg", "--since", "1h")[0]["assigned"] == 4
     fails_cleanly(settings, "stats", "--since", "soon", expect="invalid duration")
     fails_cleanly(settings, "stats", "--source", "nope", expect="no source")
+
+
+async def test_publish_then_leads_show_the_whole_story(
+    settings: Settings, pool: asyncpg.Pool, worker: object, events: object
+) -> None:
+    """A bot developer tries the contract with `publish`; ops follow the lead."""
+    from tests.helpers import EventCollector
+    from tests.integration.test_pipeline import setup_source
+
+    assert isinstance(events, EventCollector)
+    [op] = await setup_source(pool, "tg", [("Ann", 5, 1)])
+    await admin_source_web(pool, op)
+    out = leadrouter(
+        settings,
+        "publish",
+        "--source",
+        "tg",
+        "--external-id",
+        "tg:42",
+        "--name",
+        "Lee",
+        "--email",
+        "lee@example.com",
+        "--message-id",
+        "pub-1",
+    )
+    assert out.stdout.strip() == "published lead.contact pub-1"
+    leadrouter(
+        settings,
+        "publish",
+        "--source",
+        "web",
+        "--external-id",
+        "tg:42",
+        "--phone",
+        "+1 555 0100",
+        "--message",
+        "again",
+    )
+    await events.wait_for("contact.assigned", 2)
+
+    lead = as_json(settings, "leads", "show", "tg:42")
+    assert (lead["name"], lead["email"], lead["phone"]) == ("Lee", "lee@example.com", "+1 555 0100")
+    assert sorted((c["source"], c["operator_name"], c["status"]) for c in lead["contacts"]) == [
+        ("tg", "Ann", "open"),
+        ("web", "Ann", "open"),
+    ]
+    [listed] = as_json(settings, "leads", "list")
+    assert (listed["external_id"], listed["contacts"], listed["open_contacts"]) == ("tg:42", 2, 2)
+    assert "tg:42" in leadrouter(settings, "leads", "show", "tg:42").stdout
+
+    fails_cleanly(settings, "leads", "show", "nobody", expect="no lead")
+    fails_cleanly(
+        settings,
+        "publish",
+        "--source",
+        "tg",
+        "--external-id",
+        "x",
+        "--email",
+        "nope",
+        expect="not an e-mail address",
+    )
+    fails_cleanly(
+        settings, "publish", "--source", "Bad Key", "--external-id", "x", expect="invalid message"
+    )
+
+
+async def admin_source_web(pool: asyncpg.Pool, operator_id: int) -> None:
+    from worker import admin
+
+    await admin.add_source(pool, "web", None, "", None)
+    await admin.set_weights(pool, "web", {operator_id: 1})
+
+
+def test_apply_a_routing_file(settings: Settings, tmp_path: Path) -> None:
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "routing.yaml")
+    preview = leadrouter(settings, "apply", example, "--dry-run").stdout
+    assert "would create operator Alice" in preview and "would change" in preview
+    assert as_json(settings, "operators", "list") == []  # a dry run changes nothing
+    applied = leadrouter(settings, "apply", example).stdout
+    assert "create source telegram-bot" in applied
+    assert (
+        leadrouter(settings, "apply", example)
+        .stdout.strip()
+        .endswith("changed 0, 10 already as written")
+    )
+    assert [o["name"] for o in as_json(settings, "operators", "list")] == [
+        "Alice",
+        "Bob",
+        "Carol",
+        "Dan",
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[sources]]\nkey = "x"\nweights = { Nobody = 1 }\n')
+    fails_cleanly(settings, "apply", str(bad), expect="no operator named 'Nobody'")
+    fails_cleanly(settings, "apply", str(tmp_path / "missing.toml"), expect="missing.toml")
+
+
+def test_contract_files_are_in_sync(settings: Settings, tmp_path: Path) -> None:
+    assert "up to date" in leadrouter(settings, "contract", "--check").stdout
+    out = leadrouter(settings, "contract", "--directory", str(tmp_path)).stdout
+    assert "wrote 4 file(s)" in out and (tmp_path / "asyncapi.yaml").exists()
+    (tmp_path / "asyncapi.yaml").write_text("stale")
+    fails_cleanly(
+        settings, "contract", "--directory", str(tmp_path), "--check", expect="asyncapi.yaml"
+    )

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import EventCollector, lead, wait_until
 from worker import admin, distribution
 from worker.app import Worker
-from worker.consumer import ERROR_HEADER, REASON_HEADER
+from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
 
 ONE_MIB = 1024 * 1024

@@ -38,7 +38,8 @@ def test_dead_queue() -> None:
     spec = topology(defaults())
     queue = spec.dead_queue
     assert queue.name == "leadrouter.dead"
-    assert queue.arguments["x-queue-type"] == "quorum"
+    # classic: inspecting it (dlq list) must keep its order; see worker/dlq.py
+    assert queue.arguments["x-queue-type"] == "classic"
     assert "x-dead-letter-exchange" not in queue.arguments
     assert queue.bindings == (("leads.dead", "#"),)
 

@@ -1,0 +1,282 @@
+"""Dead-letter ops against the real broker: listing changes nothing, replay and purge take
+exactly what they select and leave the rest in order."""
+
+import asyncio
+import json
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+
+from tests.helpers import EventCollector, lead, wait_until
+from tests.integration.test_bad_input import publish_raw
+from worker import admin, distribution, dlq
+from worker.app import Worker
+from worker.consumer import ERROR_HEADER, REASON_HEADER
+from worker.settings import Settings
+
+
+async def dead_count(settings: Settings, count: int) -> None:
+    async def reached() -> bool:
+        return await dlq.count(settings) >= count
+
+    await wait_until(reached, what=f"{count} dead letters")
+
+
+async def dead_letter_one_by_one(
+    settings: Settings, messages: list[tuple[str, bytes | dict[str, Any], str]]
+) -> None:
+    """Publish bad messages for the worker, each after the last was dead-lettered, so that
+    the dead-letter queue has them in this order (the worker handles messages in parallel)."""
+    start = await dlq.count(settings)
+    for n, (routing_key, body, message_id) in enumerate(messages, 1):
+        await asyncio.to_thread(publish_raw, settings, routing_key, body, message_id)
+        await dead_count(settings, start + n)
+
+
+def summary(entries: list[dlq.Entry]) -> list[tuple[str | None, str, str | None]]:
+    return [(e.message_id, e.reason, e.source) for e in entries]
+
+
+async def test_list_show_replay_and_purge(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    events: EventCollector,
+    worker: Worker,
+) -> None:
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 100, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+    await dead_letter_one_by_one(
+        settings,
+        [
+            ("lead.contact", lead("web", "w:1"), "u-1"),
+            ("lead.contact", b"{not json", "j-1"),
+            ("lead.contact", lead("web", "w:2"), "u-2"),
+            ("lead.contact", {"source": "tg"}, "s-1"),
+            ("contact.close", {"contact_id": 987654321}, "c-1"),
+            ("lead.contact", lead("web", "w:3"), "u-3"),
+        ],
+    )
+
+    entries = await dlq.list_entries(settings)
+    assert summary(entries) == [
+        ("u-1", "unknown_source", "web"),
+        ("j-1", "invalid_json", None),
+        ("u-2", "unknown_source", "web"),
+        ("s-1", "invalid_schema", "tg"),
+        ("c-1", "unknown_contact", None),
+        ("u-3", "unknown_source", "web"),
+    ]
+    assert all(e.error for e in entries)
+    assert all(e.routing_key == "lead.contact" for e in entries if e.message_id != "c-1")
+    assert len({e.id for e in entries}) == len(entries)
+    # Looking changes nothing: same entries, same order, same ids.
+    assert [e.id for e in await dlq.list_entries(settings)] == [e.id for e in entries]
+    assert await dlq.count(settings) == 6
+    assert summary(await dlq.list_entries(settings, reason="unknown_source", limit=2)) == [
+        ("u-1", "unknown_source", "web"),
+        ("u-2", "unknown_source", "web"),
+    ]
+    assert [e.message_id for e in await dlq.list_entries(settings, limit=1)] == ["u-1"]
+
+    bad_json = entries[1]
+    shown = await dlq.show(settings, f" {bad_json.id.upper()}\n")
+    assert shown is not None
+    assert (shown.id, shown.body, shown.text) == (bad_json.id, b"{not json", "{not json")
+    assert shown.headers[REASON_HEADER] == "invalid_json"
+    assert shown.headers[ERROR_HEADER] == bad_json.error
+    assert await dlq.show(settings, "000000000000") is None
+
+    # Fix the cause, then replay: each contact made once, the others stay in order.
+    await admin.add_source(pool, "web", None, "", None)
+    await admin.set_weights(pool, "web", {op: 1})
+    assert await dlq.replay(settings, reason="unknown_source") == 3
+    assigned = await events.wait_for("contact.assigned", 3)
+    assert sorted(e.data.inbound_message_id for e in assigned) == ["u-1", "u-2", "u-3"]
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 3
+    rest = await dlq.list_entries(settings)
+    assert [e.id for e in rest] == [e.id for e in entries if e.reason != "unknown_source"]
+
+    # A second run finds nothing; nor do the ids of what was replayed.
+    assert await dlq.replay(settings, reason="unknown_source") == 0
+    assert await dlq.replay(settings, ids=[entries[0].id]) == 0
+    await asyncio.sleep(0.5)
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 3
+
+    # A replay that fails again is dead-lettered again, behind the rest, with the same id;
+    # the replay does not chase it round.
+    [close] = [e for e in rest if e.reason == "unknown_contact"]
+    assert await dlq.replay(settings, ids=[close.id]) == 1
+    await wait_until(
+        lambda: worker_outcome(worker, "unknown_contact", 2), what="the close dead again"
+    )
+    await dead_count(settings, 3)
+    again = await dlq.list_entries(settings)
+    assert summary(again) == [
+        ("j-1", "invalid_json", None),
+        ("s-1", "invalid_schema", "tg"),
+        ("c-1", "unknown_contact", None),
+    ]
+    assert again[2].id == close.id
+
+    assert await dlq.purge(settings, reason="invalid_json") == 1
+    assert summary(await dlq.list_entries(settings)) == summary(again)[1:]
+    assert await dlq.purge(settings) == 2
+    assert await dlq.list_entries(settings) == []
+
+
+async def worker_outcome(worker: Worker, outcome: str, count: int) -> bool:
+    return worker.outcomes[outcome] >= count
+
+
+@pytest.mark.settings(delivery_limit=2)
+async def test_a_broker_dead_letter_is_listed_as_delivery_limit(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 100, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+    real = distribution.route_new_contact
+
+    async def buggy(conn: asyncpg.Connection, message: Any, message_id: str) -> Any:
+        if message.lead.external_id == "boom":
+            raise RuntimeError("a bug")
+        return await real(conn, message, message_id)
+
+    monkeypatch.setattr(distribution, "route_new_contact", buggy)
+    app = Worker(settings)
+    await app.start()
+    try:
+        await dead_letter_one_by_one(
+            settings,
+            [
+                ("lead.contact", lead("web", "w:1"), "u-1"),
+                ("lead.contact", lead("tg", "boom"), "crash-1"),
+                ("lead.contact", lead("web", "w:2"), "u-2"),
+            ],
+        )
+    finally:
+        await app.stop()
+
+    entries = await dlq.list_entries(settings)
+    assert summary(entries) == [
+        ("u-1", "unknown_source", "web"),
+        ("crash-1", "delivery_limit", "tg"),
+        ("u-2", "unknown_source", "web"),
+    ]
+    crash = entries[1]
+    assert REASON_HEADER not in crash.headers and "x-death" in crash.headers
+    assert crash.error == (
+        f"dead-lettered by the broker (delivery_limit) from queue {settings.inbound_queue}"
+    )
+    assert crash.age_seconds is not None and 0 <= crash.age_seconds < 60
+    assert [e.message_id for e in await dlq.list_entries(settings, reason="delivery_limit")] == [
+        "crash-1"
+    ]
+
+    assert await dlq.purge(settings, reason="delivery_limit") == 1
+    assert [e.id for e in await dlq.list_entries(settings)] == [entries[0].id, entries[2].id]
+
+
+async def publish_dead(
+    channel: aio_pika.abc.AbstractChannel, settings: Settings, count: int
+) -> list[str]:
+    """Dead copies as the consumer makes them, straight onto the dead-letter exchange."""
+    exchange = await channel.get_exchange(settings.dead_exchange)
+    reasons = ["invalid_schema", "unknown_source", "unknown_contact"]
+    for n in range(count):
+        body = json.dumps({"source": f"s{n % 5}", "n": n}).encode()
+        headers: aio_pika.abc.HeadersType = {
+            "trace": f"t-{n}",
+            REASON_HEADER: reasons[n % 3],
+            ERROR_HEADER: "detail",
+        }
+        message = aio_pika.Message(body, message_id=f"m-{n}", headers=headers)
+        await exchange.publish(message, "lead.contact" if n % 2 else "contact.close")
+    return [f"m-{n}" for n in range(count)]
+
+
+async def inbound_messages(settings: Settings) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    taken = []
+    async with connection:
+        queue = await (await connection.channel()).get_queue(settings.inbound_queue)
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            taken.append(message)
+    return taken
+
+
+async def test_many_dead_letters_keep_their_order(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel
+) -> None:
+    """More than a quorum queue returns in order; no worker, so replays wait inbound."""
+    ids = await publish_dead(broker, settings, 300)
+    every = await dlq.list_entries(settings, limit=1000)
+    assert [e.message_id for e in every] == ids
+    # Two commands at once each see what the other does not hold; nothing moves.
+    await asyncio.gather(dlq.list_entries(settings, limit=1000), dlq.show(settings, every[-1].id))
+    assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == [e.id for e in every]
+
+    # Capped: stops after holding max_held, and still loses nothing.
+    assert len(await dlq.list_entries(settings, reason="nothing", max_held=50)) == 0
+    assert len(await dlq.list_entries(settings, limit=1000, max_held=50)) == 50
+
+    chosen = every[::7]
+    assert await dlq.replay(settings, ids=[e.id for e in chosen]) == len(chosen)
+    rest = [e for e in every if e.id not in {c.id for c in chosen}]
+    assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == [e.id for e in rest]
+
+    replayed = await inbound_messages(settings)
+    assert [m.message_id for m in replayed] == [e.message_id for e in chosen]
+    assert [m.routing_key for m in replayed] == [e.routing_key for e in chosen]
+    assert [m.body for m in replayed] == [e.body for e in chosen]
+    for message, entry in zip(replayed, chosen, strict=True):
+        # x-delivery-count is the (quorum) inbound queue's own.
+        headers = {k: v for k, v in message.headers.items() if k != "x-delivery-count"}
+        assert headers == {"trace": entry.headers["trace"]}
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+    purged = await dlq.purge(settings, reason="unknown_contact")
+    assert purged == sum(e.reason == "unknown_contact" for e in rest)
+    left = [e.id for e in rest if e.reason != "unknown_contact"]
+    assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == left
+    assert await dlq.replay(settings, all=True) == len(left)
+    assert await dlq.count(settings) == 0
+
+
+async def test_a_huge_dead_letter_is_shown_cut(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel
+) -> None:
+    exchange = await broker.get_exchange(settings.dead_exchange)
+    body = b" " * (2 * 1024 * 1024)
+    headers: aio_pika.abc.HeadersType = {REASON_HEADER: "too_large", ERROR_HEADER: "detail"}
+    await exchange.publish(aio_pika.Message(body, message_id="big", headers=headers), "lead.x")
+    [entry] = await dlq.list_entries(settings)
+    assert (entry.reason, entry.source, entry.body_size) == ("too_large", None, len(body))
+    assert len(entry.body) == dlq.BODY_SHOWN
+    shown = await dlq.show(settings, entry.id)
+    assert shown is not None and shown.text.endswith("more bytes not shown]")
+    assert await dlq.replay(settings, ids=[entry.id]) == 1
+    [replayed] = await inbound_messages(settings)
+    assert replayed.body == body  # the whole body, not the part shown
+
+
+async def test_an_unroutable_replay_keeps_its_dead_letter(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel
+) -> None:
+    await publish_dead(broker, settings, 3)
+    before = [e.id for e in await dlq.list_entries(settings)]
+    nowhere = settings.model_copy(update={"inbound_exchange": f"{settings.inbound_exchange}.x"})
+    exchange = await broker.declare_exchange(nowhere.inbound_exchange, auto_delete=False)
+    try:
+        with pytest.raises(aio_pika.exceptions.PublishError):
+            await dlq.replay(nowhere, all=True)
+    finally:
+        await exchange.delete()
+    assert [e.id for e in await dlq.list_entries(settings)] == before

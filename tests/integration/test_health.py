@@ -1,0 +1,178 @@
+"""/metrics moves while the worker works; /readyz follows PostgreSQL's reachability, and
+the worker stops taking messages while PostgreSQL is away, then resumes on its own."""
+
+import asyncio
+import contextlib
+import json
+import socket
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import pytest
+
+from tests.helpers import EventCollector, lead, raw_message, wait_until
+from worker import admin
+from worker.app import Worker
+from worker.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample line, e.g. 'leadrouter_messages_total{outcome="ok"}'."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that the test can cut, as if the server went away."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+async def setup(pool: asyncpg.Pool) -> None:
+    await admin.add_source(pool, "tg", None, "", None)
+    op = (await admin.add_operator(pool, "a", 100, True))["id"]
+    await admin.set_weights(pool, "tg", {op: 1})
+
+
+async def test_metrics_move_while_the_worker_works(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+) -> None:
+    await setup(pool)
+    app = Worker(settings.model_copy(update={"metrics_port": free_port()}))
+    await app.start()
+    try:
+        assert app.health_port is not None
+        exchange = await broker.get_exchange(settings.inbound_exchange)
+        for n in range(20):
+            await exchange.publish(raw_message(lead("tg", f"m:{n}"), f"m-{n}"), "lead.contact")
+        await exchange.publish(raw_message(lead("nope", "m:x"), "m-x"), "lead.contact")
+        await events.wait_for("contact.assigned", 20)
+        await wait_until(lambda: _settled(app, 21), what="21 messages settled")
+
+        async def scraped() -> str | None:
+            status, body = await asyncio.to_thread(get, app.health_port, "/metrics")  # type: ignore[arg-type]
+            ok = status == 200 and sample(body, "leadrouter_events_published_total") >= 20
+            return body if ok else None
+
+        metrics = await wait_until(scraped, what="metrics")
+    finally:
+        await app.stop()
+    assert sample(metrics, 'leadrouter_messages_total{outcome="ok"}') == 20
+    assert sample(metrics, 'leadrouter_messages_total{outcome="unknown_source"}') == 1
+    assert sample(metrics, 'leadrouter_dead_letters_total{reason="unknown_source"}') == 1
+    assert sample(metrics, 'leadrouter_assignments_total{source="tg",strategy="smooth"}') == 20
+    assert sample(metrics, "leadrouter_processing_seconds_count") == 21
+    assert "leadrouter_queued_contacts " in metrics and "leadrouter_outbox_pending " in metrics
+    assert "m:1" not in metrics  # no personal data in labels
+
+
+async def _settled(app: Worker, n: int) -> bool:
+    return sum(app.outcomes.values()) >= n
+
+
+@pytest.mark.settings(health_interval_seconds=0.2)
+async def test_readiness_follows_postgres_and_consuming_pauses(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+) -> None:
+    await setup(pool)
+    url = urlsplit(settings.database_url)
+    proxy = Proxy(url.hostname or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    netloc = (
+        url.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+        if "@" in url.netloc
+        else f"127.0.0.1:{proxy.port}"
+    )
+    proxied = settings.model_copy(
+        update={
+            "database_url": urlunsplit(url._replace(netloc=netloc)),
+            "metrics_port": free_port(),
+        }
+    )
+    app = Worker(proxied)
+    await app.start()
+    port = app.health_port
+    assert port is not None
+    try:
+
+        async def ready(expected: bool) -> bool:
+            status, body = await asyncio.to_thread(get, port, "/readyz")
+            return (status == 200) is expected and json.loads(body)["ready"] is expected
+
+        await wait_until(lambda: ready(True), what="ready")
+        assert (await asyncio.to_thread(get, port, "/healthz"))[0] == 200
+
+        await proxy.stop()  # PostgreSQL is gone, as far as the worker can tell
+        await wait_until(lambda: ready(False), timeout=10, what="not ready")
+        _status, body = await asyncio.to_thread(get, port, "/readyz")
+        assert json.loads(body)["postgres"] is False and json.loads(body)["consuming"] is False
+        assert (await asyncio.to_thread(get, port, "/healthz"))[0] == 200  # alive all the same
+
+        exchange = await broker.get_exchange(settings.inbound_exchange)
+        await exchange.publish(raw_message(lead("tg", "w:1"), "while-down"), "lead.contact")
+        await asyncio.sleep(1)
+        queue = await broker.declare_queue(settings.inbound_queue, passive=True)
+        assert queue.declaration_result.message_count == 1, "paused: the message waits"
+
+        await proxy.start()
+        await wait_until(lambda: ready(True), timeout=20, what="ready again")
+        [assigned] = await events.wait_for("contact.assigned", 1, timeout=20)
+        assert assigned.data.inbound_message_id == "while-down"
+        assert app.outcomes == {"ok": 1}
+    finally:
+        await app.stop()
+        with contextlib.suppress(Exception):
+            await proxy.stop()

@@ -1,0 +1,402 @@
+"""Ops on the dead-letter queue: list, show, replay, purge.
+
+Reading without losing or reordering: every command takes messages from the head with
+basic.get and does not ack them; the ones it replays or purges are acked one by one, and
+closing the channel hands all the others back. A *classic* queue puts a requeued message
+back in its own place, so the queue keeps its order however many commands look at it,
+even two at once. A quorum queue (RabbitMQ 3.10, measured) does not: returned messages
+come back behind the ones never taken, or shuffled once more than a few are returned at
+once, and each return counts as a delivery (x-delivery-count), which RabbitMQ 4 limits
+to 20 by default. So the dead-letter queue must be a classic durable queue.
+
+Each command looks only at the messages that were in the queue when it started (the
+ready count of a passive declare), so dead letters arriving meanwhile, including the ones
+its own replays cause, stay behind them, untouched. It keeps at most `max_held` messages
+unacked; on a queue longer than that, it stops there and logs `dlq_scan_capped`.
+
+Entry ids: the first 12 hex digits of a SHA-256 of what a dead letter is and never changes
+while it lies in the queue: routing key, message id, timestamp, headers (less the ones a
+broker adds on redelivery) and body. An id therefore stays valid between a `list` and a
+later `replay --id`, whatever else was removed or added in between (a position would not,
+and message ids are neither unique nor always there). Copies identical in all of these
+share an id and are replayed or purged together, which is harmless since the worker
+handles a message id once. A message dead-lettered again after a replay gets the same id.
+
+Message bodies are personal data: nothing here logs them.
+"""
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from worker import log
+from worker.errors import ERROR_HEADER, REASON_HEADER
+from worker.settings import Settings
+
+logger = log.get(__name__)
+
+MAX_HELD = 10_000
+BODY_SHOWN = 64 * 1024  # bytes of a body kept in an Entry
+SOURCE_SHOWN = 64  # characters of a source
+ID_LENGTH = 12
+
+OUR_PREFIX = "x-leadrouter-"
+# Dead-lettering bookkeeping that must not follow a replayed message back to the inbound
+# queue; x-delivery-count is what a quorum queue adds on each redelivery.
+DEATH_HEADERS = frozenset({"x-death", "x-delivery-count"})
+DEATH_PREFIXES = (OUR_PREFIX, "x-first-death-", "x-last-death-")
+# Changes while a message lies in a (quorum) queue, so it is left out of the id.
+VOLATILE_HEADERS = frozenset({"x-delivery-count"})
+PROPERTIES = (
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    reason: str
+    error: str
+    routing_key: str
+    source: str | None
+    age_seconds: float | None
+    message_id: str | None
+    headers: Mapping[str, Any]
+    properties: Mapping[str, Any]
+    body: bytes  # the first BODY_SHOWN bytes
+    body_size: int
+
+    @property
+    def text(self) -> str:
+        """The body as text, with a note of what was cut."""
+        return preview(self.body, self.body_size)
+
+
+# Pure helpers
+
+
+def entry_id(
+    routing_key: str,
+    message_id: str | None,
+    timestamp: datetime | None,
+    headers: Mapping[str, Any],
+    body: bytes,
+) -> str:
+    stable = {k: v for k, v in headers.items() if k not in VOLATILE_HEADERS}
+    meta = json.dumps(
+        [routing_key, message_id, timestamp, stable], sort_keys=True, default=repr
+    ).encode()
+    # JSON never contains a raw NUL byte, so it separates the two parts unambiguously.
+    return hashlib.sha256(meta + b"\0" + body).hexdigest()[:ID_LENGTH]
+
+
+def reason_of(headers: Mapping[str, Any]) -> str:
+    """Our reason header; else the broker's (`delivery_limit`, `rejected`, `expired`...)."""
+    ours = headers.get(REASON_HEADER)
+    if ours:
+        return _text(ours)
+    death = _last_death(headers)
+    broker_reason = _text(death.get("reason")) if death else ""
+    return broker_reason or "unknown"
+
+
+def error_of(headers: Mapping[str, Any]) -> str:
+    ours = headers.get(ERROR_HEADER)
+    if ours:
+        return _text(ours)
+    death = _last_death(headers)
+    if death:
+        return (
+            f"dead-lettered by the broker ({_text(death.get('reason'))}) "
+            f"from queue {_text(death.get('queue'))}"
+        )
+    return ""
+
+
+def source_of(body: bytes, max_bytes: int = 1024 * 1024) -> str | None:
+    """The body's "source" field, if the body is a JSON object that has a string one."""
+    if len(body) > max_bytes:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    source = data.get("source") if isinstance(data, dict) else None
+    return source[:SOURCE_SHOWN] if isinstance(source, str) else None
+
+
+def age_of(headers: Mapping[str, Any], timestamp: datetime | None, now: datetime) -> float | None:
+    """Seconds since the broker dead-lettered it, else since it was published (our dead
+    copies keep the original timestamp); None when neither is known."""
+    death = _last_death(headers)
+    when = death.get("time") if death else None
+    when = when if isinstance(when, datetime) else timestamp
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (now - when).total_seconds())
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in headers.items()
+        if k not in DEATH_HEADERS and not k.startswith(DEATH_PREFIXES)
+    }
+
+
+def make_entry(
+    *,
+    routing_key: str,
+    message_id: str | None,
+    headers: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    body: bytes,
+    now: datetime,
+    max_json_bytes: int = 1024 * 1024,
+) -> Entry:
+    timestamp = properties.get("timestamp")
+    return Entry(
+        id=entry_id(routing_key, message_id, timestamp, headers, body),
+        reason=reason_of(headers),
+        error=error_of(headers),
+        routing_key=routing_key,
+        source=source_of(body, max_json_bytes),
+        age_seconds=age_of(headers, timestamp, now),
+        message_id=message_id,
+        headers=dict(headers),
+        properties=dict(properties),
+        body=body[:BODY_SHOWN],
+        body_size=len(body),
+    )
+
+
+def replay_message(entry: Entry, body: bytes) -> aio_pika.Message:
+    """The message to put back on the inbound exchange: original id, body and properties,
+    without dead-letter headers. Not the expiration (it would only expire again) nor the
+    user id (the broker refuses one that is not the publishing user's)."""
+    p = entry.properties
+    return aio_pika.Message(
+        body=body,
+        headers=replay_headers(entry.headers),
+        # aiormq would stamp a random id on a message without one; ours keeps a repeated
+        # replay idempotent.
+        message_id=entry.message_id or f"dlq-{entry.id}",
+        content_type=p.get("content_type"),
+        content_encoding=p.get("content_encoding"),
+        correlation_id=p.get("correlation_id"),
+        reply_to=p.get("reply_to"),
+        timestamp=p.get("timestamp"),
+        type=p.get("type"),
+        app_id=p.get("app_id"),
+        priority=p.get("priority"),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def selection(
+    *, all: bool = False, reason: str | None = None, ids: Collection[str] = ()
+) -> Callable[[Entry], bool]:
+    """Which entries a replay or purge takes: exactly one of all, a reason, or ids."""
+    if sum((all, reason is not None, bool(ids))) != 1:
+        raise ValueError("choose exactly one of: all, a reason, ids")
+    if all:
+        return lambda _entry: True
+    if reason is not None:
+        return lambda entry: entry.reason == reason
+    wanted = {i.strip().lower() for i in ids}
+    return lambda entry: entry.id in wanted
+
+
+def preview(body: bytes, size: int) -> str:
+    text = body.decode("utf-8", errors="replace")
+    more = size - len(body)
+    return f"{text}\n… [{more} more bytes not shown]" if more > 0 else text
+
+
+def _last_death(headers: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The most recent x-death record (the broker puts it first)."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return deaths[0]
+    return None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# Broker I/O
+
+Visit = Callable[[Entry, AbstractIncomingMessage], Awaitable[bool]]
+
+
+async def count(settings: Settings) -> int:
+    """Messages in the dead-letter queue (less any that another command holds)."""
+    async with _dead_queue(settings) as (_channel, queue):
+        return _ready(queue)
+
+
+async def list_entries(
+    settings: Settings, reason: str | None = None, limit: int = 100, *, max_held: int = MAX_HELD
+) -> list[Entry]:
+    """The first `limit` entries (with this reason), in queue order. Changes nothing."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    found: list[Entry] = []
+
+    async def visit(entry: Entry, _message: AbstractIncomingMessage) -> bool:
+        if reason is None or entry.reason == reason:
+            found.append(entry)
+        return len(found) < limit
+
+    async with _dead_queue(settings) as (_channel, queue):
+        await _walk(settings, queue, visit, max_held)
+    return found
+
+
+async def show(settings: Settings, entry_id: str, *, max_held: int = MAX_HELD) -> Entry | None:
+    """The first entry with this id, or None. Changes nothing."""
+    wanted = entry_id.strip().lower()
+    found: list[Entry] = []
+
+    async def visit(entry: Entry, _message: AbstractIncomingMessage) -> bool:
+        if entry.id == wanted:
+            found.append(entry)
+        return not found
+
+    async with _dead_queue(settings) as (_channel, queue):
+        await _walk(settings, queue, visit, max_held)
+    return found[0] if found else None
+
+
+async def replay(
+    settings: Settings,
+    *,
+    all: bool = False,
+    reason: str | None = None,
+    ids: Collection[str] = (),
+    max_held: int = MAX_HELD,
+) -> int:
+    """Publish the selected dead letters to the inbound exchange, each removed from the
+    dead-letter queue only once the broker has confirmed it; returns how many. A crash in
+    between leaves a copy in both, which the worker's idempotence on message ids absorbs."""
+    selected = selection(all=all, reason=reason, ids=ids)
+    replayed = 0
+
+    async with _dead_queue(settings) as (channel, queue):
+        inbound = await channel.get_exchange(settings.inbound_exchange)
+
+        async def visit(entry: Entry, message: AbstractIncomingMessage) -> bool:
+            nonlocal replayed
+            if selected(entry):
+                # Mandatory with on_return_raises: an unroutable replay raises instead of
+                # being dropped, and its dead letter stays.
+                await inbound.publish(
+                    replay_message(entry, message.body), entry.routing_key, mandatory=True
+                )
+                await message.ack()
+                replayed += 1
+                logger.info(
+                    "dlq_replayed",
+                    entry_id=entry.id,
+                    message_id=entry.message_id,
+                    reason=entry.reason,
+                    routing_key=entry.routing_key,
+                )
+            return True
+
+        await _walk(settings, queue, visit, max_held)
+    logger.info("dlq_replay_done", replayed=replayed)
+    return replayed
+
+
+async def purge(
+    settings: Settings,
+    reason: str | None = None,
+    *,
+    ids: Collection[str] = (),
+    max_held: int = MAX_HELD,
+) -> int:
+    """Remove the selected dead letters (all of them without a reason or ids); returns
+    how many. Unlike queue.purge, it never removes what arrives while it runs."""
+    selected = selection(all=reason is None and not ids, reason=reason, ids=ids)
+    purged = 0
+
+    async def visit(entry: Entry, message: AbstractIncomingMessage) -> bool:
+        nonlocal purged
+        if selected(entry):
+            await message.ack()
+            purged += 1
+            logger.info(
+                "dlq_purged", entry_id=entry.id, message_id=entry.message_id, reason=entry.reason
+            )
+        return True
+
+    async with _dead_queue(settings) as (_channel, queue):
+        await _walk(settings, queue, visit, max_held)
+    logger.info("dlq_purge_done", purged=purged)
+    return purged
+
+
+@asynccontextmanager
+async def _dead_queue(settings: Settings) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    # Closing the connection hands back every message taken and not acked, each to its
+    # place in the (classic) queue; this also holds if we crash or are cancelled.
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        yield channel, await channel.get_queue(settings.dead_queue)
+
+
+async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held: int) -> None:
+    """Show `visit` the messages that were ready when the queue was declared, head first,
+    until it returns False; the ones it does not ack stay held until the channel closes."""
+    snapshot = _ready(queue)
+    held = 0
+    for _ in range(snapshot):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:  # another command holds the rest
+            return
+        entry = make_entry(
+            routing_key=message.routing_key or "",
+            message_id=message.message_id,
+            headers=message.headers or {},
+            properties={p: getattr(message, p) for p in PROPERTIES},
+            body=message.body,
+            now=datetime.now(UTC),
+            max_json_bytes=settings.max_message_bytes,
+        )
+        go_on = await visit(entry, message)
+        if not message.processed:
+            held += 1
+        if not go_on:
+            return
+        if held >= max_held:
+            logger.warning("dlq_scan_capped", held=held, queue_length=snapshot)
+            return
+
+
+def _ready(queue: AbstractQueue) -> int:
+    result = queue.declaration_result
+    return int(result.message_count or 0) if result else 0

@@ -1,0 +1,468 @@
+"""`leadrouter apply FILE [--dry-run]`: routing declared in a file of operators, sources and
+weights, applied as one transaction. Applying the same file again changes nothing.
+
+The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`)::
+
+    [[operators]]
+    name = "Alice"              # required; operators are identified by name
+    max_load = 150              # required: most open contacts at once (0 or more)
+    active = true               # optional, default true
+
+    [[operators]]
+    name = "Bob"
+    max_load = 150
+
+    [[sources]]
+    key = "telegram-bot"        # required; the slug bots publish with
+    name = "Telegram bot"       # optional, default: the key
+    description = "Main bot"    # optional, default ""
+    strategy = "smooth"         # optional: smooth (default) | weighted_random | least_loaded
+    affinity_hours = 24         # optional; absent or 0 = off
+    weights = { Alice = 1, Bob = 3 }   # optional: operator name -> weight (> 0)
+
+The same in YAML::
+
+    operators:
+      - {name: Alice, max_load: 150, active: true}
+    sources:
+      - key: telegram-bot
+        strategy: smooth
+        weights: {Alice: 1, Bob: 3}
+
+Semantics:
+- An operator or source the file names is set to what the file says; a field left out takes
+  its default (so `active` left out re-activates an operator). One the database lacks is
+  created. Operators and sources the file does not name are left alone (nothing is ever
+  deleted).
+- Operators are matched by exact name. Names must be unique within the file, and a name the
+  file uses (as an operator or in weights) must not belong to several operators in the
+  database: that is an error, to be fixed by renaming one (`leadrouter operators update`).
+- A source's `weights` replace all of its weights (like `leadrouter weights set`); `{}`
+  removes them all; no `weights` leaves them alone. Weights may name operators of the file
+  or of the database.
+- The whole file is validated before the database is touched; errors are one line with the
+  location, list items counted from 0: `sources[1].weights.Carol: no operator named 'Carol'
+  in the file or the database`. Then everything is applied in one transaction, all or
+  nothing, and capacity it creates goes to queued contacts in that same transaction (their
+  events are left in the outbox for the worker's relay, like every admin action).
+"""
+
+import json
+import re
+import tomllib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker import distribution
+from worker.errors import UserError
+from worker.sql import Q
+from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+INT32_MAX = 2**31 - 1
+KEY = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+FORMATS = {".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Spec(BaseModel):
+    # strict: TOML and YAML have real types, so "5" or 5.0 where an integer belongs is a
+    # mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class OperatorSpec(_Spec):
+    name: Name
+    max_load: Annotated[int, Field(ge=0, le=INT32_MAX)]
+    active: bool = True
+
+
+class SourceSpec(_Spec):
+    key: str
+    name: Name | None = None
+    description: Annotated[str, Field(max_length=2000)] = ""
+    strategy: str = DEFAULT_STRATEGY
+    affinity_hours: Annotated[int, Field(ge=0, le=24 * 365)] = 0
+    weights: dict[Name, Annotated[int, Field(gt=0, le=INT32_MAX)]] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_a_slug(cls, key: str) -> str:
+        if not KEY.fullmatch(key):
+            raise ValueError(
+                "a key is lower-case letters, digits, '.', '_' or '-' "
+                "(at most 128, starting with a letter or digit)"
+            )
+        return key
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            choices = ", ".join(STRATEGIES)
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {choices}")
+        return strategy
+
+
+class RoutingFile(_Spec):
+    operators: list[OperatorSpec] = Field(default_factory=list)
+    sources: list[SourceSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "RoutingFile":
+        _check_unique("operators", "name", [op.name for op in self.operators])
+        _check_unique("sources", "key", [s.key for s in self.sources])
+        return self
+
+
+def _check_unique(section: str, attr: str, values: list[str]) -> None:
+    first: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in first:
+            raise ValueError(
+                f"{section}[{i}].{attr}: {value!r} appears twice (also {section}[{first[value]}])"
+            )
+        first[value] = i
+
+
+# --- reading a file (the only I/O before apply) ---------------------------------------
+
+
+def load(path: str | Path) -> RoutingFile:
+    """Read and validate a routing file; the extension says TOML or YAML."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: a routing file ends in .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse(text, fmt, origin=str(path))
+
+
+def parse(text: str, fmt: str, origin: str = "routing file") -> RoutingFile:
+    """Parse and validate the text of a routing file (`fmt` is "toml" or "yaml")."""
+    data: Any
+    if fmt == "toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{origin}: invalid TOML: {exc}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{origin}: invalid YAML{where}: {exc.problem}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{origin}: invalid YAML: {' '.join(str(exc).split())}") from None
+        data = {} if data is None else data  # an empty file declares nothing
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: expected a mapping with 'operators' and 'sources'")
+    try:
+        return RoutingFile.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    error = errors[0]
+    if error["type"] == "value_error":
+        message = str(error["ctx"]["error"])
+    elif error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    else:
+        message = error["msg"]
+    where = _location(error["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
+def _location(loc: Iterable[int | str]) -> str:
+    """('sources', 1, 'weights', 'Carol') -> 'sources[1].weights.Carol'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) or part == "[key]":
+            out += f"[{part}]" if isinstance(part, int) else part
+        else:
+            out += f".{_part(part)}" if out else _part(part)
+    return out
+
+
+def _part(name: str) -> str:
+    return name if re.fullmatch(r"[\w-]+", name) else json.dumps(name, ensure_ascii=False)
+
+
+# --- the diff (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    id: int
+    name: str
+    max_load: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    id: int
+    key: str
+    name: str
+    description: str
+    strategy: str
+    affinity_hours: int | None
+    weights: Mapping[int, int] = field(default_factory=dict)  # operator id -> weight
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The database as a routing file sees it: every operator, and the sources the file
+    names with their weights."""
+
+    operators: tuple[Operator, ...] = ()
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One line of the diff: `update operator Alice: max_load 3 → 5`."""
+
+    kind: Literal["create", "update", "unchanged"]
+    entity: Literal["operator", "source", "weights"]
+    name: str  # operator name or source key
+    details: str = ""
+
+    @property
+    def what(self) -> str:
+        return f"{self.entity} {self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.what}" + (f": {self.details}" if self.details else "")
+
+
+class _Operators:
+    """The database's operators by name; a name the file uses must resolve to one."""
+
+    def __init__(self, operators: Iterable[Operator]) -> None:
+        self.by_id = {op.id: op for op in operators}
+        self.by_name: dict[str, list[Operator]] = defaultdict(list)
+        for op in self.by_id.values():
+            self.by_name[op.name].append(op)
+
+    def find(self, name: str, where: str) -> Operator | None:
+        found = self.by_name.get(name, [])
+        if len(found) > 1:
+            ids = ", ".join(str(op.id) for op in found)
+            raise UserError(
+                f"{where}: {len(found)} operators are named {name!r} (ids {ids}); rename all "
+                "but one with `leadrouter operators update ID --name ...` first"
+            )
+        return found[0] if found else None
+
+    def label(self, operator_id: int) -> str:
+        op = self.by_id.get(operator_id)
+        if op is None:
+            return f"id {operator_id}"
+        return op.name if len(self.by_name[op.name]) == 1 else f"{op.name} (id {op.id})"
+
+
+def plan(current: State, desired: RoutingFile) -> list[Change]:
+    """What applying `desired` to `current` would do, in file order. Raises UserError for
+    names that resolve to no operator or to several."""
+    operators = _Operators(current.operators)
+    changes = [
+        _operator_change(operators.find(op.name, f"operators[{i}].name"), op)
+        for i, op in enumerate(desired.operators)
+    ]
+    in_file = {op.name for op in desired.operators}
+    sources = {s.key: s for s in current.sources}
+    for i, spec in enumerate(desired.sources):
+        found = sources.get(spec.key)
+        changes.append(_source_change(found, spec))
+        if spec.weights is not None:
+            changes.append(_weights_change(found, spec, i, operators, in_file))
+    return changes
+
+
+def _operator_change(found: Operator | None, op: OperatorSpec) -> Change:
+    new = {"max_load": op.max_load, "active": op.active}
+    old = None if found is None else {"max_load": found.max_load, "active": found.active}
+    return _change("operator", op.name, old, new)
+
+
+def _source_change(found: Source | None, spec: SourceSpec) -> Change:
+    def fields(s: Source | SourceSpec) -> dict[str, Any]:
+        return {
+            "name": s.name or s.key,
+            "description": s.description,
+            "strategy": s.strategy,
+            "affinity_hours": s.affinity_hours or None,  # 0 and NULL both mean off
+        }
+
+    return _change("source", spec.key, None if found is None else fields(found), fields(spec))
+
+
+def _change(
+    entity: Literal["operator", "source"],
+    name: str,
+    old: dict[str, Any] | None,
+    new: dict[str, Any],
+) -> Change:
+    if old is None:
+        listed = ", ".join(f"{f} {_show(v)}" for f, v in new.items() if v != "")
+        return Change("create", entity, name, listed)
+    diff = ", ".join(f"{f} {_show(old[f])} → {_show(v)}" for f, v in new.items() if old[f] != v)
+    return Change("update" if diff else "unchanged", entity, name, diff)
+
+
+def _weights_change(
+    found: Source | None, spec: SourceSpec, index: int, operators: _Operators, in_file: set[str]
+) -> Change:
+    assert spec.weights is not None
+    for name in spec.weights:
+        where = f"sources[{index}].weights.{_part(name)}"
+        if operators.find(name, where) is None and name not in in_file:
+            raise UserError(f"{where}: no operator named {name!r} in the file or the database")
+    # Labels stand for operator ids: names the file uses are unique in the database, and
+    # others carry their id, so comparing by label is comparing by id.
+    new = dict(spec.weights)
+    if found is None:
+        listed = ", ".join(f"{name} {weight}" for name, weight in new.items())
+        return Change("create", "weights", spec.key, listed or "none")
+    old = {operators.label(op_id): weight for op_id, weight in found.weights.items()}
+    diff = ", ".join(
+        f"{label} {_show(old.get(label), '-')} → {_show(new.get(label), '-')}"
+        for label in {**new, **old}
+        if old.get(label) != new.get(label)
+    )
+    return Change("update" if diff else "unchanged", "weights", spec.key, diff)
+
+
+def _show(value: object, none: str = "off") -> str:
+    if value is None:
+        return none  # only affinity_hours (and absent weights) can be None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:39] + "…")
+    return str(value)
+
+
+# --- applying (I/O) -------------------------------------------------------------------
+
+
+async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list[Change]:
+    """Bring the database in line with the file in one transaction, or with dry_run only
+    say what that would change. Returns the diff (every entity of the file, in order)."""
+    async with pool.acquire() as conn, conn.transaction(readonly=dry_run):
+        # One apply at a time, so two applies of a file cannot both create an operator
+        # (names are not unique in the database). Dry runs wait too: they show the diff
+        # against the state any running apply leaves.
+        await conn.execute(Q.lock_apply)
+        current = await _read_state(conn, routing)
+        changes = plan(current, routing)
+        if not dry_run:
+            await _execute(conn, current, routing, changes)
+        return changes
+
+
+async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
+    operators = tuple(
+        Operator(r["id"], r["name"], r["max_load"], r["is_active"])
+        for r in await conn.fetch(Q.list_operators)
+    )
+    keys = {s.key for s in routing.sources}
+    sources = []
+    for r in await conn.fetch(Q.list_sources):
+        if r["key"] in keys:
+            rows = await conn.fetch(Q.show_weights, r["id"])
+            weights = {w["operator_id"]: w["weight"] for w in rows}
+            sources.append(
+                Source(
+                    r["id"],
+                    r["key"],
+                    r["name"],
+                    r["description"],
+                    r["strategy"],
+                    r["affinity_hours"],
+                    weights,
+                )
+            )
+    return State(operators, tuple(sources))
+
+
+async def _execute(
+    conn: asyncpg.Connection, current: State, routing: RoutingFile, changes: list[Change]
+) -> None:
+    todo = {(c.entity, c.name): c.kind for c in changes if c.kind != "unchanged"}
+    if not todo:
+        return
+    # plan() made sure every name the file uses is unique in the database.
+    operator_ids = {op.name: op.id for op in current.operators}
+    source_ids = {s.key: s.id for s in current.sources}
+
+    # The sources whose routing this changes: those the file changes, and those the
+    # changed operators are weighted for. Their locks come first, in ascending order, as
+    # in every routing transaction, so capacity we create is routed by us alone.
+    affected = {
+        source_ids[key] for entity, key in todo if entity != "operator" and key in source_ids
+    }
+    for entity, name in todo:
+        if entity == "operator" and name in operator_ids:
+            rows = await conn.fetch(Q.operator_source_ids, operator_ids[name])
+            affected.update(r["source_id"] for r in rows)
+    await distribution.lock_sources(conn, affected)
+
+    for op in routing.operators:
+        change = todo.get(("operator", op.name))
+        if change == "create":
+            row = await conn.fetchrow(Q.insert_operator, op.name, op.active, op.max_load)
+            operator_ids[op.name] = row["id"]
+        elif change == "update":
+            await conn.execute(
+                Q.update_operator, operator_ids[op.name], None, op.max_load, op.active
+            )
+
+    for spec in routing.sources:
+        title, hours = spec.name or spec.key, spec.affinity_hours or None
+        change = todo.get(("source", spec.key))
+        if change == "create":
+            try:
+                row = await conn.fetchrow(
+                    Q.insert_source, spec.key, title, spec.description, spec.strategy, hours
+                )
+            except asyncpg.UniqueViolationError:  # `sources add` does not take the apply lock
+                raise UserError(
+                    f"source {spec.key!r} was added while applying; nothing changed, apply again"
+                ) from None
+            source_ids[spec.key] = row["id"]
+        elif change == "update":
+            await conn.execute(
+                Q.update_source, spec.key, title, spec.description, spec.strategy, True, hours
+            )
+        if spec.weights is not None and ("weights", spec.key) in todo:
+            source_id = source_ids[spec.key]
+            await conn.execute(Q.delete_weights, source_id)
+            await conn.execute(
+                Q.insert_weights,
+                source_id,
+                [operator_ids[operator] for operator in spec.weights],
+                list(spec.weights.values()),
+            )
+
+    await distribution.drain_sources(conn, affected)
