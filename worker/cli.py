@@ -631,35 +631,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.NoArgsIsHelpError as exc:  # `leadrouter` alone: show the help
         click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
         return 2
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        return exc.exit_code
     except click.Abort:
-        click.echo("aborted", err=True)
-        return 1
+        return _fail("aborted", 1, prefix="")
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
+        return _fail(str(exc), 1)
     except CONNECTION_ERRORS as exc:
         settings = Settings()
-        click.echo(
-            f"error: cannot reach a service ({type(exc).__name__}: {exc}); "
+        return _fail(
+            f"cannot reach a service ({type(exc).__name__}: {exc}); "
             f"database {mask_url(settings.database_url)}, broker {mask_url(settings.amqp_url)}",
-            err=True,
+            2,
         )
-        return 2
     except asyncpg.UndefinedTableError:
-        click.echo("error: the database has no schema yet; run `leadrouter migrate`", err=True)
-        return 2
+        return _fail("the database has no schema yet; run `leadrouter migrate`", 2)
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
-        click.echo(
-            f"error: {exc}; start `leadrouter worker` once to declare the topology", err=True
-        )
-        return 2
+        return _fail(f"{exc}; start `leadrouter worker` once to declare the topology", 2)
     except asyncpg.InvalidCatalogNameError as exc:
-        click.echo(f"error: {exc}; run `leadrouter migrate` to create it", err=True)
-        return 2
+        return _fail(f"{exc}; run `leadrouter migrate` to create it", 2)
     return result if isinstance(result, int) else 0
+
+
+def _fail(message: str, code: int, prefix: str = "error: ") -> int:
+    """One line on stderr, whatever the message echoes back (control characters of a
+    user's argument are shown escaped, not obeyed)."""
+    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+    click.echo(prefix + line, err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 sharing sources and operators without losing, doubling or over-assigning anything."""
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -55,6 +56,20 @@ def worker_processes(settings: Settings, log_dir: Path) -> Iterator[list[subproc
                 proc.wait()
 
 
+# Resolved here, in the parent: between fork and exec the child may only make the call.
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """A worker of a test run that was killed must not live on."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
     with (log_dir / f"worker-{n}.log").open("wb") as log:  # the child keeps its own copy
         return subprocess.Popen(
@@ -62,6 +77,7 @@ def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
             env=worker_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
 
 

@@ -1,0 +1,342 @@
+"""Nothing lost, nothing doubled, capacity never exceeded, while worker processes are
+SIGKILLed and RabbitMQ and PostgreSQL restart under them.
+
+Two worker processes take 5,000 lead.contact messages (1 in 50 deliberately bad, of every
+reason the worker gives), a CRM closes contacts all along, a worker is SIGKILLed and
+restarted every few seconds, RabbitMQ restarts once and PostgreSQL once. Then every
+guarantee is checked and one summary line printed.
+
+Run it alone: pytest tests/faults -m faults -p no:randomly (about two minutes). It needs
+root and the services on this machine (rabbitmqctl, pg_ctlcluster); elsewhere it skips.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import asyncpg
+import pika
+import pika.exceptions
+import pytest
+
+from tests.helpers import lead, wait_until
+from tests.integration.test_routing import PEAK_LOADS
+from tests.integration.test_worker_processes import spawn
+from worker import admin
+from worker.errors import REASON_HEADER
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
+
+TOTAL = 5000
+BAD_EVERY = 50
+PACE_SECONDS = 45  # publishing is spread over this long, so the faults hit mid-stream
+KILL_EVERY_SECONDS = 5.0
+RABBITMQ_RESTART_AT = 12.0
+POSTGRES_RESTART_AT = 27.0
+MAX_MESSAGE_BYTES = 64 * 1024
+BAD_KINDS = [  # (reason, routing key, body, has a message id)
+    ("invalid_json", "lead.contact", b'{"source": ', True),
+    ("invalid_schema", "contact.close", json.dumps({"contact_id": "7"}).encode(), True),
+    ("missing_message_id", "lead.contact", json.dumps(lead("tg", "nobody")).encode(), False),
+    ("unknown_source", "lead.contact", json.dumps(lead("no-such-bot", "x")).encode(), True),
+    ("unknown_contact", "contact.close", json.dumps({"contact_id": 10**12}).encode(), True),
+    ("too_large", "lead.contact", b" " * (MAX_MESSAGE_BYTES + 1), True),
+]
+SOURCES = ["tg", "web", "wa"]
+
+
+def cannot_restart(settings: Settings) -> str | None:
+    """Why this machine cannot run the suite, or None."""
+    if os.geteuid() != 0:
+        return "restarting RabbitMQ and PostgreSQL needs root"
+    for tool in ("rabbitmqctl", "rabbitmq-diagnostics", "pg_ctlcluster", "pg_isready"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not on PATH"
+    for url in (settings.database_url, settings.amqp_url):
+        if urlsplit(url).hostname not in {"127.0.0.1", "localhost"}:
+            return f"{urlsplit(url).hostname} is not this machine: cannot restart it"
+    if not Path("/etc/postgresql").is_dir():
+        return "no /etc/postgresql cluster to restart"
+    return None
+
+
+def restart_rabbitmq() -> None:
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+
+
+def restart_postgres() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+        check=True,
+        timeout=120,
+    )
+    for _ in range(60):
+        if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("PostgreSQL did not come back")
+
+
+class Publisher:
+    """pika in a thread: sends exactly what it is given (no stamped ids), and keeps
+    retrying each message through a broker restart until it is confirmed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.retries = 0
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+
+    def publish(self, routing_key: str, body: bytes, message_id: str | None) -> None:
+        while True:
+            try:
+                if self._channel is None:
+                    self._connection = pika.BlockingConnection(
+                        pika.URLParameters(self.settings.amqp_url)
+                    )
+                    self._channel = self._connection.channel()
+                    self._channel.confirm_delivery()
+                self._channel.basic_publish(
+                    self.settings.inbound_exchange,
+                    routing_key,
+                    body,
+                    pika.BasicProperties(message_id=message_id, delivery_mode=2),
+                    mandatory=True,
+                )
+                return
+            except (pika.exceptions.AMQPError, OSError):
+                self.retries += 1
+                self.close()
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        self._connection = self._channel = None
+
+
+def plan(rng: random.Random) -> list[tuple[str, str, bytes, str | None]]:
+    """(kind, routing key, body, message id) for every message, bad ones spread evenly."""
+    messages = []
+    for n in range(TOTAL):
+        if n % BAD_EVERY == BAD_EVERY - 1:
+            reason, key, body, has_id = BAD_KINDS[(n // BAD_EVERY) % len(BAD_KINDS)]
+            messages.append((reason, key, body, f"bad-{n}" if has_id else None))
+        else:
+            body = json.dumps(lead(rng.choice(SOURCES), f"f:{rng.randrange(3000)}")).encode()
+            messages.append(("valid", "lead.contact", body, f"f-{n}"))
+    return messages
+
+
+async def test_nothing_lost_doubled_or_over_capacity_through_faults(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    problem = cannot_restart(settings)
+    if problem:
+        pytest.skip(f"fault suite: {problem}")
+    settings = settings.model_copy(
+        update={
+            "max_message_bytes": MAX_MESSAGE_BYTES,
+            "prefetch": 16,
+            "shutdown_grace_seconds": 5,
+        }
+    )
+    ops = [(await admin.add_operator(pool, f"op{n}", 25, True))["id"] for n in range(6)]
+    for i, key in enumerate(SOURCES):
+        await admin.add_source(
+            pool, key, None, "", ["smooth", "weighted_random", "least_loaded"][i]
+        )
+        await admin.set_weights(pool, key, {ops[(i + j) % 6]: j + 1 for j in range(4)})
+    rng = random.Random(2024)
+    messages = plan(rng)
+    valid_ids = {m[3] for m in messages if m[0] == "valid"}
+    bad_ids = Counter(m[0] for m in messages if m[0] != "valid")
+
+    # Declare the topology and a durable event queue that outlives the broker restart.
+    events: dict[str, tuple[int, str]] = {}
+    event_copies = Counter[str]()
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    channel = await connection.channel(publisher_confirms=True)
+    from worker import topology
+
+    declared = await topology.declare(channel, settings)
+    event_queue = await channel.declare_queue(f"{settings.events_exchange}.faults", durable=True)
+    await event_queue.bind(declared.exchanges[settings.events_exchange], "#")
+
+    async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        data = json.loads(message.body)
+        events[data["id"]] = (data["data"]["contact_id"], data["type"])
+        event_copies[data["id"]] += 1
+        await message.ack()
+
+    await event_queue.consume(on_event)
+
+    workers = [spawn(settings, tmp_path, n) for n in range(2)]
+    spawned = 2
+    killed = 0
+    restarts: list[str] = []
+    publisher = Publisher(settings)
+    done_publishing = threading.Event()
+
+    def publish_all() -> None:
+        pause = PACE_SECONDS / TOTAL
+        for _kind, key, body, message_id in messages:
+            publisher.publish(key, body, message_id)
+            time.sleep(pause)
+        done_publishing.set()
+
+    async def crm() -> None:
+        """Close assigned contacts now and then, so capacity keeps moving between sources."""
+        closer = await aio_pika.connect_robust(settings.amqp_url)
+        async with closer:
+            ch = await closer.channel(publisher_confirms=True)
+            exchange = await ch.get_exchange(settings.inbound_exchange)
+            while not done_publishing.is_set():
+                with contextlib.suppress(Exception):
+                    rows = await pool.fetch(
+                        "SELECT id FROM contacts WHERE status = 'open' AND operator_id IS NOT NULL"
+                        " ORDER BY random() LIMIT 10"
+                    )
+                    for row in rows:
+                        await exchange.publish(
+                            aio_pika.Message(
+                                json.dumps({"contact_id": row["id"]}).encode(),
+                                message_id=f"close-{row['id']}",
+                            ),
+                            "contact.close",
+                        )
+                await asyncio.sleep(0.2)
+
+    async def chaos() -> None:
+        nonlocal killed, spawned
+        started = time.monotonic()
+        next_kill = started + KILL_EVERY_SECONDS
+        while not done_publishing.is_set():
+            now = time.monotonic() - started
+            if "rabbitmq" not in restarts and now > RABBITMQ_RESTART_AT:
+                restarts.append("rabbitmq")
+                await asyncio.to_thread(restart_rabbitmq)
+            if "postgres" not in restarts and now > POSTGRES_RESTART_AT:
+                restarts.append("postgres")
+                await asyncio.to_thread(restart_postgres)
+            if time.monotonic() > next_kill:
+                victim = rng.randrange(len(workers))
+                workers[victim].send_signal(signal.SIGKILL)
+                await asyncio.to_thread(workers[victim].wait)
+                killed += 1
+                workers[victim] = spawn(settings, tmp_path, spawned)
+                spawned += 1
+                next_kill = time.monotonic() + KILL_EVERY_SECONDS * rng.uniform(0.6, 1.4)
+            await asyncio.sleep(0.1)
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(asyncio.to_thread(publish_all), crm(), chaos())
+
+        async def settled() -> bool:
+            with contextlib.suppress(Exception):
+                seen = {
+                    r["inbound_message_id"]
+                    for r in await pool.fetch(
+                        "SELECT inbound_message_id FROM contacts"
+                        " WHERE inbound_message_id LIKE 'f-%'"
+                    )
+                }
+                pending = await pool.fetchval(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                )
+                outbox = {
+                    str(r["event_id"]) for r in await pool.fetch("SELECT event_id FROM outbox")
+                }
+                return seen == valid_ids and pending == 0 and outbox <= set(events)
+            return False
+
+        await wait_until(
+            settled, timeout=180, what="every valid lead routed and every event received"
+        )
+    finally:
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            try:
+                await asyncio.to_thread(proc.wait, 20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        publisher.close()
+    elapsed = time.monotonic() - started
+
+    # Every valid message made exactly one contact; nothing else made one.
+    contacts = await pool.fetch("SELECT inbound_message_id FROM contacts")
+    ids = Counter(r["inbound_message_id"] for r in contacts)
+    lost = len(valid_ids - set(ids))
+    duplicated = sum(n - 1 for n in ids.values() if n > 1)
+    strangers = set(ids) - valid_ids
+    # One event row per state change, each received at least once, ids unique per change.
+    outbox = await pool.fetch("SELECT event_id, contact_id, routing_key FROM outbox")
+    first_events = {r["contact_id"] for r in outbox if r["routing_key"] != "contact.closed"}
+    missing_events = len(
+        first_events ^ {c["id"] for c in await pool.fetch("SELECT id FROM contacts")}
+    )
+    unreceived = len({str(r["event_id"]) for r in outbox} - set(events))
+    per_change = Counter(events.values())
+    # Capacity: replayed after every commit, and the counters match the rows.
+    peaks = [dict(r) for r in await pool.fetch(PEAK_LOADS)]
+    over_capacity = sum(p["peak"] > p["max_load"] for p in peaks)
+    drifted = await pool.fetchval(
+        "SELECT count(*) FROM operators o WHERE open_load <>"
+        " (SELECT count(*) FROM contacts c WHERE c.operator_id = o.id AND c.status = 'open')"
+    )
+    # The dead-letter queue holds the bad messages, each reason as often as it was sent.
+    dead: Counter[str | None] = Counter()
+    dead_ids: set[str | None] = set()
+    dq = await channel.get_queue(settings.dead_queue)
+    while (message := await dq.get(fail=False)) is not None:
+        await message.ack()
+        dead[(message.headers or {}).get(REASON_HEADER)] += 1
+        dead_ids.add(message.message_id)
+    await event_queue.delete(if_unused=False, if_empty=False)
+    await connection.close()
+
+    summary = (
+        f"fault suite: sent={TOTAL} valid={len(valid_ids)} killed={killed} "
+        f"restarts={'+'.join(restarts)} lost={lost} duplicated={duplicated} "
+        f"over-capacity={over_capacity} dead-lettered={sum(dead.values())} "
+        f"(bad sent {sum(bad_ids.values())}) events={len(outbox)} "
+        f"event-redeliveries={sum(event_copies.values()) - len(event_copies)} "
+        f"publish-retries={publisher.retries} seconds={elapsed:.0f}"
+    )
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(summary)
+    print(summary)
+
+    assert killed >= 5 and restarts == ["rabbitmq", "postgres"], summary
+    assert (lost, duplicated, strangers) == (0, 0, set()), summary
+    assert missing_events == 0 and unreceived == 0, summary
+    assert all(n == 1 for n in per_change.values()), "two event ids for one state change"
+    assert over_capacity == 0 and drifted == 0, (summary, peaks)
+    # Each bad message dead-lettered (a kill between dead-lettering and the ack may copy
+    # one twice; never a valid one).
+    assert {r: n for r, n in dead.items()}.keys() == bad_ids.keys(), (dead, bad_ids)
+    assert all(dead[r] >= n for r, n in bad_ids.items()), (dead, bad_ids)
+    assert not (dead_ids & valid_ids), "a valid message was dead-lettered"
