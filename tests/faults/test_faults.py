@@ -31,6 +31,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from tests.faults.conftest import SUMMARIES
 from tests.helpers import lead, wait_until
 from tests.integration.test_routing import PEAK_LOADS
 from tests.integration.test_worker_processes import spawn
@@ -149,7 +150,6 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     settings: Settings,
     pool: asyncpg.Pool,
     tmp_path: Path,
-    request: pytest.FixtureRequest,
 ) -> None:
     problem = cannot_restart(settings)
     if problem:
@@ -325,10 +325,7 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
         f"event-redeliveries={sum(event_copies.values()) - len(event_copies)} "
         f"publish-retries={publisher.retries} seconds={elapsed:.0f}"
     )
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(summary)
-    print(summary)
+    SUMMARIES.append(summary)
 
     assert killed >= 5 and restarts == ["rabbitmq", "postgres"], summary
     assert (lost, duplicated, strangers) == (0, 0, set()), summary
