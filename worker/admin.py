@@ -5,9 +5,8 @@ from typing import Any
 
 import asyncpg
 
-from schemas.inbound import ContactClose
 from worker import distribution
-from worker.errors import DeadLetter, UserError
+from worker.errors import UserError
 from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -166,11 +165,13 @@ async def show_lead(pool: asyncpg.Pool, external_id: str) -> Row:
 
 
 async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Outcome:
+    """Close a contact as a `contact.close` message would; the outcome says whether it
+    was already closed and how many queued contacts its freed capacity went to."""
     async with pool.acquire() as conn, conn.transaction():
-        try:
-            return await distribution.close_contact(conn, ContactClose(contact_id=contact_id))
-        except DeadLetter as exc:
-            raise UserError(exc.detail) from None
+        plan = await distribution.plan(conn, (), [contact_id])
+        if plan.unknown_contacts:
+            raise UserError(f"no contact with id {contact_id}")
+        return await distribution.route(conn, plan, close_ids=[contact_id])
 
 
 async def _source(conn: asyncpg.Connection, key: str) -> asyncpg.Record:

@@ -68,7 +68,9 @@ class Worker:
         )
         self._pool = await connect_with_retry(
             "postgres",
-            lambda: asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size),
+            lambda: asyncpg.create_pool(
+                s.database_url, min_size=1, max_size=s.pool_size, reset=_keep_session
+            ),
             CONNECT_ATTEMPTS,
             s.retry_max_seconds,
         )
@@ -87,8 +89,9 @@ class Worker:
         await consume_channel.set_qos(prefetch_count=s.prefetch)
         self._queue = (await topology.declare(consume_channel, s)).queues[s.inbound_queue]
 
-        self.relay = OutboxRelay(self._pool, declared.exchanges[s.events_exchange], s, self.metrics)
+        self.relay = OutboxRelay(self._pool, publish_channel, s, self.metrics)
         self.consumer = Consumer(self._pool, declared.exchanges[s.dead_exchange], s, self.metrics)
+        self.consumer.start()
         await self._consume()
         self._tasks = [
             asyncio.create_task(self.relay.run(self._stop), name="outbox-relay"),
@@ -107,14 +110,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pause(), timeout=grace or 1)
         if self.consumer is not None:
-            self.consumer.stopping = True
-            pending = set(self.consumer.in_flight)
-            if pending:
-                _done, late = await asyncio.wait(pending, timeout=grace)
-                for task in late:  # rolled back; the broker redelivers them
-                    task.cancel()
-                if late:
-                    logger.warning("in_flight_abandoned", count=len(late))
+            abandoned = await self.consumer.drain(grace)
+            if abandoned:  # rolled back or never started; the broker redelivers them
+                logger.warning("in_flight_abandoned", count=abandoned)
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.relay.drain(), timeout=grace or 1)
@@ -205,6 +203,11 @@ class Worker:
                 continue
             if assigned:
                 logger.info("backlog_swept", assigned=assigned)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip the reset query asyncpg runs on every release (a round trip per transaction):
+    the worker keeps no session state; its locks end with their transactions."""
 
 
 async def sweep_backlog(pool: asyncpg.Pool) -> int:

@@ -343,7 +343,7 @@ async def contacts_close(contact_id: int) -> None:
     """Close a contact; its operator's freed capacity goes to the backlog at once."""
     async with await _pool(_settings()) as pool:
         outcome = await admin.close_contact(pool, contact_id)
-    if outcome.duplicate:
+    if contact_id in outcome.already_closed:
         click.echo(f"contact {contact_id} was already closed")
     else:
         click.echo(
@@ -565,6 +565,38 @@ async def dlq_purge(reason: str | None, yes: bool) -> None:
         total = await dead.count(settings)
         click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
     click.echo(f"purged {await dead.purge(settings, reason)}")
+
+
+# --- bench -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--messages", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--sources", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Worker processes, as deployed (0: a worker inside the bench's own process).",
+)
+@click.option("--rate", type=click.FloatRange(min=1), help="Paced mode: messages per second.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def bench(
+    messages: int, sources: int, workers: int, rate: float | None, as_json: bool
+) -> None:
+    """Measure end-to-end throughput (or paced latency) in a throwaway database."""
+    from dataclasses import asdict
+
+    from worker.bench import render, run_bench
+
+    console = _console()
+    result = await run_bench(_settings(), messages, sources, workers, rate, console)
+    if as_json:
+        click.echo(json.dumps(asdict(result)))
+    else:
+        render(result, console)
 
 
 # --- apply -------------------------------------------------------------------------

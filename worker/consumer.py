@@ -1,27 +1,86 @@
-"""Consumes inbound messages. The ack / dead-letter / retry decision is taken in one
-place, `_settle`, from the outcome of handling a message."""
+"""Consumes inbound messages in micro-batches. Deliveries go into a buffer; each batcher
+takes what the buffer holds (up to `batch_size`, so a batch of one at low load and no
+added wait) and routes it in one transaction. The ack / dead-letter / retry decision is
+taken in one place, `_settle`, from the outcome of handling each message."""
 
 import asyncio
 import contextlib
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import aio_pika
 import asyncpg
-import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from schemas.inbound import LeadContact
+from schemas.inbound import ContactClose, LeadContact
 from worker import distribution, log
 from worker.decode import Inbound, decode
-from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter
+from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
 from worker.settings import Settings
 
 logger = log.get(__name__)
+T = TypeVar("T")
+
+
+class _AckWindow:
+    """Acks many deliveries in one frame (basic.ack multiple=True), which acks every
+    outstanding delivery of the channel up to a tag: so only up to the oldest delivery
+    still being handled, the later ones waiting for it. Per channel, because delivery
+    tags start again on a channel reopened after a reconnect."""
+
+    def __init__(self) -> None:
+        # channel -> (tags delivered and not settled, settled ones waiting: tag -> message)
+        self._channels: dict[object, tuple[set[int], dict[int, AbstractIncomingMessage]]] = {}
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        self._state(message)[0].add(message.delivery_tag or 0)
+
+    def settled_alone(self, message: AbstractIncomingMessage) -> None:
+        """Nacked or left for redelivery: not ours to ack any more."""
+        outstanding, waiting = self._state(message)
+        outstanding.discard(message.delivery_tag or 0)
+        waiting.pop(message.delivery_tag or 0, None)
+
+    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        for message in messages:
+            self._state(message)[1][message.delivery_tag or 0] = message
+        for channel in {m.channel for m in messages}:
+            outstanding, waiting = self._channels[channel]
+            busy = [tag for tag in outstanding if tag not in waiting]
+            limit = min(busy) if busy else None
+            ready = [tag for tag in waiting if limit is None or tag < limit]
+            if not ready:
+                continue
+            top = waiting[max(ready)]
+            for tag in ready:
+                outstanding.discard(tag)
+                del waiting[tag]
+            try:
+                await top.ack(multiple=True)
+            except Exception as exc:
+                # The channel was lost after commit: redeliveries find the work done.
+                logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))
+        for closed in [c for c in self._channels if getattr(c, "is_closed", False)]:
+            del self._channels[closed]
+
+    def _state(
+        self, message: AbstractIncomingMessage
+    ) -> tuple[set[int], dict[int, AbstractIncomingMessage]]:
+        return self._channels.setdefault(message.channel, (set(), {}))
+
+
+@dataclass
+class _Delivery:
+    message: AbstractIncomingMessage
+    arrived: float
+    inbound: Inbound | None = None
+    failure: BaseException | None = None  # None once handled: ack
 
 
 class Consumer:
@@ -38,73 +97,164 @@ class Consumer:
         self._metrics = metrics
         self.outcomes: Counter[str] = Counter()
         self.stopping = False
-        self.in_flight: set[asyncio.Task[None]] = set()
+        self._buffer: deque[_Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._busy = 0  # batches being handled
+        self._batchers: list[asyncio.Task[None]] = []
+        self._acks = _AckWindow()
+
+    def start(self) -> None:
+        self._batchers = [
+            asyncio.create_task(self._batcher(), name=f"batcher-{n}")
+            for n in range(self._settings.concurrent_batches)
+        ]
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Called by aio-pika in a task of its own for each delivery."""
-        task = asyncio.current_task()
-        assert task is not None
-        self.in_flight.add(task)
-        started = time.perf_counter()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
-            message_id=message.message_id,
-            routing_key=message.routing_key,
-            delivery_tag=message.delivery_tag,
-        )
-        try:
-            failure = await self._outcome_of(message)
-            await self._settle(message, failure)
-            if isinstance(failure, asyncio.CancelledError):
-                raise failure
-        finally:
-            self.in_flight.discard(task)
-            self._metrics.processing.observe(time.perf_counter() - started)
+        """Called by aio-pika for each delivery; returns at once."""
+        self._acks.delivered(message)
+        self._buffer.append(_Delivery(message, time.perf_counter()))
+        self._arrived.set()
 
-    async def _outcome_of(self, message: AbstractIncomingMessage) -> BaseException | None:
-        """Handle the message; None on success, else what went wrong."""
-        try:
-            inbound = decode(
-                message.body,
-                message.routing_key or "",
-                message.message_id,
-                self._settings.max_message_bytes,
-            )
-            structlog.contextvars.bind_contextvars(message_id=inbound.message_id)
-            await self._retrying(lambda: self._route(inbound))
-        except (Exception, asyncio.CancelledError) as exc:
-            return exc
-        return None
+    async def drain(self, grace: float) -> int:
+        """Let the buffered and in-flight messages finish within `grace` seconds, then
+        stop the batchers. Returns how many were abandoned (unacked: the broker
+        redelivers them)."""
+        deadline = time.monotonic() + grace
+        # Two conditions, polled briefly at shutdown only.
+        while (self._buffer or self._busy) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self.stopping = True
+        abandoned = len(self._buffer) + self._busy
+        for task in self._batchers:
+            task.cancel()
+        await asyncio.gather(*self._batchers, return_exceptions=True)
+        self._buffer.clear()
+        return abandoned
 
-    async def _route(self, inbound: Inbound) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            if isinstance(inbound.body, LeadContact):
-                structlog.contextvars.bind_contextvars(source=inbound.body.source)
-                outcome = await distribution.route_new_contact(
-                    conn, inbound.body, inbound.message_id
+    async def _batcher(self) -> None:
+        size, linger = self._settings.batch_size, self._settings.batch_linger_seconds
+        while True:
+            if not self._buffer:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if linger and len(self._buffer) < size:
+                await asyncio.sleep(linger)
+            batch = [self._buffer.popleft() for _ in range(min(size, len(self._buffer)))]
+            self._busy += 1
+            try:
+                await self._handle(batch)
+            except Exception:
+                # Never lose a batcher: hand the batch back (the delivery limit catches a
+                # message that keeps doing this) and carry on.
+                logger.exception("batch_crashed", size=len(batch))
+                for d in batch:
+                    self._acks.settled_alone(d.message)
+                    with contextlib.suppress(Exception):
+                        await d.message.nack(requeue=True)
+            finally:
+                self._busy -= 1
+
+    async def _handle(self, batch: list[_Delivery]) -> None:
+        for d in batch:
+            try:
+                d.inbound = decode(
+                    d.message.body,
+                    d.message.routing_key or "",
+                    d.message.message_id,
+                    self._settings.max_message_bytes,
                 )
-            else:
-                structlog.contextvars.bind_contextvars(contact_id=inbound.body.contact_id)
-                outcome = await distribution.close_contact(conn, inbound.body)
+            except DeadLetter as exc:
+                d.failure = exc
+        valid = [d for d in batch if d.inbound is not None]
+        if valid:
+            try:
+                await self._retrying(lambda: self._route(valid))
+            except (Exception, asyncio.CancelledError) as exc:
+                if (
+                    len(valid) > 1
+                    and not is_transient(exc)
+                    and not isinstance(exc, asyncio.CancelledError)
+                ):
+                    # A bug somewhere in the batch: one by one, so it cannot take the
+                    # others down with it.
+                    logger.warning(
+                        "batch_failed_isolating", size=len(valid), error=type(exc).__name__
+                    )
+                    for d in valid:
+                        try:
+                            await self._retrying(lambda d=d: self._route([d]))  # type: ignore[misc]
+                        except (Exception, asyncio.CancelledError) as single:
+                            d.failure = single
+                else:
+                    for d in valid:
+                        d.failure = exc
+        acks = await asyncio.gather(*(self._settle(d) for d in batch))
+        await self._acks.ack([d.message for d, ack in zip(batch, acks, strict=True) if ack])
+        for d in batch:
+            if isinstance(d.failure, asyncio.CancelledError):
+                raise d.failure
+
+    async def _route(self, deliveries: Sequence[_Delivery]) -> None:
+        """One transaction for the whole batch; marks unknown sources and contacts as
+        dead letters and leaves the rest handled."""
+        new = [d for d in deliveries if isinstance(d.inbound.body, LeadContact)]  # type: ignore[union-attr]
+        closes = [d for d in deliveries if isinstance(d.inbound.body, ContactClose)]  # type: ignore[union-attr]
+        async with self._pool.acquire() as conn, conn.transaction():
+            plan = await distribution.plan(
+                conn,
+                {d.inbound.body.source for d in new},  # type: ignore[union-attr]
+                {d.inbound.body.contact_id for d in closes},  # type: ignore[union-attr]
+            )
+            routable_new, routable_closes = [], []
+            for d in deliveries:
+                d.failure = None
+                body = d.inbound.body  # type: ignore[union-attr]
+                if isinstance(body, LeadContact):
+                    if body.source in plan.unknown_sources:
+                        d.failure = DeadLetter(
+                            Reason.UNKNOWN_SOURCE, f"no source with key {body.source!r}"
+                        )
+                    else:
+                        routable_new.append(distribution.NewContact(d.inbound.message_id, body))  # type: ignore[union-attr]
+                elif body.contact_id in plan.unknown_contacts:
+                    d.failure = DeadLetter(
+                        Reason.UNKNOWN_CONTACT, f"no contact with id {body.contact_id}"
+                    )
+                else:
+                    routable_closes.append(body.contact_id)
+            outcome = await distribution.route(conn, plan, routable_new, routable_closes)
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
-            "message_handled",
-            kind=inbound.routing_key,
-            contact_id=outcome.contact_id,
-            operator_id=outcome.operator_id,
-            duplicate=outcome.duplicate,
+            "batch_handled",
+            size=len(deliveries),
+            contacts=len(outcome.contacts),
+            assigned=len(outcome.assigned),
             late_assignments=outcome.late_assignments,
+            closed=len(outcome.closed),
+            duplicates=len(outcome.duplicates),
         )
+        for d in deliveries:
+            body = d.inbound.body  # type: ignore[union-attr]
+            if d.failure is None and isinstance(body, LeadContact):
+                contact_id = outcome.contacts.get(d.inbound.message_id)  # type: ignore[union-attr]
+                logger.debug(
+                    "message_handled",
+                    message_id=d.inbound.message_id,  # type: ignore[union-attr]
+                    source=body.source,
+                    contact_id=contact_id,
+                    operator_id=outcome.assigned.get(contact_id) if contact_id else None,
+                    duplicate=contact_id is None,
+                )
 
-    async def _retrying(self, attempt_once: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
         """Retry transient failures with backoff until they pass or we are stopping.
         Requeueing instead would count against the quorum queue's delivery limit."""
         attempt = 0
         while True:
             try:
-                await attempt_once()
-                return
+                return await attempt_once()
             except Exception as exc:
                 if not is_transient(exc) or self.stopping:
                     raise
@@ -122,35 +272,49 @@ class Consumer:
         self.outcomes[outcome] += 1
         self._metrics.messages.labels(outcome).inc()
 
-    async def _settle(
-        self, message: AbstractIncomingMessage, failure: BaseException | None
-    ) -> None:
-        """The one place that acks, dead-letters or hands a message back."""
-        if failure is None:
-            self._count("ok")
-            await self._ack(message)
-        elif isinstance(failure, DeadLetter):
-            logger.warning("dead_lettered", reason=str(failure.reason), error=failure.detail)
-            try:
-                await self._retrying(lambda: self._publish_dead(message, failure))
-            except Exception:
-                # Stopping while the broker is away: leave it unacked, it comes back.
-                logger.warning("dead_letter_deferred")
-                return
-            self._count(str(failure.reason))
-            self._metrics.dead_letters.labels(str(failure.reason)).inc()
-            await self._ack(message)
-        elif isinstance(failure, asyncio.CancelledError) or is_transient(failure):
-            # Shutting down: unacked, the broker redelivers it; nothing was committed.
-            self._count("deferred")
-            logger.info("message_deferred", error=type(failure).__name__)
-        else:
-            # A bug. The broker counts the redeliveries and dead-letters the message at
-            # the queue's delivery limit, so it can neither loop forever nor be lost.
-            self._count("error")
-            logger.error("message_failed", exc_info=failure)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+    async def _settle(self, d: _Delivery) -> bool:
+        """The one place that decides: returns True to ack, dead-letters first when it
+        must, or hands the message back. Acks are sent by the caller, many at once."""
+        message, failure = d.message, d.failure
+        try:
+            if failure is None:
+                self._count("ok")
+                return True
+            if isinstance(failure, DeadLetter):
+                logger.warning(
+                    "dead_lettered",
+                    message_id=message.message_id,
+                    routing_key=message.routing_key,
+                    reason=str(failure.reason),
+                    error=failure.detail,
+                )
+                try:
+                    await self._retrying(lambda: self._publish_dead(message, failure))
+                except Exception:
+                    # Stopping while the broker is away: leave it unacked, it comes back.
+                    logger.warning("dead_letter_deferred", message_id=message.message_id)
+                    self._acks.settled_alone(message)
+                    return False
+                self._count(str(failure.reason))
+                self._metrics.dead_letters.labels(str(failure.reason)).inc()
+                return True
+            self._acks.settled_alone(message)
+            if isinstance(failure, asyncio.CancelledError) or is_transient(failure):
+                # Shutting down: unacked, the broker redelivers it; nothing was committed.
+                self._count("deferred")
+                logger.info(
+                    "message_deferred", message_id=message.message_id, error=type(failure).__name__
+                )
+            else:
+                # A bug. The broker counts the redeliveries and dead-letters the message
+                # at the queue's delivery limit, so it neither loops forever nor is lost.
+                self._count("error")
+                logger.error("message_failed", message_id=message.message_id, exc_info=failure)
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+            return False
+        finally:
+            self._metrics.processing.observe(time.perf_counter() - d.arrived)
 
     async def _publish_dead(self, message: AbstractIncomingMessage, failure: DeadLetter) -> None:
         headers = dict(message.headers or {})
@@ -166,10 +330,3 @@ class Consumer:
         )
         # Mandatory: if the dead-letter queue is gone we must not ack and lose it.
         await self._dead.publish(dead, message.routing_key or "", mandatory=True)
-
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await message.ack()
-        except Exception as exc:
-            # The channel was lost after commit: the redelivery finds the work done.
-            logger.warning("ack_failed", error=type(exc).__name__)

@@ -1,42 +1,33 @@
-"""The routing transactions. Every function here runs inside a caller's transaction,
-after the advisory locks of the sources it touches have been taken in ascending order
-(so two transactions never wait on each other's locks in a cycle)."""
+"""The routing transaction. One call handles a whole batch of inbound messages (a batch
+of one is the same code): it takes the advisory locks of every source it touches in
+ascending order, closes contacts, records new ones, then routes the backlog of every
+affected source oldest first, set-based, and writes the events to the outbox.
 
+Lock order, everywhere: source advisory locks (ascending), then operator rows (ascending,
+`FOR UPDATE`), so two transactions never wait on each other in a cycle in the usual case;
+the rare cycle between releasing and claiming operators is a deadlock that PostgreSQL
+breaks and the caller retries."""
+
+import json
 import random
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
-from schemas.events import ContactEventData, build_event
-from schemas.inbound import ContactClose, LeadContact
-from worker.errors import DeadLetter, Reason
+from schemas.events import EVENT_TYPE_PREFIX
+from schemas.inbound import LeadContact
+from worker.assignment import Queued, assign
 from worker.sql import Q
-from worker.strategies import STRATEGIES, Candidate, smooth_lags
+from worker.strategies import Candidate
 
 _rng = random.SystemRandom()
-DRAIN_PAGE = 100
-
+MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
 
 Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a routing transaction did, for logs and metrics."""
-
-    contact_id: int | None = None
-    operator_id: int | None = None
-    duplicate: bool = False
-    late_assignments: int = 0
-    assignments: Assignments = field(default_factory=Counter)
-
-
-async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
-    for source_id in sorted(source_ids):
-        await conn.execute(Q.lock_source, source_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,192 +44,356 @@ class Route:
         return cls(row["id"], row["key"], row["strategy"], row["affinity_hours"])
 
 
-async def route_new_contact(
-    conn: asyncpg.Connection, message: LeadContact, message_id: str
+@dataclass(frozen=True, slots=True)
+class NewContact:
+    """A valid `lead.contact` message of the batch."""
+
+    message_id: str
+    body: LeadContact
+
+
+@dataclass
+class Outcome:
+    """What a routing transaction did, for acks, logs and metrics."""
+
+    contacts: dict[str, int] = field(default_factory=dict)  # message id -> new contact id
+    assigned: dict[int, int] = field(default_factory=dict)  # contact id -> operator id
+    duplicates: set[str] = field(default_factory=set)  # message ids seen before
+    closed: dict[int, int | None] = field(default_factory=dict)  # contact -> freed operator
+    already_closed: set[int] = field(default_factory=set)
+    assignments: Assignments = field(default_factory=Counter)
+
+    @property
+    def late_assignments(self) -> int:
+        """Queued contacts (not made by this batch) that got an operator."""
+        return len(set(self.assigned) - set(self.contacts.values()))
+
+
+@dataclass
+class Plan:
+    """What a batch will touch, read before its locks (sources and contacts are never
+    deleted, so nothing read here can disappear)."""
+
+    sources: dict[str, Route]  # by key, for the new contacts
+    closes: dict[int, asyncpg.Record]  # contact id -> contacts_for_close row
+    unknown_sources: set[str]
+    unknown_contacts: set[int]
+
+    @property
+    def locks(self) -> set[int]:
+        ids = {s.id for s in self.sources.values()}
+        for row in self.closes.values():
+            ids.add(row["source_id"])
+            ids.update(row["operator_source_ids"])
+        return ids
+
+
+async def plan(
+    conn: asyncpg.Connection, source_keys: Iterable[str], close_ids: Iterable[int]
+) -> Plan:
+    keys, ids = set(source_keys), set(close_ids)
+    sources: dict[str, Route] = {}
+    if keys:
+        rows = await conn.fetch(Q.sources_by_keys, list(keys))
+        sources = {r["key"]: Route.of(r) for r in rows}
+    closes: dict[int, asyncpg.Record] = {}
+    if ids:
+        closes = {r["id"]: r for r in await conn.fetch(Q.contacts_for_close, list(ids))}
+    return Plan(sources, closes, keys - set(sources), ids - set(closes))
+
+
+async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
+    if source_ids:
+        await conn.execute(Q.lock_sources_in_order, sorted(source_ids))
+
+
+async def route(
+    conn: asyncpg.Connection,
+    plan: Plan,
+    new: Sequence[NewContact] = (),
+    close_ids: Sequence[int] = (),
 ) -> Outcome:
-    """Record the contact of a `lead.contact` message and route its source's backlog,
-    oldest first, so a new arrival never overtakes a queued contact."""
-    row = await conn.fetchrow(Q.source_by_key, message.source)
-    if row is None:
-        raise DeadLetter(Reason.UNKNOWN_SOURCE, f"no source with key {message.source!r}")
-    source = Route.of(row)
-    await lock_sources(conn, {source.id})
-    if await conn.fetchval(Q.contact_exists_for_message, message_id):
-        return Outcome(duplicate=True)
-
-    lead = message.lead
-    lead_id = await conn.fetchval(
-        Q.upsert_lead, lead.external_id, lead.name, lead.email, lead.phone
-    )
-    row = await conn.fetchrow(Q.insert_contact, lead_id, source.id, message.message, message_id)
-    if row is None:  # the same id under another source's lock: still a duplicate
-        return Outcome(duplicate=True)
-    contact_id = row["id"]
-
-    assigned = await drain_source(conn, source)
-    operator_id = assigned.get(contact_id)
-    if operator_id is None:
-        await _write_event(
-            conn,
-            "contact.queued",
-            row["created_at"],
-            ContactEventData(
-                contact_id=contact_id,
-                status="open",
-                lead_id=lead_id,
-                lead_external_id=lead.external_id,
-                source=source.key,
-                operator_id=None,
-                inbound_message_id=message_id,
-            ),
-        )
-    return Outcome(
-        contact_id=contact_id,
-        operator_id=operator_id,
-        late_assignments=len(assigned) - (operator_id is not None),
-        assignments=Counter({(source.key, source.strategy): len(assigned)}),
-    )
-
-
-async def close_contact(conn: asyncpg.Connection, message: ContactClose) -> Outcome:
-    """Close a contact, free its operator and hand the freed capacity to the backlog of
-    the operator's sources. Closing a closed contact changes nothing."""
-    contact = await conn.fetchrow(Q.contact_for_close, message.contact_id)
-    if contact is None:
-        raise DeadLetter(Reason.UNKNOWN_CONTACT, f"no contact with id {message.contact_id}")
-    locked = {contact["source_id"], *contact["operator_source_ids"]}
+    """Close `close_ids`, record `new` and route every affected backlog, in the caller's
+    transaction. Messages naming an unknown source or contact must have been left out."""
+    outcome = Outcome()
+    locked = plan.locks
     await lock_sources(conn, locked)
+    events = _Events()
 
-    closed = await conn.fetchrow(Q.close_contact, message.contact_id)
-    if closed is None:
-        return Outcome(contact_id=message.contact_id, duplicate=True)
-    operator_id = closed["operator_id"]
-    if operator_id is not None:
-        # Before the event row: every event that changes an operator's load is then
-        # written under that operator's row lock, so outbox order is commit order per
-        # operator and the load after every commit can be replayed from the outbox.
-        await conn.execute(Q.release_operator, operator_id)
-    await _write_event(
-        conn,
-        "contact.closed",
-        closed["closed_at"],
-        ContactEventData(
-            contact_id=closed["id"],
-            status="closed",
-            lead_id=closed["lead_id"],
-            lead_external_id=closed["lead_external_id"],
-            source=closed["source_key"],
-            operator_id=operator_id,
-            inbound_message_id=closed["inbound_message_id"],
-        ),
-    )
-    late: Assignments = Counter()
-    if operator_id is not None:
-        # A queued contact may have been assigned between our read and our locks; only
-        # sources we hold the lock of may be routed now, the sweep covers the rest.
-        source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
-        late = await drain_sources(conn, source_ids & locked)
-    return Outcome(
-        contact_id=closed["id"],
-        operator_id=operator_id,
-        late_assignments=late.total(),
-        assignments=late,
-    )
+    drain: set[int] = set()
+    if close_ids:
+        freed = await _close(conn, close_ids, outcome, events)
+        for operator_id in freed:
+            sources = next(
+                r["operator_source_ids"]
+                for r in plan.closes.values()
+                if r["operator_id"] == operator_id
+            )
+            # Only sources whose lock we hold may be routed now; the sweep covers the
+            # rare contact assigned to another operator between our read and our lock.
+            drain.update(set(sources) & locked)
+    created: dict[str, asyncpg.Record] = {}
+    if new:
+        created = await _record(conn, plan, new, outcome)
+        drain.update(row["source_id"] for row in created.values())
+    routes = [r for r in plan.sources.values() if r.id in drain]
+    missing = drain - {r.id for r in routes}
+    if missing:
+        routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
+    await _drain(conn, routes, outcome, events)
+    keys = {r.id: r.key for r in routes}
+    externals = {n.message_id: n.body.lead.external_id for n in new}
+    for message_id, row in created.items():
+        if row["id"] not in outcome.assigned:
+            events.queued(row, externals[message_id], keys[row["source_id"]])
+    await events.write(conn)
+    return outcome
 
 
 async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assignments:
     """Route the backlog of these sources (their locks must be held). Returns how many
     queued contacts were assigned, per source and strategy."""
-    assigned: Assignments = Counter()
-    for row in await conn.fetch(Q.sources_by_ids, list(source_ids)):
-        route = Route.of(row)
-        assigned[(route.key, route.strategy)] += len(await drain_source(conn, route))
-    return +assigned
+    outcome = Outcome()
+    routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
+    events = _Events()
+    await _drain(conn, routes, outcome, events)
+    await events.write(conn)
+    return outcome.assignments
 
 
-async def drain_source(conn: asyncpg.Connection, source: Route) -> dict[int, int]:
-    """Assign the source's queued contacts, oldest first, while anyone can take them.
-    Returns {contact id: operator id} of the assignments made."""
-    assigned: dict[int, int] = {}
-    while True:
-        queued = await conn.fetch(Q.queued_contacts, source.id, DRAIN_PAGE)
-        for contact in queued:
-            preferred = None
-            if source.affinity_hours:
-                preferred = await conn.fetchval(
-                    Q.affinity_operator,
-                    contact["lead_id"],
-                    source.id,
-                    contact["id"],
-                    source.affinity_hours,
-                )
-            claimed = await _claim_operator(conn, source, preferred)
-            if claimed is None:
-                return assigned
-            operator_id, affinity = claimed
-            assigned_at = await conn.fetchval(Q.assign_contact, contact["id"], operator_id)
-            assigned[contact["id"]] = operator_id
-            waited = (assigned_at - contact["created_at"]).total_seconds()
-            await _write_event(
-                conn,
-                "contact.assigned",
-                assigned_at,
-                ContactEventData(
-                    contact_id=contact["id"],
-                    status="open",
-                    lead_id=contact["lead_id"],
-                    lead_external_id=contact["lead_external_id"],
-                    source=source.key,
-                    operator_id=operator_id,
-                    inbound_message_id=contact["inbound_message_id"],
-                    queued_seconds=round(max(waited, 0.0), 3),
-                    affinity=affinity,
-                ),
-            )
-        if len(queued) < DRAIN_PAGE:
-            return assigned
+async def _close(
+    conn: asyncpg.Connection, close_ids: Sequence[int], outcome: Outcome, events: "_Events"
+) -> set[int]:
+    rows = await conn.fetch(Q.close_contacts, sorted(set(close_ids)))
+    freed: Counter[int] = Counter()
+    for row in rows:
+        outcome.closed[row["id"]] = row["operator_id"]
+        if row["operator_id"] is not None:
+            freed[row["operator_id"]] += 1
+        events.closed(row)
+    outcome.already_closed = set(close_ids) - set(outcome.closed)
+    if freed:
+        ids = sorted(freed)
+        await conn.execute(Q.release_operators, ids, [freed[i] for i in ids])
+    return set(freed)
 
 
-async def _claim_operator(
-    conn: asyncpg.Connection, source: Route, preferred: int | None
-) -> tuple[int, bool] | None:
-    """Choose among the available operators (the preferred one first, if available) and
-    claim one unit of capacity. Another source may take an operator's last unit first:
-    then choose again among the rest. Returns (operator id, whether by affinity)."""
-    strategy = STRATEGIES[source.strategy]
-    candidates = [
-        Candidate(
-            id=r["id"],
-            weight=r["weight"],
-            open_load=r["open_load"],
-            max_load=r["max_load"],
-            last_assigned_at=r["last_assigned_at"],
-            lag=r["smooth_lag"],
-        )
-        for r in await conn.fetch(Q.candidates, source.id)
-    ]
-    by_affinity = any(c.id == preferred for c in candidates)
-    while candidates:
-        if by_affinity:
-            choice = next(c for c in candidates if c.id == preferred)
+async def _record(
+    conn: asyncpg.Connection, plan: Plan, new: Sequence[NewContact], outcome: Outcome
+) -> dict[str, asyncpg.Record]:
+    """Upsert the leads and insert the contacts of new messages, skipping message ids
+    already known. Returns message id -> the inserted contact row."""
+    known = {
+        r["inbound_message_id"]
+        for r in await conn.fetch(Q.known_message_ids, [n.message_id for n in new])
+    }
+    fresh: dict[str, NewContact] = {}
+    for item in new:
+        if item.message_id in known or item.message_id in fresh:
+            outcome.duplicates.add(item.message_id)
         else:
-            choice = strategy(candidates, _rng)
-        if await conn.fetchval(Q.claim_operator, choice.id) is not None:
-            if source.strategy == "smooth":
-                # An affinity assignment counts too, so shares stay fair over time.
-                lags = smooth_lags(candidates, choice.id)
-                await conn.execute(Q.update_smooth_lags, source.id, list(lags), list(lags.values()))
-            return choice.id, by_affinity
-        candidates.remove(choice)
-        by_affinity = False
-    return None
-
-
-async def _write_event(
-    conn: asyncpg.Connection, routing_key: str, time: datetime, data: ContactEventData
-) -> None:
-    event = build_event(str(uuid.uuid4()), routing_key, time, data)
-    await conn.execute(
-        Q.insert_event, uuid.UUID(event.id), data.contact_id, routing_key, event.model_dump_json()
+            fresh[item.message_id] = item
+    if not fresh:
+        return {}
+    leads: dict[str, list[str | None]] = {}
+    for item in fresh.values():  # later messages' fields win, as one by one
+        lead = item.body.lead
+        merged = leads.setdefault(lead.external_id, [None, None, None])
+        for i, value in enumerate((lead.name, lead.email, lead.phone)):
+            merged[i] = value if value is not None else merged[i]
+    order = sorted(leads)
+    lead_ids = {
+        r["external_id"]: r["id"]
+        for r in await conn.fetch(
+            Q.upsert_leads, order, *([leads[e][i] for e in order] for i in range(3))
+        )
+    }
+    items = list(fresh.values())
+    rows = await conn.fetch(
+        Q.insert_contacts,
+        [lead_ids[i.body.lead.external_id] for i in items],
+        [plan.sources[i.body.source].id for i in items],
+        [i.body.message for i in items],
+        [i.message_id for i in items],
     )
-    await conn.execute(Q.notify_outbox)
+    created = {}
+    for row in rows:
+        created[row["inbound_message_id"]] = row
+        outcome.contacts[row["inbound_message_id"]] = row["id"]
+    # Inserted by a concurrent transaction after our check: duplicates all the same.
+    outcome.duplicates.update(set(fresh) - set(created))
+    return created
+
+
+async def _drain(
+    conn: asyncpg.Connection, routes: Sequence[Route], outcome: Outcome, events: "_Events"
+) -> None:
+    """Assign the queued contacts of these sources, oldest first per source, while
+    anyone can take them."""
+    if not routes:
+        return
+    by_id = {r.id: r for r in routes}
+    weights: dict[int, list[Candidate]] = defaultdict(list)
+    for r in await conn.fetch(Q.lock_candidates, list(by_id)):
+        weights[r["source_id"]].append(
+            Candidate(
+                id=r["id"],
+                weight=r["weight"],
+                open_load=r["open_load"],
+                max_load=r["max_load"],
+                last_assigned_at=r["last_assigned_at"],
+                lag=r["smooth_lag"],
+            )
+        )
+    free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
+    takes = {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
+    sources = [s for s in sorted(takes) if takes[s] > 0]
+    if not sources:
+        return
+    queued = [
+        Queued(r["id"], r["source_id"], r["lead_id"])
+        for r in await conn.fetch(Q.queued_heads, sources, [takes[s] for s in sources])
+    ]
+    preferred = await _previous_operators(conn, queued, by_id)
+    plan = assign(
+        queued,
+        weights,
+        {s: by_id[s].strategy for s in sources},
+        preferred,
+        _rng,
+        affinity_sources={s for s in sources if by_id[s].affinity_hours},
+    )
+    if not plan.assignments:
+        return
+    claimed = Counter(a.operator_id for a in plan.assignments)
+    ids = sorted(claimed)
+    rows = {
+        r["id"]: r
+        for r in await conn.fetch(
+            Q.assign_contacts,
+            [a.contact_id for a in plan.assignments],
+            [a.operator_id for a in plan.assignments],
+            ids,
+            [claimed[i] for i in ids],
+        )
+    }
+    if plan.lags:
+        keys = list(plan.lags)
+        await conn.execute(
+            Q.store_smooth_lags,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [plan.lags[k] for k in keys],
+        )
+    for a in plan.assignments:
+        route_ = by_id[a.source_id]
+        outcome.assigned[a.contact_id] = a.operator_id
+        outcome.assignments[(route_.key, route_.strategy)] += 1
+        events.assigned(rows[a.contact_id], route_.key, a.operator_id, a.affinity)
+
+
+async def _previous_operators(
+    conn: asyncpg.Connection, queued: Sequence[Queued], routes: dict[int, Route]
+) -> dict[int, int]:
+    """Contact id -> the operator who had its lead through the same source lately."""
+    wanted = [q for q in queued if routes[q.source_id].affinity_hours]
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        Q.previous_operators,
+        [q.id for q in wanted],
+        [q.lead_id for q in wanted],
+        [q.source_id for q in wanted],
+        [routes[q.source_id].affinity_hours for q in wanted],
+    )
+    return {r["contact_id"]: r["operator_id"] for r in rows}
+
+
+class _Events:
+    """The outbox rows of one transaction, in the order their state changes happened
+    (closes before the assignments they made room for), written in one statement after
+    every operator row is locked: outbox order is then commit order per operator."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[uuid.UUID, int, str, str]] = []
+
+    def closed(self, row: asyncpg.Record) -> None:
+        self._add(
+            row["id"],
+            "contact.closed",
+            row["closed_at"],
+            row["source_key"],
+            {
+                "contact_id": row["id"],
+                "status": "closed",
+                "lead_id": row["lead_id"],
+                "lead_external_id": row["lead_external_id"],
+                "source": row["source_key"],
+                "operator_id": row["operator_id"],
+                "inbound_message_id": row["inbound_message_id"],
+                "queued_seconds": None,
+                "affinity": False,
+            },
+        )
+
+    def assigned(
+        self, row: asyncpg.Record, source_key: str, operator_id: int, affinity: bool
+    ) -> None:
+        waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
+        self._add(
+            row["id"],
+            "contact.assigned",
+            row["assigned_at"],
+            source_key,
+            {
+                "contact_id": row["id"],
+                "status": "open",
+                "lead_id": row["lead_id"],
+                "lead_external_id": row["lead_external_id"],
+                "source": source_key,
+                "operator_id": operator_id,
+                "inbound_message_id": row["inbound_message_id"],
+                "queued_seconds": round(waited, 3),
+                "affinity": affinity,
+            },
+        )
+
+    def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
+        self._add(
+            row["id"],
+            "contact.queued",
+            row["created_at"],
+            source_key,
+            {
+                "contact_id": row["id"],
+                "status": "open",
+                "lead_id": row["lead_id"],
+                "lead_external_id": lead_external_id,
+                "source": source_key,
+                "operator_id": None,
+                "inbound_message_id": row["inbound_message_id"],
+                "queued_seconds": None,
+                "affinity": False,
+            },
+        )
+
+    def _add(
+        self, contact_id: int, key: str, time: datetime, source: str, data: dict[str, object]
+    ) -> None:
+        event_id = uuid.uuid4()
+        envelope = {
+            "specversion": "1.0",
+            "id": str(event_id),
+            "source": f"/leadrouter/sources/{source}",
+            "type": EVENT_TYPE_PREFIX + key,
+            "time": time.isoformat(),
+            "subject": f"contacts/{contact_id}",
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        self.rows.append((event_id, contact_id, key, json.dumps(envelope)))
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        if not self.rows:
+            return
+        await conn.execute(Q.insert_events, *map(list, zip(*self.rows, strict=True)))

@@ -1,10 +1,6 @@
 -- All SQL of leadrouter. Each query is headed by `-- name: NAME` and a line that
 -- says what it does and lists its asyncpg parameters.
 
--- name: lock_source
--- Serialise all routing of one source until commit ($1 source id).
-SELECT pg_advisory_xact_lock(1280, $1::integer);
-
 -- name: source_by_key
 -- A source by its slug ($1 key).
 SELECT id, key, name, description, strategy, affinity_hours FROM sources WHERE key = $1;
@@ -12,110 +8,6 @@ SELECT id, key, name, description, strategy, affinity_hours FROM sources WHERE k
 -- name: sources_by_ids
 -- Sources by id, in lock order ($1 source ids).
 SELECT id, key, strategy, affinity_hours FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
-
--- name: contact_exists_for_message
--- Whether an inbound message already made its contact ($1 inbound message id).
-SELECT EXISTS (SELECT 1 FROM contacts WHERE inbound_message_id = $1);
-
--- name: upsert_lead
--- Create a lead or refresh the fields the message carries; race-free ($1 external_id,
--- $2 name, $3 email, $4 phone).
-INSERT INTO leads AS l (external_id, name, email, phone)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (external_id) DO UPDATE
-SET name       = COALESCE(EXCLUDED.name, l.name),
-    email      = COALESCE(EXCLUDED.email, l.email),
-    phone      = COALESCE(EXCLUDED.phone, l.phone),
-    updated_at = now()
-RETURNING id;
-
--- name: insert_contact
--- A new open, unassigned contact; nothing when the message id is known ($1 lead id,
--- $2 source id, $3 message text, $4 inbound message id).
-INSERT INTO contacts (lead_id, source_id, message, inbound_message_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (inbound_message_id) DO NOTHING
-RETURNING id, created_at;
-
--- name: queued_contacts
--- The oldest unassigned open contacts of a source ($1 source id, $2 limit).
-SELECT c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id, c.created_at
-FROM contacts c
-JOIN leads l ON l.id = c.lead_id
-WHERE c.source_id = $1 AND c.status = 'open' AND c.operator_id IS NULL
-ORDER BY c.id
-LIMIT $2;
-
--- name: candidates
--- Operators who may take a contact of a source now ($1 source id).
-SELECT o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_lag
-FROM source_weights w
-JOIN operators o ON o.id = w.operator_id
-WHERE w.source_id = $1 AND o.is_active AND o.open_load < o.max_load
-ORDER BY o.id;
-
--- name: claim_operator
--- Take one unit of an operator's capacity if it is still free; the row lock makes
--- this atomic across sources ($1 operator id).
-UPDATE operators
-SET open_load = open_load + 1, last_assigned_at = now()
-WHERE id = $1 AND is_active AND open_load < max_load
-RETURNING id;
-
--- name: update_smooth_lags
--- Store the smooth strategy's state after an assignment ($1 source id, $2 operator ids,
--- $3 lags).
-UPDATE source_weights w
-SET smooth_lag = t.lag
-FROM unnest($2::bigint[], $3::double precision[]) AS t (operator_id, lag)
-WHERE w.source_id = $1 AND w.operator_id = t.operator_id;
-
--- name: affinity_operator
--- The operator of the lead's latest other assigned contact through the source within
--- the affinity window ($1 lead id, $2 source id, $3 contact id, $4 hours).
-SELECT operator_id
-FROM contacts
-WHERE lead_id = $1 AND source_id = $2 AND id <> $3 AND operator_id IS NOT NULL
-  AND created_at >= now() - make_interval(hours => $4)
-ORDER BY created_at DESC
-LIMIT 1;
-
--- name: release_operator
--- Give back one unit of an operator's capacity ($1 operator id).
-UPDATE operators SET open_load = open_load - 1 WHERE id = $1 AND open_load > 0;
-
--- name: assign_contact
--- Hand a queued contact to an operator ($1 contact id, $2 operator id).
-UPDATE contacts
-SET operator_id = $2, assigned_at = now()
-WHERE id = $1 AND status = 'open' AND operator_id IS NULL
-RETURNING assigned_at;
-
--- name: contact_for_close
--- A contact and the sources whose routing its close may affect ($1 contact id).
-SELECT c.id, c.source_id, c.operator_id, c.status,
-       array(SELECT w.source_id FROM source_weights w WHERE w.operator_id = c.operator_id)
-           AS operator_source_ids
-FROM contacts c
-WHERE c.id = $1;
-
--- name: close_contact
--- Close an open contact; nothing when it is already closed ($1 contact id).
-UPDATE contacts c
-SET status = 'closed', closed_at = now()
-FROM leads l, sources s
-WHERE c.id = $1 AND c.status = 'open' AND l.id = c.lead_id AND s.id = c.source_id
-RETURNING c.id, c.operator_id, c.inbound_message_id, c.closed_at,
-          l.id AS lead_id, l.external_id AS lead_external_id, s.key AS source_key;
-
--- name: insert_event
--- Write an event to the outbox ($1 event id, $2 contact id, $3 routing key, $4 payload).
-INSERT INTO outbox (event_id, contact_id, routing_key, payload)
-VALUES ($1, $2, $3, $4::jsonb);
-
--- name: notify_outbox
--- Wake the relays when this transaction commits.
-SELECT pg_notify('leadrouter_outbox', '');
 
 -- name: claim_pending_events
 -- Lock a batch of unpublished events for one relay; other relays skip them ($1 limit).
@@ -322,3 +214,134 @@ ORDER BY c.id;
 -- One `leadrouter apply` at a time, until commit: two applies of one file must not both
 -- create an operator, as operator names are not unique.
 SELECT pg_advisory_xact_lock(1282, 0);
+
+-- name: sources_by_keys
+-- The sources a batch names ($1 keys).
+SELECT id, key, strategy, affinity_hours FROM sources WHERE key = ANY($1::text[]);
+
+-- name: lock_sources_in_order
+-- Serialise the routing of these sources until commit, taking the locks in the order
+-- given, which callers make ascending ($1 source ids).
+SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
+
+-- name: known_message_ids
+-- Which of these inbound message ids already made a contact ($1 message ids).
+SELECT inbound_message_id FROM contacts WHERE inbound_message_id = ANY($1::text[]);
+
+-- name: upsert_leads
+-- Create leads or refresh the fields messages carry; one row per external id, in
+-- ascending order so concurrent batches lock them in the same order ($1 external ids,
+-- $2 names, $3 e-mails, $4 phones).
+INSERT INTO leads AS l (external_id, name, email, phone)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+ON CONFLICT (external_id) DO UPDATE
+SET name       = COALESCE(EXCLUDED.name, l.name),
+    email      = COALESCE(EXCLUDED.email, l.email),
+    phone      = COALESCE(EXCLUDED.phone, l.phone),
+    updated_at = now()
+RETURNING id, external_id;
+
+-- name: insert_contacts
+-- New open, unassigned contacts, ids in the order given; nothing for a known message id
+-- ($1 lead ids, $2 source ids, $3 message texts, $4 inbound message ids).
+INSERT INTO contacts (lead_id, source_id, message, inbound_message_id)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
+ON CONFLICT (inbound_message_id) DO NOTHING
+RETURNING id, lead_id, source_id, inbound_message_id, created_at;
+
+-- name: contacts_for_close
+-- Contacts to close and the sources whose routing their closes may affect ($1 ids).
+SELECT c.id, c.source_id, c.operator_id,
+       array(SELECT w.source_id FROM source_weights w WHERE w.operator_id = c.operator_id)
+           AS operator_source_ids
+FROM contacts c
+WHERE c.id = ANY($1::bigint[]);
+
+-- name: close_contacts
+-- Close the open ones of these contacts ($1 contact ids).
+UPDATE contacts c
+SET status = 'closed', closed_at = now()
+FROM leads l, sources s
+WHERE c.id = ANY($1::bigint[]) AND c.status = 'open' AND l.id = c.lead_id AND s.id = c.source_id
+RETURNING c.id, c.operator_id, c.inbound_message_id, c.closed_at,
+          l.id AS lead_id, l.external_id AS lead_external_id, s.key AS source_key;
+
+-- name: release_operators
+-- Give back capacity, in ascending operator order ($1 operator ids, $2 units each).
+UPDATE operators o
+SET open_load = GREATEST(o.open_load - t.n, 0)
+FROM unnest($1::bigint[], $2::integer[]) AS t (id, n)
+WHERE o.id = t.id;
+
+-- name: lock_candidates
+-- The weighted, active, not-full operators of these sources, each operator's row locked
+-- until commit in ascending id order: capacity read here cannot change under us
+-- ($1 source ids).
+SELECT w.source_id, o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_lag
+FROM source_weights w
+JOIN operators o ON o.id = w.operator_id
+WHERE w.source_id = ANY($1::bigint[]) AND o.is_active AND o.open_load < o.max_load
+ORDER BY o.id
+FOR UPDATE OF o;
+
+-- name: queued_heads
+-- The oldest queued contacts of each source, at most as many as it could place
+-- ($1 source ids, $2 how many per source).
+SELECT q.id, q.source_id, q.lead_id
+FROM unnest($1::bigint[], $2::integer[]) AS s (id, take)
+CROSS JOIN LATERAL (
+    SELECT c.id, c.source_id, c.lead_id
+    FROM contacts c
+    WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL
+    ORDER BY c.id
+    LIMIT s.take
+) AS q
+ORDER BY q.source_id, q.id;
+
+-- name: previous_operators
+-- For each contact, the operator of its lead's latest other assigned contact through the
+-- same source within the source's affinity window ($1 contact ids, $2 lead ids,
+-- $3 source ids, $4 hours).
+SELECT DISTINCT ON (q.id) q.id AS contact_id, c.operator_id
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[])
+    AS q (id, lead_id, source_id, hours)
+JOIN contacts c
+  ON c.lead_id = q.lead_id AND c.source_id = q.source_id AND c.id <> q.id
+ AND c.operator_id IS NOT NULL AND c.created_at >= now() - make_interval(hours => q.hours)
+ORDER BY q.id, c.created_at DESC;
+
+-- name: assign_contacts
+-- Take the operators' capacity (their rows are already locked) and hand them the queued
+-- contacts, in one statement ($1 contact ids, $2 operator ids, $3 operator ids once each,
+-- $4 units each).
+WITH claimed AS (
+    UPDATE operators o
+    SET open_load = o.open_load + t.n, last_assigned_at = now()
+    FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
+    WHERE o.id = t.id
+)
+UPDATE contacts c
+SET operator_id = t.operator_id, assigned_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS t (id, operator_id), leads l
+WHERE c.id = t.id AND c.status = 'open' AND c.operator_id IS NULL AND l.id = c.lead_id
+RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,
+          c.created_at, c.assigned_at;
+
+-- name: store_smooth_lags
+-- The smooth strategy's state after a batch ($1 source ids, $2 operator ids, $3 lags).
+UPDATE source_weights w
+SET smooth_lag = t.lag
+FROM unnest($1::bigint[], $2::bigint[], $3::double precision[]) AS t (source_id, operator_id, lag)
+WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
+
+-- name: insert_events
+-- Events of a batch, in the order given, and a wake-up for the relays at commit
+-- ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads).
+WITH inserted AS (
+    INSERT INTO outbox (event_id, contact_id, routing_key, payload)
+    SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
+        AS t (event_id, contact_id, routing_key, payload)
+    RETURNING 1
+)
+SELECT pg_notify('leadrouter_outbox', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_row;

@@ -29,7 +29,14 @@ class Settings(BaseSettings):
 
     # Deliveries after which the broker dead-letters a message that keeps failing.
     delivery_limit: int = Field(default=10, ge=1)
-    prefetch: int = Field(default=32, ge=1)
+    # Micro-batching: up to batch_size messages per transaction, concurrent_batches
+    # transactions at once; prefetch should cover both (batch_size * concurrent_batches).
+    prefetch: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=50, ge=1)
+    concurrent_batches: int = Field(default=4, ge=1)
+    # Wait this long for a batch to fill when fewer messages are waiting (0: take what
+    # is there; batches then form by themselves under load).
+    batch_linger_seconds: float = Field(default=0.0, ge=0, le=1)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
     pool_size: int = Field(default=8, ge=1)
 

@@ -29,7 +29,7 @@ def queries() -> dict[str, str]:
 
 
 class _Queries:
-    """Attribute access to the queries: `Q.claim_operator`."""
+    """Attribute access to the queries: `Q.assign_contacts`."""
 
     def __getattr__(self, name: str) -> str:
         try:

@@ -181,14 +181,14 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     await admin.add_source(pool, "tg", None, "", None)
     op = (await admin.add_operator(pool, "a", 100, True))["id"]
     await admin.set_weights(pool, "tg", {op: 1})
-    real = distribution.route_new_contact
+    real = distribution.route
 
-    async def buggy(conn: asyncpg.Connection, message: Any, message_id: str) -> Any:
-        if message.lead.external_id == "boom":
+    async def buggy(conn: asyncpg.Connection, plan: Any, new: Any = (), close_ids: Any = ()) -> Any:
+        if any(n.body.lead.external_id == "boom" for n in new):
             raise RuntimeError("a bug")
-        return await real(conn, message, message_id)
+        return await real(conn, plan, new, close_ids)
 
-    monkeypatch.setattr(distribution, "route_new_contact", buggy)
+    monkeypatch.setattr(distribution, "route", buggy)
     limited = settings
     app = Worker(limited)
     await app.start()

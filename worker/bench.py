@@ -1,0 +1,328 @@
+"""`leadrouter bench`: end-to-end throughput and latency of the real worker against the
+configured PostgreSQL and RabbitMQ, in a throwaway database and exchange/queue names of
+its own (`<database>_bench_<id>`, `leadrouter-bench-<id>.*`), removed afterwards.
+
+Throughput mode pre-publishes every lead, then starts the worker(s) and measures from
+the first event to the last. Paced mode (`--rate R`) starts the worker(s) first and
+publishes R messages per second, measuring each message's publish→event latency."""
+
+import asyncio
+import ctypes
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+from aiormq.abc import DeliveredMessage
+from rich.console import Console
+from rich.progress import Progress
+
+from worker import admin, log, topology
+from worker.app import Worker
+from worker.errors import UserError
+from worker.migrate import migrate
+from worker.settings import Settings
+
+OPERATORS = 40
+WEIGHTS_PER_SOURCE = 4
+PUBLISH_WINDOW = 1000  # confirms in flight while pre-publishing
+RSS_MILESTONE = 10_000
+STALL_SECONDS = 60
+_INBOUND_KEY = b'"inbound_message_id": "'
+
+
+@dataclass
+class Result:
+    mode: str
+    messages: int
+    sources: int
+    workers: str  # "in-process" or the number of processes
+    batch_size: int
+    prefetch: int
+    seconds: float = 0.0
+    messages_per_second: float = 0.0
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    cpu_seconds_per_1000: float = 0.0
+    peak_rss_mb: float = 0.0
+    rss_at_10000_mb: float | None = None
+    rss_at_end_mb: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def bench_settings(base: Settings, run_id: str) -> Settings:
+    parts = urlsplit(base.database_url)
+    database = f"{parts.path.lstrip('/') or 'leadrouter'}_bench_{run_id}"
+    prefix = f"leadrouter-bench-{run_id}."
+    return base.model_copy(
+        update={
+            "database_url": urlunsplit(parts._replace(path=f"/{database}")),
+            "inbound_exchange": prefix + "inbound",
+            "inbound_queue": prefix + "inbound",
+            "events_exchange": prefix + "events",
+            "dead_exchange": prefix + "dead",
+            "dead_queue": prefix + "dead",
+            "metrics_port": 0,
+            "log_level": "WARNING",
+        }
+    )
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _setup_routing(pool: asyncpg.Pool, sources: int, rng: random.Random) -> list[str]:
+    ops = [
+        (await admin.add_operator(pool, f"op{n}", 10_000_000, True))["id"] for n in range(OPERATORS)
+    ]
+    keys = [f"bench-{n}" for n in range(sources)]
+    for key in keys:
+        await admin.add_source(pool, key, None, "", None)
+        chosen = rng.sample(ops, k=min(WEIGHTS_PER_SOURCE, len(ops)))
+        await admin.set_weights(pool, key, {op: rng.randint(1, 5) for op in chosen})
+    return keys
+
+
+def _lead(keys: list[str], n: int, rng: random.Random) -> aio_pika.Message:
+    body = {
+        "source": keys[n % len(keys)],
+        "lead": {"external_id": f"bench:{rng.randrange(1_000_000)}", "name": "Bench Lead"},
+        "message": "Hello, I would like a quote.",
+    }
+    return aio_pika.Message(
+        json.dumps(body).encode(),
+        message_id=f"b-{n}",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+class _Events:
+    """Counts first events (assigned or queued) per inbound message, with arrival times."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.arrived: dict[str, float] = {}
+        self.first = self.last = 0.0
+        self.rss_at_milestone: float | None = None
+        self.milestone_hook = lambda: None
+        self.done = asyncio.Event()
+
+    async def on_message(self, message: DeliveredMessage) -> None:
+        """Lean on purpose (aiormq, no JSON parse): the bench shares the machine with the
+        worker, and its own cost should not set the pace."""
+        body = message.body
+        if message.routing_key == "contact.closed":
+            return
+        now = time.perf_counter()
+        start = body.index(_INBOUND_KEY) + len(_INBOUND_KEY)
+        inbound = body[start : body.index(b'"', start)].decode()
+        if inbound in self.arrived:
+            return
+        self.arrived[inbound] = now
+        self.first = self.first or now
+        self.last = now
+        if len(self.arrived) == RSS_MILESTONE:
+            self.milestone_hook()
+        if len(self.arrived) >= self.expected:
+            self.done.set()
+
+
+async def run_bench(
+    base: Settings,
+    messages: int,
+    sources: int,
+    workers: int,
+    rate: float | None,
+    console: Console,
+) -> Result:
+    log.configure("WARNING", base.log_format)
+    run_id = uuid.uuid4().hex[:8]
+    settings = bench_settings(base, run_id)
+    rng = random.Random(42)
+    result = Result(
+        mode=f"paced {rate:g}/s" if rate else "throughput",
+        messages=messages,
+        sources=sources,
+        workers=str(workers) if workers else "in-process",
+        batch_size=getattr(settings, "batch_size", 1),
+        prefetch=settings.prefetch,
+    )
+    await migrate(settings.database_url, settings.migrations_dir)
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    procs: list[subprocess.Popen[bytes]] = []
+    worker: Worker | None = None
+    try:
+        async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            keys = await _setup_routing(pool, sources, rng)
+        channel = await connection.channel(publisher_confirms=True)
+        declared = await topology.declare(channel, settings)
+        inbound = declared.exchanges[settings.inbound_exchange]
+        events = _Events(messages)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(declared.exchanges[settings.events_exchange], "#")
+        raw = await channel.get_underlay_channel()
+        await raw.basic_consume(queue.name, events.on_message, no_ack=True)
+
+        async def start_workers() -> None:
+            nonlocal worker
+            if workers:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
+                env.update(
+                    {f"LEADROUTER_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
+                )
+                for _ in range(workers):
+                    procs.append(
+                        subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                            [sys.executable, "-m", "worker.cli", "worker"],
+                            env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent,
+                        )
+                    )
+            else:
+                worker = Worker(settings)
+                await worker.start()
+
+        def rss_now() -> float:
+            return sum(_rss_mb(p.pid) for p in procs) if procs else _rss_mb()
+
+        def milestone() -> None:
+            result.rss_at_10000_mb = round(rss_now(), 1)
+
+        events.milestone_hook = milestone
+        sent_at: dict[str, float] = {}
+        cpu_before = 0.0 if workers else time.process_time()
+        with Progress(console=console, transient=True) as progress:
+            if rate is None:
+                task = progress.add_task("publishing", total=messages)
+                for start in range(0, messages, PUBLISH_WINDOW):
+                    batch = range(start, min(start + PUBLISH_WINDOW, messages))
+                    await asyncio.gather(
+                        *(inbound.publish(_lead(keys, n, rng), "lead.contact") for n in batch)
+                    )
+                    progress.update(task, advance=len(batch))
+                await start_workers()
+            else:
+                await start_workers()
+                await asyncio.sleep(1)  # let the workers connect before the clock starts
+                task = progress.add_task(f"publishing at {rate:g}/s", total=messages)
+                started = time.perf_counter()
+                pending: set[asyncio.Task[object]] = set()
+                for n in range(messages):
+                    due = started + n / rate
+                    if (delay := due - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
+                    sent_at[f"b-{n}"] = time.perf_counter()
+                    t = asyncio.create_task(inbound.publish(_lead(keys, n, rng), "lead.contact"))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                    progress.update(task, advance=1)
+                await asyncio.gather(*pending)
+            task = progress.add_task("routing", total=messages)
+            last_progress, seen = time.monotonic(), 0
+            while not events.done.is_set():
+                await asyncio.sleep(0.2)
+                progress.update(task, completed=len(events.arrived))
+                if len(events.arrived) > seen:
+                    last_progress, seen = time.monotonic(), len(events.arrived)
+                exited = [p.returncode for p in procs if p.poll() is not None]
+                if exited:
+                    raise UserError(f"a worker exited with code {exited[0]} during the bench")
+                if time.monotonic() - last_progress > STALL_SECONDS:
+                    raise UserError(
+                        f"no progress for {STALL_SECONDS}s at {seen} of {messages} messages"
+                    )
+        result.rss_at_end_mb = round(rss_now(), 1)
+        if workers:
+            cpu = sum(_cpu_seconds(p.pid) for p in procs)
+            peak = max(_peak_rss_mb(p.pid) for p in procs)
+        else:
+            cpu = time.process_time() - cpu_before
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.seconds = round(events.last - events.first, 3)
+        result.messages_per_second = round((messages - 1) / max(result.seconds, 1e-9), 1)
+        result.cpu_seconds_per_1000 = round(cpu / messages * 1000, 3)
+        result.peak_rss_mb = round(peak, 1)
+        if sent_at:
+            latencies = [(events.arrived[m] - t) * 1000 for m, t in sent_at.items()]
+            result.latency_p50_ms = round(_percentile(latencies, 0.50), 2)
+            result.latency_p99_ms = round(_percentile(latencies, 0.99), 2)
+            result.messages_per_second = round(rate or 0, 1)
+        return result
+    finally:
+        if worker is not None:
+            await worker.stop()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        channel = await connection.channel()
+        await topology.delete(channel, settings)
+        await connection.close()
+        await _drop_database(settings.database_url)
+
+
+# Resolved in the parent: between fork and exec the child may only make the call.
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """Workers of a bench that was killed must not live on."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _drop_database(url: str) -> None:
+    parts = urlsplit(url)
+    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:  # the bench's own database; an identifier cannot be a parameter
+        await conn.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def render(result: Result, console: Console) -> None:
+    rows = {k: v for k, v in asdict(result).items() if v is not None and k != "extra"}
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        console.print(f"{key:<{width}}  {value}")
