@@ -90,7 +90,9 @@ class Worker:
         self._queue = (await topology.declare(consume_channel, s)).queues[s.inbound_queue]
 
         self.relay = OutboxRelay(self._pool, publish_channel, s, self.metrics)
-        self.consumer = Consumer(self._pool, declared.exchanges[s.dead_exchange], s, self.metrics)
+        self.consumer = Consumer(
+            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay.wake
+        )
         self.consumer.start()
         await self._consume()
         self._tasks = [
@@ -101,28 +103,41 @@ class Worker:
         logger.info("worker_started", metrics_port=self.health_port)
 
     async def stop(self) -> None:
-        """Stop taking messages, let in-flight ones finish within the grace period,
-        publish what they committed, then close."""
+        """Stop taking messages, let in-flight ones finish, publish what they committed,
+        then close; all within the grace period (then unfinished work is rolled back and
+        redelivered by the broker)."""
         logger.info("worker_stopping")
-        grace = self.settings.shutdown_grace_seconds
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.5)
+
         self._stop.set()
+        # The probe first: it could otherwise resume consuming behind our back.
+        for task in self._tasks:
+            if task.get_name() == "health-probe":
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._consumer_tag is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pause(), timeout=grace or 1)
+                await asyncio.wait_for(self._pause(), timeout=left())
+        self.readiness.consuming = False
         if self.consumer is not None:
-            abandoned = await self.consumer.drain(grace)
+            abandoned = await self.consumer.drain(left())
             if abandoned:  # rolled back or never started; the broker redelivers them
                 logger.warning("in_flight_abandoned", count=abandoned)
         if self.relay is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.relay.drain(), timeout=grace or 1)
+                await asyncio.wait_for(self.relay.drain(), timeout=left())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), timeout=left())
         if self._pool is not None:
-            await self._pool.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), timeout=left())
         if self._health is not None:
             self._health.stop()
         logger.info("worker_stopped", outcomes=dict(self.outcomes))
@@ -132,10 +147,10 @@ class Worker:
 
     async def run(self) -> None:
         """Run until request_stop() (a signal handler in the CLI)."""
-        await self.start()
         try:
+            await self.start()
             await self._stop.wait()
-        finally:
+        finally:  # also after a failed start: release what it had opened
             await asyncio.shield(self.stop())
 
     async def _consume(self) -> None:

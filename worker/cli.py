@@ -2,6 +2,7 @@
 wrong input prints one line on stderr and exits non-zero."""
 
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -26,8 +27,11 @@ from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 P = ParamSpec("P")
 T = TypeVar("T")
 BIGINT = click.IntRange(1, 2**63 - 1)
+MAX_LOAD = click.IntRange(0, 2**31 - 1)
 CONNECTION_ERRORS = (
     OSError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     aiormq.exceptions.AMQPConnectionError,
@@ -141,7 +145,9 @@ def operators() -> None:
 
 @operators.command("add")
 @click.argument("name")
-@click.option("--max-load", default=10, show_default=True, type=int, help="Most open contacts.")
+@click.option(
+    "--max-load", default=10, show_default=True, type=MAX_LOAD, help="Most open contacts."
+)
 @click.option("--inactive", is_flag=True, help="Create switched off.")
 @click.option("--json", "as_json", is_flag=True)
 @run_async
@@ -164,7 +170,7 @@ async def operators_list(as_json: bool) -> None:
 @operators.command("update")
 @click.argument("operator_id", type=BIGINT)
 @click.option("--name")
-@click.option("--max-load", type=int)
+@click.option("--max-load", type=MAX_LOAD)
 @click.option("--active/--inactive", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
@@ -430,8 +436,16 @@ async def publish(
         )
     except ValidationError as exc:
         raise UserError(f"invalid message: {describe(exc)}") from None
+    from aio_pika.exceptions import PublishError
+
     message_id = message_id or str(uuid.uuid4())
-    await publish_lead(_settings(), body, message_id)
+    try:
+        await publish_lead(_settings(), body, message_id)
+    except PublishError:
+        raise UserError(
+            "the broker returned the message: no queue is bound to the inbound exchange; "
+            "start `leadrouter worker` once to declare it"
+        ) from None
     click.echo(f"published lead.contact {message_id}")
 
 
@@ -670,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         return _fail(str(exc), 1)
     except CONNECTION_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return _fail(f"the metrics port is taken ({exc}); set LEADROUTER_METRICS_PORT", 2)
         settings = Settings()
         return _fail(
             f"cannot reach a service ({type(exc).__name__}: {exc}); "
@@ -682,6 +698,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc}; start `leadrouter worker` once to declare the topology", 2)
     except asyncpg.InvalidCatalogNameError as exc:
         return _fail(f"{exc}; run `leadrouter migrate` to create it", 2)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Anything else the database refused (a deadlock with another admin, a value it
+        # cannot store): one line; running the command again is safe.
+        return _fail(f"the database refused: {type(exc).__name__}: {exc}", 1)
     return result if isinstance(result, int) else 0
 
 

@@ -90,7 +90,9 @@ class Consumer:
         dead_exchange: AbstractExchange,
         settings: Settings,
         metrics: Metrics,
+        on_commit: Callable[[], None] = lambda: None,
     ):
+        self._on_commit = on_commit  # wakes the relay without waiting for NOTIFY
         self._pool = pool
         self._dead = dead_exchange
         self._settings = settings
@@ -224,6 +226,7 @@ class Consumer:
                 else:
                     routable_closes.append(body.contact_id)
             outcome = await distribution.route(conn, plan, routable_new, routable_closes)
+        self._on_commit()
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
@@ -310,6 +313,9 @@ class Consumer:
                 # at the queue's delivery limit, so it neither loops forever nor is lost.
                 self._count("error")
                 logger.error("message_failed", message_id=message.message_id, exc_info=failure)
+                # Not at once: a failure that hits every message must not burn the
+                # whole queue's delivery limits in milliseconds.
+                await asyncio.sleep(backoff(3, self._settings.retry_max_seconds))
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
             return False

@@ -21,7 +21,7 @@ from worker import log, publisher, routing_file, stats, topology
 from worker.app import Worker
 from worker.migrate import migrate
 from worker.settings import Settings, mask_url
-from worker.sql import Q
+from worker.sql import Q, quote_identifier
 
 TIMEOUT_SECONDS = 60
 PUBLISH_BATCH = 200
@@ -56,7 +56,7 @@ async def _recreate_database(url: str) -> None:
     name = parts.path.lstrip("/")
     conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
     try:  # the demo's own database; an identifier cannot be a parameter
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_identifier(name)} WITH (FORCE)")
     finally:
         await conn.close()
 

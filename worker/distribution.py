@@ -9,7 +9,9 @@ the rare cycle between releasing and claiming operators is a deadlock that Postg
 breaks and the caller retries."""
 
 import json
+import os
 import random
+import socket
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -26,6 +28,8 @@ from worker.strategies import Candidate
 
 _rng = random.SystemRandom()
 MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
+# Signs this process's outbox notifications: its own relay is woken directly instead.
+WRITER = f"{socket.gethostname()}:{os.getpid()}"
 
 Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
 
@@ -123,15 +127,12 @@ async def route(
     drain: set[int] = set()
     if close_ids:
         freed = await _close(conn, close_ids, outcome, events)
-        for operator_id in freed:
-            sources = next(
-                r["operator_source_ids"]
-                for r in plan.closes.values()
-                if r["operator_id"] == operator_id
-            )
-            # Only sources whose lock we hold may be routed now; the sweep covers the
-            # rare contact assigned to another operator between our read and our lock.
-            drain.update(set(sources) & locked)
+        if freed:
+            # Read again under the locks: a contact queued when planned may have been
+            # given to an operator since. Only sources whose lock we hold may be routed
+            # now; the sweep covers the rare others.
+            rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
+            drain.update({r["source_id"] for r in rows} & locked)
     created: dict[str, asyncpg.Record] = {}
     if new:
         created = await _record(conn, plan, new, outcome)
@@ -277,6 +278,10 @@ async def _drain(
             [claimed[i] for i in ids],
         )
     }
+    if len(rows) != len(plan.assignments):
+        # The operator rows are locked, so this cannot happen; if it ever does, roll the
+        # whole batch back rather than record a half-done routing.
+        raise RuntimeError(f"assigned {len(rows)} of {len(plan.assignments)} contacts")
     if plan.lags:
         keys = list(plan.lags)
         await conn.execute(
@@ -396,4 +401,4 @@ class _Events:
     async def write(self, conn: asyncpg.Connection) -> None:
         if not self.rows:
             return
-        await conn.execute(Q.insert_events, *map(list, zip(*self.rows, strict=True)))
+        await conn.execute(Q.insert_events, *map(list, zip(*self.rows, strict=True)), WRITER)

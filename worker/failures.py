@@ -15,13 +15,19 @@ T = TypeVar("T")
 
 # SQLSTATE classes that a retry can outlive: connection exception, transaction rollback
 # (serialization failure, deadlock), insufficient resources, operator intervention
-# (admin shutdown, cannot connect now).
-_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}
+# (admin shutdown, cannot connect now), invalid authorization (a rotated password).
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "28", "40", "53", "57"}
+# States of the whole deployment rather than of one message, which ops fix while the
+# messages wait: a read-only database (failover), missing privilege, a worker deployed
+# before `leadrouter migrate` (undefined table or column), a lock timeout, a dropped
+# database. Handing messages back would burn their delivery limit in milliseconds.
+_TRANSIENT_SQLSTATES = {"25006", "42501", "42P01", "42703", "55P03", "3D000"}
 
 
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
-        return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+        state = exc.sqlstate or ""
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):

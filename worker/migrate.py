@@ -10,7 +10,7 @@ import asyncpg
 from worker import log
 from worker.errors import UserError
 from worker.settings import mask_url
-from worker.sql import Q
+from worker.sql import Q, quote_identifier
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 logger = log.get(__name__)
@@ -55,7 +55,7 @@ async def ensure_database(url: str) -> bool:
     maintenance = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
     try:
         # An identifier cannot be a parameter; the name comes from configuration.
-        await maintenance.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+        await maintenance.execute(f"CREATE DATABASE {quote_identifier(name)}")
     except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
         # Another process created it first (a simultaneous CREATE DATABASE can also
         # surface as a unique violation on pg_database).

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
 from worker import log
+from worker.distribution import WRITER
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -32,6 +33,10 @@ class OutboxRelay:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, writer: str) -> None:
+        if writer != WRITER:  # our own commits wake us directly
+            self._wake.set()
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending events; returns how many."""
@@ -76,7 +81,13 @@ class OutboxRelay:
             while not stop.is_set():
                 self._wake.clear()
                 try:
-                    await self.drain()
+                    # One claim first; when it comes back full, several at once (SKIP
+                    # LOCKED keeps them apart), as one relay waiting for confirms would
+                    # otherwise set the pace under load.
+                    if await self.publish_pending() == self._settings.outbox_batch:
+                        await asyncio.gather(
+                            *(self.drain() for _ in range(self._settings.outbox_concurrency))
+                        )
                     attempt = 0
                 except Exception as exc:
                     if not is_transient(exc):
@@ -96,22 +107,24 @@ class OutboxRelay:
                 await listener
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        """Keep a LISTEN connection; reconnect when it drops (the sweep covers the gap)."""
+        """Keep a LISTEN connection; reconnect when it drops (the sweep covers the gap),
+        backing off when it keeps dropping (a standby in recovery cannot LISTEN)."""
         attempt = 0
         while not stop.is_set():
+            if attempt:
+                await asyncio.sleep(max(backoff(attempt, self._settings.retry_max_seconds), 0.5))
+            attempt += 1
             try:
                 conn = await asyncpg.connect(self._settings.database_url)
             except Exception as exc:
-                attempt += 1
                 logger.warning("outbox_listen_failed", error=type(exc).__name__)
-                await asyncio.sleep(max(backoff(attempt, self._settings.retry_max_seconds), 0.5))
                 continue
-            attempt = 0
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
-                await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
+                await conn.add_listener(CHANNEL, self._notified)
                 self._wake.set()  # catch up on what was committed while not listening
+                attempt = 0
                 await lost.wait()
             except Exception as exc:
                 logger.warning("outbox_listen_lost", error=type(exc).__name__)

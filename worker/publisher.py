@@ -36,6 +36,7 @@ async def publish_lead(settings: Settings, body: LeadContact, message_id: str) -
     """Publish one `lead.contact` as a bot would, waiting for the broker's confirm."""
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
+        # Raises PublishError when nothing is bound to take it, rather than "succeed".
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(settings.inbound_exchange)
         await publish(exchange, "lead.contact", lead_contact_message(body, message_id))

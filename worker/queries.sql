@@ -31,6 +31,10 @@ WHERE c.status = 'open' AND c.operator_id IS NULL
               WHERE w.source_id = c.source_id AND o.is_active AND o.open_load < o.max_load)
 ORDER BY c.source_id;
 
+-- name: sources_of_operators
+-- The sources these operators are weighted for ($1 operator ids).
+SELECT DISTINCT source_id FROM source_weights WHERE operator_id = ANY($1::bigint[]);
+
 -- name: operator_source_ids
 -- The sources an operator is weighted for ($1 operator id).
 SELECT source_id FROM source_weights WHERE operator_id = $1 ORDER BY source_id;
@@ -312,18 +316,21 @@ ORDER BY q.id, c.created_at DESC;
 
 -- name: assign_contacts
 -- Take the operators' capacity (their rows are already locked) and hand them the queued
--- contacts, in one statement ($1 contact ids, $2 operator ids, $3 operator ids once each,
+-- contacts, in one statement; an operator whose capacity would be exceeded claims
+-- nothing and gets none ($1 contact ids, $2 operator ids, $3 operator ids once each,
 -- $4 units each).
 WITH claimed AS (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
-    WHERE o.id = t.id
+    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    RETURNING o.id
 )
 UPDATE contacts c
 SET operator_id = t.operator_id, assigned_at = now()
 FROM unnest($1::bigint[], $2::bigint[]) AS t (id, operator_id), leads l
 WHERE c.id = t.id AND c.status = 'open' AND c.operator_id IS NULL AND l.id = c.lead_id
+  AND t.operator_id IN (SELECT id FROM claimed)
 RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,
           c.created_at, c.assigned_at;
 
@@ -335,8 +342,9 @@ FROM unnest($1::bigint[], $2::bigint[], $3::double precision[]) AS t (source_id,
 WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
 
 -- name: insert_events
--- Events of a batch, in the order given, and a wake-up for the relays at commit
--- ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads).
+-- Events of a batch, in the order given, and a wake-up for the relays at commit, signed
+-- by the writer so that it can ignore its own ($1 event ids, $2 contact ids, $3 routing
+-- keys, $4 JSON payloads, $5 writer).
 WITH inserted AS (
     INSERT INTO outbox (event_id, contact_id, routing_key, payload)
     SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
@@ -344,4 +352,4 @@ WITH inserted AS (
         AS t (event_id, contact_id, routing_key, payload)
     RETURNING 1
 )
-SELECT pg_notify('leadrouter_outbox', '') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_row;
+SELECT pg_notify('leadrouter_outbox', $5) FROM (SELECT 1 FROM inserted LIMIT 1) AS any_row;

@@ -1,5 +1,6 @@
 """Configuration, from LEADROUTER_* environment variables (or a secrets directory)."""
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,17 +31,21 @@ class Settings(BaseSettings):
     # Deliveries after which the broker dead-letters a message that keeps failing.
     delivery_limit: int = Field(default=10, ge=1)
     # Micro-batching: up to batch_size messages per transaction, concurrent_batches
-    # transactions at once; prefetch should cover both (batch_size * concurrent_batches).
-    prefetch: int = Field(default=200, ge=1)
-    batch_size: int = Field(default=50, ge=1)
-    concurrent_batches: int = Field(default=4, ge=1)
+    # transactions at once; prefetch covers them and the next batch arriving meanwhile.
+    # Chosen by `leadrouter bench` (README, Performance): batches of a source set mostly
+    # overlap, so a second batcher waits on the first's locks, and splitting the arrivals
+    # in two makes smaller, costlier transactions at moderate load.
+    prefetch: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=200, ge=1)
+    concurrent_batches: int = Field(default=1, ge=1)
     # Wait this long for a batch to fill when fewer messages are waiting (0: take what
     # is there; batches then form by themselves under load).
     batch_linger_seconds: float = Field(default=0.0, ge=0, le=1)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
     pool_size: int = Field(default=8, ge=1)
 
-    outbox_batch: int = Field(default=200, ge=1)
+    outbox_batch: int = Field(default=500, ge=1)
+    outbox_concurrency: int = Field(default=2, ge=1)
     outbox_sweep_seconds: float = Field(default=5.0, gt=0)
     backlog_sweep_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=5.0, gt=0)
@@ -68,10 +73,14 @@ class Settings(BaseSettings):
 
 
 def mask_url(url: str) -> str:
-    """Replace the password of a URL with ***; works for multi-host libpq URLs too."""
+    """Replace the password of a URL with ***, in the user part and in a `password=`
+    query parameter (libpq accepts both); works for multi-host libpq URLs too."""
     parts = urlsplit(url)
+    masked = parts
     userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+    if at and ":" in userinfo:
+        masked = masked._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hosts}")
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    masked = masked._replace(query=query)
+    # Untouched when there is nothing to hide (urlunsplit would drop an empty host's //).
+    return url if masked == parts else urlunsplit(masked)

@@ -39,3 +39,9 @@ class _Queries:
 
 
 Q = _Queries()
+
+
+def quote_identifier(name: str) -> str:
+    """A database name as a quoted SQL identifier. Only for names from configuration:
+    CREATE/DROP DATABASE take no parameters."""
+    return '"' + name.replace('"', '""') + '"'

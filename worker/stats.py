@@ -15,6 +15,7 @@ from worker.sql import Q
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 BAR_WIDTH = 24
+MAX_WINDOW = timedelta(days=36_500)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -22,7 +23,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text.strip())
     if not match or int(match[1]) > 10_000_000:
         raise UserError(f"invalid duration {text!r}: use a number and one of s, m, h, d, w (24h)")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    window = timedelta(**{_UNITS[match[2]]: int(match[1])})
+    if window > MAX_WINDOW:
+        raise UserError(f"duration {text!r} reaches back further than 100 years")
+    return window
 
 
 @dataclass

@@ -165,7 +165,7 @@ def test_concurrent_migrate_creates_the_database_once(
         outputs = [p.communicate(timeout=60) for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], outputs
         applied = sorted(int(out.split()[1]) for out, _ in outputs)
-        migrations = len(list(Path("migrations").glob("*.sql")))
+        migrations = len(list((Path(__file__).parents[2] / "migrations").glob("*.sql")))
         assert applied == [0, 0, migrations]
         assert leadrouter(fresh, "migrate").stdout.strip() == "applied 0 migration(s)"
     finally:
@@ -381,3 +381,27 @@ def test_contract_files_are_in_sync(settings: Settings, tmp_path: Path) -> None:
     fails_cleanly(
         settings, "contract", "--directory", str(tmp_path), "--check", expect="asyncapi.yaml"
     )
+
+
+def test_values_the_database_cannot_take_are_one_line(settings: Settings) -> None:
+    """Found by review: these reached the database and came back as tracebacks."""
+    fails_cleanly(
+        settings, "operators", "add", "A", "--max-load", "3000000000", expect="--max-load"
+    )
+    fails_cleanly(settings, "stats", "--since", "800000d", expect="100 years")
+    result = subprocess.run(  # an argument that is not UTF-8 arrives with surrogates
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "leads",
+            "show",
+            b"\xff".decode("utf-8", "surrogateescape"),
+        ],
+        env=worker_env(settings),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0 and b"Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

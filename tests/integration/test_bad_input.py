@@ -162,6 +162,8 @@ async def test_bad_input_is_dead_lettered_with_its_reason(
         sent = body if isinstance(body, bytes) else json.dumps(body).encode()
         assert dead_body == sent, f"{case}: the dead letter keeps the original body"
     # Dead-lettered once, at once: no retries, nothing written.
+    # Counted once the broker confirmed the dead letter, which can be after we read it.
+    await wait_until(lambda: _settled(worker, len(BAD_INPUT) + 2), what="every outcome counted")
     assert worker.outcomes["ok"] == 2
     assert sum(worker.outcomes.values()) == len(BAD_INPUT) + 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 2
@@ -207,3 +209,7 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     assert death["reason"] == b"delivery_limit" or death["reason"] == "delivery_limit"  # type: ignore[index]
     assert app.outcomes["error"] >= 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
+
+
+async def _settled(worker: Worker, n: int) -> bool:
+    return sum(worker.outcomes.values()) >= n

@@ -125,7 +125,8 @@ async def test_queued_contact_is_assigned_within_a_second_of_a_close(
     [_, late] = await events.wait_for("contact.assigned", 2, timeout=5)
     waited = time.monotonic() - closed_at
     assert waited < 1.0, f"assigned {waited:.3f}s after the close"
-    assert late.data.contact_id == queued[0].data.contact_id  # the oldest first
+    # The oldest queued contact first (events of one relay batch may arrive in any order).
+    assert late.data.contact_id == min(e.data.contact_id for e in queued)
     assert late.data.queued_seconds is not None and late.data.queued_seconds > 0
 
 

@@ -99,7 +99,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
     op = (await admin.add_operator(pool, "a", 10_000, True))["id"]
     await admin.set_weights(pool, "tg", {op: 1})
     exchange = await broker.get_exchange(settings.inbound_exchange)
-    total = 400
+    total = 3000  # enough that the worker is still busy when SIGTERM comes
     await asyncio.gather(
         *(
             exchange.publish(raw_message(lead("tg", f"t:{n}"), f"t-{n}"), "lead.contact")
@@ -128,6 +128,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
 
 
 async def test_several_workers_one_killed_keep_every_invariant(
+    request: pytest.FixtureRequest,
     pool: asyncpg.Pool,
     settings: Settings,
     broker: aio_pika.abc.AbstractChannel,
@@ -156,6 +157,7 @@ async def test_several_workers_one_killed_keep_every_invariant(
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch_capacity())
+    request.addfinalizer(watcher.cancel)  # also when an assertion fails early
     with worker_processes(settings, tmp_path) as procs:
         for n in range(3):
             procs.append(spawn(settings, tmp_path, n))

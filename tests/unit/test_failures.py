@@ -21,6 +21,13 @@ TRANSIENT: list[BaseException] = [
     asyncpg.exceptions.ConnectionDoesNotExistError(),
     aiormq.exceptions.AMQPConnectionError(),
     aiormq.exceptions.ChannelClosed(),
+    # States of the deployment, which hit every message alike: they wait, not burn the
+    # delivery limit (found by review).
+    asyncpg.exceptions.UndefinedTableError(),
+    asyncpg.exceptions.InvalidPasswordError(),
+    asyncpg.exceptions.ReadOnlySQLTransactionError(),
+    asyncpg.exceptions.InsufficientPrivilegeError(),
+    asyncpg.exceptions.LockNotAvailableError(),
 ]
 
 PERMANENT: list[BaseException] = [
@@ -29,7 +36,6 @@ PERMANENT: list[BaseException] = [
     KeyError(),
     asyncpg.exceptions.UniqueViolationError(),
     asyncpg.exceptions.CheckViolationError(),
-    asyncpg.exceptions.UndefinedTableError(),
     asyncpg.exceptions.CharacterNotInRepertoireError(),
 ]
 
