@@ -67,3 +67,22 @@ def raw_message(body: Any, message_id: str | None = None, **kwargs: Any) -> aio_
 
 def lead(source: str, external_id: str, **fields: Any) -> dict[str, Any]:
     return {"source": source, "lead": {"external_id": external_id, **fields}, "message": "hi"}
+
+
+async def settled(worker: Any, n: int) -> bool:
+    """Whether a worker has settled (acked, dead-lettered or handed back) n messages."""
+    return sum(worker.outcomes.values()) >= n
+
+
+def crash_route_on(monkeypatch: Any, external_id: str) -> None:
+    """Make routing raise, like a bug would, for batches holding this lead."""
+    from worker import distribution
+
+    real = distribution.route
+
+    async def buggy(conn: Any, plan: Any, new: Any = (), close_ids: Any = ()) -> Any:
+        if any(n.body.lead.external_id == external_id for n in new):
+            raise RuntimeError("a bug")
+        return await real(conn, plan, new, close_ids)
+
+    monkeypatch.setattr(distribution, "route", buggy)

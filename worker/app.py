@@ -136,8 +136,10 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), timeout=left())
         if self._pool is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self._pool.close(), timeout=left())
+            except Exception:  # a connection stuck in a query: do not wait for it
+                self._pool.terminate()
         if self._health is not None:
             self._health.stop()
         logger.info("worker_stopped", outcomes=dict(self.outcomes))
@@ -218,6 +220,8 @@ class Worker:
                 continue
             if assigned:
                 logger.info("backlog_swept", assigned=assigned)
+                if self.relay is not None:  # our own NOTIFY does not wake our relay
+                    self.relay.wake()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

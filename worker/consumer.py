@@ -8,9 +8,9 @@ import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import asyncpg
@@ -28,59 +28,79 @@ logger = log.get(__name__)
 T = TypeVar("T")
 
 
-class _AckWindow:
-    """Acks many deliveries in one frame (basic.ack multiple=True), which acks every
-    outstanding delivery of the channel up to a tag: so only up to the oldest delivery
-    still being handled, the later ones waiting for it. Per channel, because delivery
-    tags start again on a channel reopened after a reconnect."""
-
-    def __init__(self) -> None:
-        # channel -> (tags delivered and not settled, settled ones waiting: tag -> message)
-        self._channels: dict[object, tuple[set[int], dict[int, AbstractIncomingMessage]]] = {}
-
-    def delivered(self, message: AbstractIncomingMessage) -> None:
-        self._state(message)[0].add(message.delivery_tag or 0)
-
-    def settled_alone(self, message: AbstractIncomingMessage) -> None:
-        """Nacked or left for redelivery: not ours to ack any more."""
-        outstanding, waiting = self._state(message)
-        outstanding.discard(message.delivery_tag or 0)
-        waiting.pop(message.delivery_tag or 0, None)
-
-    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
-        for message in messages:
-            self._state(message)[1][message.delivery_tag or 0] = message
-        for channel in {m.channel for m in messages}:
-            outstanding, waiting = self._channels[channel]
-            busy = [tag for tag in outstanding if tag not in waiting]
-            limit = min(busy) if busy else None
-            ready = [tag for tag in waiting if limit is None or tag < limit]
-            if not ready:
-                continue
-            top = waiting[max(ready)]
-            for tag in ready:
-                outstanding.discard(tag)
-                del waiting[tag]
-            try:
-                await top.ack(multiple=True)
-            except Exception as exc:
-                # The channel was lost after commit: redeliveries find the work done.
-                logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))
-        for closed in [c for c in self._channels if getattr(c, "is_closed", False)]:
-            del self._channels[closed]
-
-    def _state(
-        self, message: AbstractIncomingMessage
-    ) -> tuple[set[int], dict[int, AbstractIncomingMessage]]:
-        return self._channels.setdefault(message.channel, (set(), {}))
-
-
 @dataclass
 class _Delivery:
     message: AbstractIncomingMessage
+    channel: Any  # the aiormq channel it came on; aio-pika's property raises once closed
     arrived: float
     inbound: Inbound | None = None
     failure: BaseException | None = None  # None once handled: ack
+    decided: bool = False  # acked, held or handed back: nothing more to do
+
+
+@dataclass
+class _ChannelAcks:
+    busy: set[int] = field(default_factory=set)  # delivered, not decided yet
+    done: set[int] = field(default_factory=set)  # to ack
+    held: set[int] = field(default_factory=set)  # left unacked on purpose: never ack
+
+
+class _AckWindow:
+    """Acks many deliveries in one frame. basic.ack multiple=True acks every delivery of
+    the channel up to a tag that is still unacknowledged, so it may only reach up to the
+    oldest delivery still being handled, and never over one left unacked on purpose (for
+    the broker to redeliver): those after such a one are acked one by one. Per channel,
+    because delivery tags start again on a channel reopened after a reconnect."""
+
+    def __init__(self) -> None:
+        self._channels: dict[Any, _ChannelAcks] = {}
+
+    def delivered(self, d: _Delivery) -> None:
+        self._of(d).busy.add(self._tag(d))
+
+    def hold(self, d: _Delivery) -> None:
+        """Left unacked so that the broker redelivers it when the channel closes."""
+        state = self._of(d)
+        state.busy.discard(self._tag(d))
+        state.held.add(self._tag(d))
+
+    def released(self, d: _Delivery) -> None:
+        """A nack was sent: the broker no longer counts it as ours."""
+        self._of(d).busy.discard(self._tag(d))
+
+    async def ack(self, deliveries: Sequence[_Delivery]) -> None:
+        for d in deliveries:
+            state = self._of(d)
+            state.busy.discard(self._tag(d))
+            state.done.add(self._tag(d))
+        for channel in {d.channel for d in deliveries}:
+            state = self._channels[channel]
+            if channel.is_closed:  # its deliveries are back in the queue: forget them
+                del self._channels[channel]
+                continue
+            limit = min(state.busy, default=None)
+            ready = sorted(t for t in state.done if limit is None or t < limit)
+            if not ready:
+                continue
+            first_held = min(state.held, default=None)
+            together = [t for t in ready if first_held is None or t < first_held]
+            alone = [t for t in ready if first_held is not None and t > first_held]
+            state.done.difference_update(ready)
+            try:
+                if together:
+                    await channel.basic_ack(together[-1], multiple=True)
+                for tag in alone:
+                    await channel.basic_ack(tag)
+            except Exception as exc:
+                # The channel was lost after commit: redeliveries find the work done.
+                logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))
+
+    def _of(self, d: _Delivery) -> _ChannelAcks:
+        return self._channels.setdefault(d.channel, _ChannelAcks())
+
+    @staticmethod
+    def _tag(d: _Delivery) -> int:
+        return d.message.delivery_tag or 0
 
 
 class Consumer:
@@ -113,8 +133,9 @@ class Consumer:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Called by aio-pika for each delivery; returns at once."""
-        self._acks.delivered(message)
-        self._buffer.append(_Delivery(message, time.perf_counter()))
+        d = _Delivery(message, message.channel, time.perf_counter())
+        self._acks.delivered(d)
+        self._buffer.append(d)
         self._arrived.set()
 
     async def drain(self, grace: float) -> int:
@@ -129,7 +150,8 @@ class Consumer:
         abandoned = len(self._buffer) + self._busy
         for task in self._batchers:
             task.cancel()
-        await asyncio.gather(*self._batchers, return_exceptions=True)
+        if self._batchers:
+            await asyncio.wait(self._batchers, timeout=max(deadline - time.monotonic(), 1))
         self._buffer.clear()
         return abandoned
 
@@ -147,13 +169,12 @@ class Consumer:
             try:
                 await self._handle(batch)
             except Exception:
-                # Never lose a batcher: hand the batch back (the delivery limit catches a
-                # message that keeps doing this) and carry on.
+                # Never lose a batcher: hand back what was not settled yet (the delivery
+                # limit catches a message that keeps doing this) and carry on.
                 logger.exception("batch_crashed", size=len(batch))
                 for d in batch:
-                    self._acks.settled_alone(d.message)
-                    with contextlib.suppress(Exception):
-                        await d.message.nack(requeue=True)
+                    if not d.decided:
+                        await self._hand_back(d)
             finally:
                 self._busy -= 1
 
@@ -169,33 +190,42 @@ class Consumer:
             except DeadLetter as exc:
                 d.failure = exc
         valid = [d for d in batch if d.inbound is not None]
+        cancelled = False
         if valid:
             try:
                 await self._retrying(lambda: self._route(valid))
-            except (Exception, asyncio.CancelledError) as exc:
-                if (
-                    len(valid) > 1
-                    and not is_transient(exc)
-                    and not isinstance(exc, asyncio.CancelledError)
-                ):
+            except asyncio.CancelledError as exc:
+                cancelled = True
+                for d in valid:
+                    d.failure = exc
+            except Exception as exc:
+                if len(valid) > 1 and not is_transient(exc):
                     # A bug somewhere in the batch: one by one, so it cannot take the
                     # others down with it.
                     logger.warning(
                         "batch_failed_isolating", size=len(valid), error=type(exc).__name__
                     )
-                    for d in valid:
+                    for n, d in enumerate(valid):
                         try:
                             await self._retrying(lambda d=d: self._route([d]))  # type: ignore[misc]
-                        except (Exception, asyncio.CancelledError) as single:
+                        except asyncio.CancelledError as stop:
+                            cancelled = True
+                            for rest in valid[n:]:
+                                rest.failure = stop
+                            break
+                        except Exception as single:
                             d.failure = single
                 else:
                     for d in valid:
                         d.failure = exc
-        acks = await asyncio.gather(*(self._settle(d) for d in batch))
-        await self._acks.ack([d.message for d, ack in zip(batch, acks, strict=True) if ack])
-        for d in batch:
-            if isinstance(d.failure, asyncio.CancelledError):
-                raise d.failure
+        if cancelled:
+            # Shutting down past the grace: leave everything unacked for redelivery
+            # (what committed is found done), publish nothing more.
+            for d in batch:
+                self._hold(d, "deferred")
+            raise asyncio.CancelledError
+        to_ack = await asyncio.gather(*(self._settle(d) for d in batch))
+        await self._acks.ack([d for d, ack in zip(batch, to_ack, strict=True) if ack])
 
     async def _route(self, deliveries: Sequence[_Delivery]) -> None:
         """One transaction for the whole batch; marks unknown sources and contacts as
@@ -276,12 +306,13 @@ class Consumer:
         self._metrics.messages.labels(outcome).inc()
 
     async def _settle(self, d: _Delivery) -> bool:
-        """The one place that decides: returns True to ack, dead-letters first when it
-        must, or hands the message back. Acks are sent by the caller, many at once."""
+        """The one place that decides: returns True to ack (the caller acks many at
+        once), dead-letters first when it must, or holds or hands the message back."""
         message, failure = d.message, d.failure
         try:
             if failure is None:
                 self._count("ok")
+                d.decided = True
                 return True
             if isinstance(failure, DeadLetter):
                 logger.warning(
@@ -294,33 +325,42 @@ class Consumer:
                 try:
                     await self._retrying(lambda: self._publish_dead(message, failure))
                 except Exception:
-                    # Stopping while the broker is away: leave it unacked, it comes back.
-                    logger.warning("dead_letter_deferred", message_id=message.message_id)
-                    self._acks.settled_alone(message)
+                    # Stopping while the broker is away: unacked, it comes back.
+                    self._hold(d, "dead_letter_deferred")
                     return False
                 self._count(str(failure.reason))
                 self._metrics.dead_letters.labels(str(failure.reason)).inc()
+                d.decided = True
                 return True
-            self._acks.settled_alone(message)
-            if isinstance(failure, asyncio.CancelledError) or is_transient(failure):
+            if is_transient(failure):
                 # Shutting down: unacked, the broker redelivers it; nothing was committed.
-                self._count("deferred")
-                logger.info(
-                    "message_deferred", message_id=message.message_id, error=type(failure).__name__
-                )
-            else:
-                # A bug. The broker counts the redeliveries and dead-letters the message
-                # at the queue's delivery limit, so it neither loops forever nor is lost.
-                self._count("error")
-                logger.error("message_failed", message_id=message.message_id, exc_info=failure)
-                # Not at once: a failure that hits every message must not burn the
-                # whole queue's delivery limits in milliseconds.
-                await asyncio.sleep(backoff(3, self._settings.retry_max_seconds))
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                self._hold(d, "deferred")
+                return False
+            # A bug. The broker counts the redeliveries and dead-letters the message at
+            # the queue's delivery limit, so it neither loops forever nor is lost.
+            self._count("error")
+            logger.error("message_failed", message_id=message.message_id, exc_info=failure)
+            # Not at once: a failure that hits every message must not burn the whole
+            # queue's delivery limits in milliseconds.
+            await asyncio.sleep(backoff(3, self._settings.retry_max_seconds))
+            await self._hand_back(d)
             return False
         finally:
             self._metrics.processing.observe(time.perf_counter() - d.arrived)
+
+    def _hold(self, d: _Delivery, outcome: str) -> None:
+        """Leave it unacked: the broker redelivers it when our channel closes."""
+        self._count(outcome)
+        logger.info("message_" + outcome.removeprefix("message_"), message_id=d.message.message_id)
+        self._acks.hold(d)
+        d.decided = True
+
+    async def _hand_back(self, d: _Delivery) -> None:
+        """nack with requeue; only once it is sent may later acks cover its tag."""
+        with contextlib.suppress(Exception):
+            await d.channel.basic_nack(d.message.delivery_tag, multiple=False, requeue=True)
+        self._acks.released(d)
+        d.decided = True
 
     async def _publish_dead(self, message: AbstractIncomingMessage, failure: DeadLetter) -> None:
         headers = dict(message.headers or {})

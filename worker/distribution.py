@@ -9,9 +9,7 @@ the rare cycle between releasing and claiming operators is a deadlock that Postg
 breaks and the caller retries."""
 
 import json
-import os
 import random
-import socket
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -29,7 +27,7 @@ from worker.strategies import Candidate
 _rng = random.SystemRandom()
 MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
 # Signs this process's outbox notifications: its own relay is woken directly instead.
-WRITER = f"{socket.gethostname()}:{os.getpid()}"
+WRITER = uuid.uuid4().hex  # per process: host names and pids repeat across containers
 
 Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
 

@@ -9,7 +9,7 @@ import aio_pika
 import asyncpg
 
 from tests.acceptance.test_cli import as_json, leadrouter
-from tests.helpers import EventCollector, lead, raw_message, wait_until
+from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -86,10 +86,6 @@ async def test_unknown_source_story(
 
     # A replayed id that was already routed creates nothing new.
     await exchange.publish(raw_message(lead("new-bot", "nb:0"), "nb-0"), "lead.contact")
-    await wait_until(lambda: _settled(worker, 62), what="the duplicate settled")
+    await wait_until(lambda: settled(worker, 62), what="the duplicate settled")
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 30
     assert json.loads(json.dumps(worker.outcomes))["ok"] == 31
-
-
-async def _settled(worker: Worker, n: int) -> bool:
-    return sum(worker.outcomes.values()) >= n

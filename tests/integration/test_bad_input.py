@@ -11,8 +11,8 @@ import asyncpg
 import pika
 import pytest
 
-from tests.helpers import EventCollector, lead, wait_until
-from worker import admin, distribution
+from tests.helpers import EventCollector, crash_route_on, lead, settled, wait_until
+from worker import admin
 from worker.app import Worker
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
@@ -163,7 +163,7 @@ async def test_bad_input_is_dead_lettered_with_its_reason(
         assert dead_body == sent, f"{case}: the dead letter keeps the original body"
     # Dead-lettered once, at once: no retries, nothing written.
     # Counted once the broker confirmed the dead letter, which can be after we read it.
-    await wait_until(lambda: _settled(worker, len(BAD_INPUT) + 2), what="every outcome counted")
+    await wait_until(lambda: settled(worker, len(BAD_INPUT) + 2), what="every outcome counted")
     assert worker.outcomes["ok"] == 2
     assert sum(worker.outcomes.values()) == len(BAD_INPUT) + 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 2
@@ -183,14 +183,7 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     await admin.add_source(pool, "tg", None, "", None)
     op = (await admin.add_operator(pool, "a", 100, True))["id"]
     await admin.set_weights(pool, "tg", {op: 1})
-    real = distribution.route
-
-    async def buggy(conn: asyncpg.Connection, plan: Any, new: Any = (), close_ids: Any = ()) -> Any:
-        if any(n.body.lead.external_id == "boom" for n in new):
-            raise RuntimeError("a bug")
-        return await real(conn, plan, new, close_ids)
-
-    monkeypatch.setattr(distribution, "route", buggy)
+    crash_route_on(monkeypatch, "boom")
     limited = settings
     app = Worker(limited)
     await app.start()
@@ -209,7 +202,3 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     assert death["reason"] == b"delivery_limit" or death["reason"] == "delivery_limit"  # type: ignore[index]
     assert app.outcomes["error"] >= 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
-
-
-async def _settled(worker: Worker, n: int) -> bool:
-    return sum(worker.outcomes.values()) >= n

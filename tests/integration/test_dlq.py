@@ -9,9 +9,9 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, wait_until
+from tests.helpers import EventCollector, crash_route_on, lead, wait_until
 from tests.integration.test_bad_input import publish_raw
-from worker import admin, distribution, dlq
+from worker import admin, dlq
 from worker.app import Worker
 from worker.consumer import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
@@ -141,14 +141,7 @@ async def test_a_broker_dead_letter_is_listed_as_delivery_limit(
     await admin.add_source(pool, "tg", None, "", None)
     op = (await admin.add_operator(pool, "a", 100, True))["id"]
     await admin.set_weights(pool, "tg", {op: 1})
-    real = distribution.route
-
-    async def buggy(conn: asyncpg.Connection, plan: Any, new: Any = (), close_ids: Any = ()) -> Any:
-        if any(n.body.lead.external_id == "boom" for n in new):
-            raise RuntimeError("a bug")
-        return await real(conn, plan, new, close_ids)
-
-    monkeypatch.setattr(distribution, "route", buggy)
+    crash_route_on(monkeypatch, "boom")
     app = Worker(settings)
     await app.start()
     try:

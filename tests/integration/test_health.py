@@ -13,7 +13,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, wait_until
+from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
@@ -97,7 +97,7 @@ async def test_metrics_move_while_the_worker_works(
             await exchange.publish(raw_message(lead("tg", f"m:{n}"), f"m-{n}"), "lead.contact")
         await exchange.publish(raw_message(lead("nope", "m:x"), "m-x"), "lead.contact")
         await events.wait_for("contact.assigned", 20)
-        await wait_until(lambda: _settled(app, 21), what="21 messages settled")
+        await wait_until(lambda: settled(app, 21), what="21 messages settled")
 
         async def scraped() -> str | None:
             status, body = await asyncio.to_thread(get, app.health_port, "/metrics")  # type: ignore[arg-type]
@@ -114,10 +114,6 @@ async def test_metrics_move_while_the_worker_works(
     assert sample(metrics, "leadrouter_processing_seconds_count") == 21
     assert "leadrouter_queued_contacts " in metrics and "leadrouter_outbox_pending " in metrics
     assert "m:1" not in metrics  # no personal data in labels
-
-
-async def _settled(app: Worker, n: int) -> bool:
-    return sum(app.outcomes.values()) >= n
 
 
 @pytest.mark.settings(health_interval_seconds=0.2)

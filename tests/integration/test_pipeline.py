@@ -7,7 +7,7 @@ import uuid
 import aio_pika
 import asyncpg
 
-from tests.helpers import EventCollector, lead, raw_message, wait_until
+from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
@@ -116,15 +116,9 @@ async def test_capacity_queue_close_and_drain(
     await publish(broker, settings, "lead.contact", raw_message(lead("web", "w:3"), "m-3"))
     newest = (await events.wait_for("contact.assigned", 4))[3]
     assert newest.data.lead_external_id == "w:3" and newest.data.operator_id == op
-    await wait_until(lambda: _outcomes(worker, 7), what="7 messages handled")
+    await wait_until(lambda: settled(worker, 7), what="7 messages handled")
     assert len(events.of("contact.closed")) == 2
     assert (await admin.list_operators(pool))[0]["load"] == 2
-
-
-def _outcomes(worker: Worker, n: int) -> asyncio.Future[bool]:
-    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    future.set_result(sum(worker.outcomes.values()) >= n)
-    return future
 
 
 async def test_redelivered_message_ids_create_nothing(
@@ -148,7 +142,7 @@ async def test_redelivered_message_ids_create_nothing(
     await publish(
         broker, settings, "lead.contact", raw_message({**lead("tg", "x:0"), "message_id": "id-0"})
     )
-    await wait_until(lambda: _outcomes(worker, 41), what="41 messages handled")
+    await wait_until(lambda: settled(worker, 41), what="41 messages handled")
     assert worker.outcomes == {"ok": 41}
     await worker.relay.drain()  # type: ignore[union-attr]
     await asyncio.sleep(0.3)
