@@ -230,32 +230,29 @@ class Consumer:
     async def _route(self, deliveries: Sequence[_Delivery]) -> None:
         """One transaction for the whole batch; marks unknown sources and contacts as
         dead letters and leaves the rest handled."""
-        new = [d for d in deliveries if isinstance(d.inbound.body, LeadContact)]  # type: ignore[union-attr]
-        closes = [d for d in deliveries if isinstance(d.inbound.body, ContactClose)]  # type: ignore[union-attr]
+        items = [(d, d.inbound) for d in deliveries if d.inbound is not None]
+        keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
+        ids = {i.body.contact_id for _, i in items if isinstance(i.body, ContactClose)}
         async with self._pool.acquire() as conn, conn.transaction():
-            plan = await distribution.plan(
-                conn,
-                {d.inbound.body.source for d in new},  # type: ignore[union-attr]
-                {d.inbound.body.contact_id for d in closes},  # type: ignore[union-attr]
-            )
-            routable_new, routable_closes = [], []
-            for d in deliveries:
+            plan = await distribution.plan(conn, keys, ids)
+            new, closes = [], []
+            for d, inbound in items:
                 d.failure = None
-                body = d.inbound.body  # type: ignore[union-attr]
+                body = inbound.body
                 if isinstance(body, LeadContact):
                     if body.source in plan.unknown_sources:
                         d.failure = DeadLetter(
                             Reason.UNKNOWN_SOURCE, f"no source with key {body.source!r}"
                         )
                     else:
-                        routable_new.append(distribution.NewContact(d.inbound.message_id, body))  # type: ignore[union-attr]
+                        new.append(distribution.NewContact(inbound.message_id, body))
                 elif body.contact_id in plan.unknown_contacts:
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, f"no contact with id {body.contact_id}"
                     )
                 else:
-                    routable_closes.append(body.contact_id)
-            outcome = await distribution.route(conn, plan, routable_new, routable_closes)
+                    closes.append(body.contact_id)
+            outcome = await distribution.route(conn, plan, new, closes)
         self._on_commit()
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
@@ -268,14 +265,13 @@ class Consumer:
             closed=len(outcome.closed),
             duplicates=len(outcome.duplicates),
         )
-        for d in deliveries:
-            body = d.inbound.body  # type: ignore[union-attr]
-            if d.failure is None and isinstance(body, LeadContact):
-                contact_id = outcome.contacts.get(d.inbound.message_id)  # type: ignore[union-attr]
+        for d, inbound in items:
+            if d.failure is None and isinstance(inbound.body, LeadContact):
+                contact_id = outcome.contacts.get(inbound.message_id)
                 logger.debug(
                     "message_handled",
-                    message_id=d.inbound.message_id,  # type: ignore[union-attr]
-                    source=body.source,
+                    message_id=inbound.message_id,
+                    source=inbound.body.source,
                     contact_id=contact_id,
                     operator_id=outcome.assigned.get(contact_id) if contact_id else None,
                     duplicate=contact_id is None,
