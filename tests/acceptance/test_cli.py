@@ -205,12 +205,15 @@ def test_unmigrated_database_says_what_to_do(
 def test_demo_runs_end_to_end(settings: Settings, service_urls: tuple[str, str]) -> None:
     import asyncio
 
-    result = leadrouter(settings, "demo", "--leads", "200")
-    assert "200 leads routed" in result.stdout
-    assert "telegram-bot (smooth)" in result.stdout and "observed" in result.stdout
-    assert "partner-api (weighted_random)" in result.stdout and "queued now" in result.stdout
     demo_db = settings.database_url.rsplit("/", 1)[1] + "_demo"
-    asyncio.run(services.drop_database(service_urls[0], demo_db))
+    try:
+        result = leadrouter(settings, "demo", "--leads", "200")
+        assert "200 leads routed" in result.stdout
+        assert "telegram-bot (smooth)" in result.stdout and "observed" in result.stdout
+        assert "partner-api (weighted_random)" in result.stdout
+        assert "queued now" in result.stdout
+    finally:  # the demo's own database, kept by the demo for people to inspect
+        asyncio.run(services.drop_database(service_urls[0], demo_db))
 
 
 def test_sources_update(settings: Settings) -> None:
