@@ -15,10 +15,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
-from schemas.events import EVENT_TYPE_PREFIX
+from schemas.events import envelope
 from schemas.inbound import LeadContact
 from worker.assignment import Queued, assign
 from worker.sql import Q
@@ -312,6 +313,29 @@ async def _previous_operators(
     return {r["contact_id"]: r["operator_id"] for r in rows}
 
 
+def _data(
+    row: asyncpg.Record,
+    status: str,
+    lead_external_id: str,
+    source_key: str,
+    operator_id: int | None,
+    queued_seconds: float | None = None,
+    affinity: bool = False,
+) -> dict[str, Any]:
+    """An event's `data` (schemas.events.ContactEventData) from a contact row."""
+    return {
+        "contact_id": row["id"],
+        "status": status,
+        "lead_id": row["lead_id"],
+        "lead_external_id": lead_external_id,
+        "source": source_key,
+        "operator_id": operator_id,
+        "inbound_message_id": row["inbound_message_id"],
+        "queued_seconds": queued_seconds,
+        "affinity": affinity,
+    }
+
+
 class _Events:
     """The outbox rows of one transaction, in the order their state changes happened
     (closes before the assignments they made room for), written in one statement after
@@ -322,21 +346,9 @@ class _Events:
 
     def closed(self, row: asyncpg.Record) -> None:
         self._add(
-            row["id"],
             "contact.closed",
             row["closed_at"],
-            row["source_key"],
-            {
-                "contact_id": row["id"],
-                "status": "closed",
-                "lead_id": row["lead_id"],
-                "lead_external_id": row["lead_external_id"],
-                "source": row["source_key"],
-                "operator_id": row["operator_id"],
-                "inbound_message_id": row["inbound_message_id"],
-                "queued_seconds": None,
-                "affinity": False,
-            },
+            _data(row, "closed", row["lead_external_id"], row["source_key"], row["operator_id"]),
         )
 
     def assigned(
@@ -344,57 +356,30 @@ class _Events:
     ) -> None:
         waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
         self._add(
-            row["id"],
             "contact.assigned",
             row["assigned_at"],
-            source_key,
-            {
-                "contact_id": row["id"],
-                "status": "open",
-                "lead_id": row["lead_id"],
-                "lead_external_id": row["lead_external_id"],
-                "source": source_key,
-                "operator_id": operator_id,
-                "inbound_message_id": row["inbound_message_id"],
-                "queued_seconds": round(waited, 3),
-                "affinity": affinity,
-            },
+            _data(
+                row,
+                "open",
+                row["lead_external_id"],
+                source_key,
+                operator_id,
+                queued_seconds=round(waited, 3),
+                affinity=affinity,
+            ),
         )
 
     def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
         self._add(
-            row["id"],
             "contact.queued",
             row["created_at"],
-            source_key,
-            {
-                "contact_id": row["id"],
-                "status": "open",
-                "lead_id": row["lead_id"],
-                "lead_external_id": lead_external_id,
-                "source": source_key,
-                "operator_id": None,
-                "inbound_message_id": row["inbound_message_id"],
-                "queued_seconds": None,
-                "affinity": False,
-            },
+            _data(row, "open", lead_external_id, source_key, None),
         )
 
-    def _add(
-        self, contact_id: int, key: str, time: datetime, source: str, data: dict[str, object]
-    ) -> None:
+    def _add(self, key: str, time: datetime, data: dict[str, Any]) -> None:
         event_id = uuid.uuid4()
-        envelope = {
-            "specversion": "1.0",
-            "id": str(event_id),
-            "source": f"/leadrouter/sources/{source}",
-            "type": EVENT_TYPE_PREFIX + key,
-            "time": time.isoformat(),
-            "subject": f"contacts/{contact_id}",
-            "datacontenttype": "application/json",
-            "data": data,
-        }
-        self.rows.append((event_id, contact_id, key, json.dumps(envelope)))
+        payload = json.dumps(envelope(str(event_id), key, time, data))
+        self.rows.append((event_id, data["contact_id"], key, payload))
 
     async def write(self, conn: asyncpg.Connection) -> None:
         if not self.rows:
