@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from worker import migrate
+
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -92,8 +94,4 @@ async def create_database(server_url: str, name: str, template: str | None = Non
 
 
 async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(with_database(server_url, "postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await migrate.drop_database(with_database(server_url, name))

@@ -7,20 +7,16 @@ the first event to the last. Paced mode (`--rate R`) starts the worker(s) first 
 publishes R messages per second, measuring each message's publish→event latency."""
 
 import asyncio
-import contextlib
-import ctypes
 import json
 import os
 import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -34,9 +30,9 @@ from rich.progress import Progress
 from worker import admin, log, topology
 from worker.app import Worker
 from worker.errors import UserError
-from worker.migrate import migrate
+from worker.migrate import drop_database, migrate
+from worker.processes import spawn_worker
 from worker.settings import Settings
-from worker.sql import quote_identifier
 
 OPERATORS = 40
 WEIGHTS_PER_SOURCE = 4
@@ -83,10 +79,11 @@ def bench_settings(base: Settings, run_id: str) -> Settings:
     )
 
 
-def _rss_mb(pid: int | str = "self") -> float:
+def _status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory figure of /proc/PID/status (VmRSS: now, VmHWM: peak), in MB."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -204,26 +201,13 @@ async def run_bench(
         async def start_workers() -> None:
             nonlocal worker
             if workers:
-                env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
-                env.update(
-                    {f"LEADROUTER_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
-                )
-                for _ in range(workers):
-                    procs.append(
-                        subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                            [sys.executable, "-m", "worker.cli", "worker"],
-                            env=env,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent,
-                        )
-                    )
+                procs.extend(spawn_worker(settings, subprocess.DEVNULL) for _ in range(workers))
             else:
                 worker = Worker(settings)
                 await worker.start()
 
         def rss_now() -> float:
-            return sum(_rss_mb(p.pid) for p in procs) if procs else _rss_mb()
+            return sum(_status_mb("VmRSS", p.pid) for p in procs) if procs else _status_mb("VmRSS")
 
         def milestone() -> None:
             result.rss_at_10000_mb = round(rss_now(), 1)
@@ -277,7 +261,7 @@ async def run_bench(
         result.rss_at_end_mb = round(rss_now(), 1)
         if workers:
             cpu = sum(_cpu_seconds(p.pid) for p in procs)
-            peak = max(_peak_rss_mb(p.pid) for p in procs)
+            peak = max(_status_mb("VmHWM", p.pid) for p in procs)
         else:
             cpu = time.process_time() - cpu_before
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -304,38 +288,7 @@ async def run_bench(
         channel = await connection.channel()
         await topology.delete(channel, settings)
         await connection.close()
-        await _drop_database(settings.database_url)
-
-
-# Resolved in the parent: between fork and exec the child may only make the call.
-_prctl: Any = None
-with contextlib.suppress(OSError, AttributeError):  # not Linux: workers may outlive a kill
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _die_with_parent() -> None:
-    """Workers of a bench that was killed must not live on."""
-    if _prctl is not None:
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-async def _drop_database(url: str) -> None:
-    parts = urlsplit(url)
-    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:  # the bench's own database; an identifier cannot be a parameter
-        await conn.execute(
-            f"DROP DATABASE IF EXISTS {quote_identifier(parts.path.lstrip('/'))} WITH (FORCE)"
-        )
-    finally:
-        await conn.close()
+        await drop_database(settings.database_url)
 
 
 def render(result: Result, console: Console) -> None:

@@ -19,9 +19,9 @@ from rich.progress import Progress
 from schemas.inbound import ContactClose, Lead, LeadContact
 from worker import log, publisher, routing_file, stats, topology
 from worker.app import Worker
-from worker.migrate import migrate
+from worker.migrate import drop_database, migrate
 from worker.settings import Settings, mask_url
-from worker.sql import Q, quote_identifier
+from worker.sql import Q
 
 TIMEOUT_SECONDS = 60
 PUBLISH_BATCH = 200
@@ -51,16 +51,6 @@ def _free_port(host: str, preferred: int) -> int:
         return int(probe.getsockname()[1])
 
 
-async def _recreate_database(url: str) -> None:
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:  # the demo's own database; an identifier cannot be a parameter
-        await conn.execute(f"DROP DATABASE IF EXISTS {quote_identifier(name)} WITH (FORCE)")
-    finally:
-        await conn.close()
-
-
 async def run_demo(base: Settings, leads: int) -> None:
     settings = demo_settings(base)
     log.configure("WARNING", base.log_format)  # the tables below are the demo's output
@@ -71,7 +61,7 @@ async def run_demo(base: Settings, leads: int) -> None:
     out.print(
         f"metrics while it runs: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     )
-    await _recreate_database(settings.database_url)
+    await drop_database(settings.database_url)  # start from empty every time
     await migrate(settings.database_url, settings.migrations_dir)
 
     async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=4) as pool:

@@ -71,6 +71,18 @@ async def ensure_database(url: str) -> bool:
     return True
 
 
+async def drop_database(url: str) -> None:
+    """Drop the URL's database if it exists, connections and all (the demo's and the
+    bench's own databases, and the tests')."""
+    parts = urlsplit(url)
+    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        name = quote_identifier(parts.path.lstrip("/"))
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 async def migrate(url: str, directory: Path) -> list[str]:
     """Apply pending migrations; returns the names of those applied now."""
     migrations = discover(directory)

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests import services
-from tests.integration.test_worker_processes import worker_env
+from worker.processes import worker_env
 from worker.settings import Settings
 
 

@@ -18,7 +18,7 @@ async def cli(settings: Settings, *args: str, stdin: str | None = None) -> tuple
     import subprocess
     import sys
 
-    from tests.integration.test_worker_processes import worker_env
+    from worker.processes import worker_env
 
     result = await asyncio.to_thread(
         subprocess.run,

@@ -2,11 +2,8 @@
 sharing sources and operators without losing, doubling or over-assigning anything."""
 
 import asyncio
-import ctypes
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +15,7 @@ import pytest
 
 from tests.helpers import EventCollector, lead, raw_message, wait_until
 from worker import admin
+from worker.processes import spawn_worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -36,13 +34,6 @@ FIRST_EVENTS = """
 """
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
-    for name, value in settings.model_dump().items():
-        env[f"LEADROUTER_{name.upper()}"] = str(value)
-    return env
-
-
 @contextmanager
 def worker_processes(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Start worker processes on demand (append to the list); all are ended on exit."""
@@ -56,29 +47,9 @@ def worker_processes(settings: Settings, log_dir: Path) -> Iterator[list[subproc
                 proc.wait()
 
 
-# Resolved here, in the parent: between fork and exec the child may only make the call.
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """A worker of a test run that was killed must not live on."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
     with (log_dir / f"worker-{n}.log").open("wb") as log:  # the child keeps its own copy
-        return subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker"],
-            env=worker_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+        return spawn_worker(settings, log)
 
 
 async def wait_ready(pool: asyncpg.Pool, settings: Settings, log_dir: Path, n: int) -> None:

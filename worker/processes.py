@@ -1,0 +1,42 @@
+"""Starting `leadrouter worker` as a child process (the bench, the tests)."""
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import IO, Any
+
+from worker.settings import Settings
+
+# Resolved here, in the parent: between fork and exec the child may only make the call.
+_prctl: Any = None
+with contextlib.suppress(OSError, AttributeError):  # not Linux: children may outlive us
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """This environment with every LEADROUTER_* variable taken from `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
+    for name, value in settings.model_dump().items():
+        env[f"LEADROUTER_{name.upper()}"] = str(value)
+    return env
+
+
+def _die_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn_worker(settings: Settings, output: IO[bytes] | int) -> subprocess.Popen[bytes]:
+    """A worker process that dies with us: one left behind by a killed bench or test run
+    would go on consuming."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker"],
+        env=worker_env(settings),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
+    )
