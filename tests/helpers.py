@@ -86,3 +86,26 @@ def crash_route_on(monkeypatch: Any, external_id: str) -> None:
         return await real(conn, plan, new, close_ids)
 
     monkeypatch.setattr(distribution, "route", buggy)
+
+
+async def setup_source(
+    pool: Any, key: str, operators: list[tuple[str, int, int]], strategy: str | None = None
+) -> list[int]:
+    """A source (default strategy unless given) and its operators as (name, max_load,
+    weight); returns the operator ids."""
+    from worker import admin
+
+    await admin.add_source(pool, key, None, "", strategy)
+    ids = [
+        (await admin.add_operator(pool, name, limit, True))["id"] for name, limit, _ in operators
+    ]
+    await admin.set_weights(pool, key, {i: w for i, (_, _, w) in zip(ids, operators, strict=True)})
+    return ids
+
+
+async def send(
+    broker: Any, settings: Any, routing_key: str, body: Any, message_id: str | None = None
+) -> None:
+    """Publish one inbound message as an upstream bot would."""
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    await exchange.publish(raw_message(body, message_id), routing_key)

@@ -10,12 +10,13 @@ import asyncpg
 import pytest
 
 from tests import services
+from tests.helpers import setup_source
 from worker.processes import worker_env
 from worker.settings import Settings
 
 
 def leadrouter(
-    settings: Settings, *args: str, check: bool = True
+    settings: Settings, *args: str, check: bool = True, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
@@ -23,6 +24,7 @@ def leadrouter(
         capture_output=True,
         text=True,
         timeout=120,
+        input=stdin,
         check=False,
     )
     if check:
@@ -109,7 +111,6 @@ def test_admin_verbs_end_to_end(settings: Settings) -> None:
 
 
 async def test_contacts_list_and_close(settings: Settings, pool: asyncpg.Pool) -> None:
-    from tests.integration.test_pipeline import setup_source
 
     [op] = await setup_source(pool, "tg", [("a", 1, 1)])
     source_id = await pool.fetchval("SELECT id FROM sources")
@@ -249,7 +250,6 @@ def test_sources_update(settings: Settings) -> None:
 async def test_stats_show_observed_share_next_to_weight(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    from tests.integration.test_pipeline import setup_source
 
     a, b = await setup_source(pool, "tg", [("a", 10, 1), ("b", 10, 3)])
     source_id = await pool.fetchval("SELECT id FROM sources")
@@ -283,8 +283,7 @@ async def test_publish_then_leads_show_the_whole_story(
     settings: Settings, pool: asyncpg.Pool, worker: object, events: object
 ) -> None:
     """A bot developer tries the contract with `publish`; ops follow the lead."""
-    from tests.helpers import EventCollector
-    from tests.integration.test_pipeline import setup_source
+    from tests.helpers import EventCollector, setup_source
 
     assert isinstance(events, EventCollector)
     [op] = await setup_source(pool, "tg", [("Ann", 5, 1)])

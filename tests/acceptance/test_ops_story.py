@@ -3,6 +3,7 @@ nobody created → its messages dead-letter as unknown_source → ops add the so
 weights → `dlq replay --reason unknown_source` → every lead is assigned, none twice."""
 
 import asyncio
+import functools
 import json
 
 import aio_pika
@@ -15,20 +16,9 @@ from worker.settings import Settings
 
 
 async def cli(settings: Settings, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    import subprocess
-    import sys
-
-    from worker.processes import worker_env
-
+    """`leadrouter` off the event loop, which the in-process worker needs meanwhile."""
     result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker.cli", *args],
-        env=worker_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        input=stdin,
-        check=False,
+        functools.partial(leadrouter, settings, *args, check=False, stdin=stdin)
     )
     return result.returncode, result.stdout, result.stderr
 

@@ -11,8 +11,7 @@ import asyncpg
 import pika
 import pytest
 
-from tests.helpers import EventCollector, crash_route_on, lead, settled, wait_until
-from worker import admin
+from tests.helpers import EventCollector, crash_route_on, lead, settled, setup_source, wait_until
 from worker.app import Worker
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
@@ -130,9 +129,7 @@ async def test_bad_input_is_dead_lettered_with_its_reason(
     events: EventCollector,
     worker: Worker,
 ) -> None:
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 100, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 100, 1)])
 
     for _case, routing_key, body, message_id, _reason in BAD_INPUT:
         await asyncio.to_thread(publish_raw, settings, routing_key, body, message_id)
@@ -180,9 +177,7 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
 ) -> None:
     """A bug is retried through the quorum queue's delivery limit, then the broker
     dead-letters the message with x-death; other messages are not blocked."""
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 100, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 100, 1)])
     crash_route_on(monkeypatch, "boom")
     limited = settings
     app = Worker(limited)

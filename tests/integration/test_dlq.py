@@ -9,7 +9,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, crash_route_on, lead, wait_until
+from tests.helpers import EventCollector, crash_route_on, lead, setup_source, wait_until
 from tests.integration.test_bad_input import publish_raw
 from worker import admin, dlq
 from worker.app import Worker
@@ -45,9 +45,7 @@ async def test_list_show_replay_and_purge(
     events: EventCollector,
     worker: Worker,
 ) -> None:
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 100, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    [op] = await setup_source(pool, "tg", [("a", 100, 1)])
     await dead_letter_one_by_one(
         settings,
         [
@@ -138,9 +136,7 @@ async def test_a_broker_dead_letter_is_listed_as_delivery_limit(
     broker: aio_pika.abc.AbstractChannel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 100, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 100, 1)])
     crash_route_on(monkeypatch, "boom")
     app = Worker(settings)
     await app.start()

@@ -13,8 +13,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
-from worker import admin
+from tests.helpers import EventCollector, lead, raw_message, settled, setup_source, wait_until
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -76,9 +75,7 @@ class Proxy:
 
 
 async def setup(pool: asyncpg.Pool) -> None:
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 100, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 100, 1)])
 
 
 async def test_metrics_move_while_the_worker_works(

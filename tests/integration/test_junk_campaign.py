@@ -13,9 +13,8 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import EventCollector, lead, wait_until
+from tests.helpers import EventCollector, lead, settled, setup_source, wait_until
 from tests.integration.test_bad_input import dead_letters, publish_raw
-from worker import admin
 from worker.app import Worker
 from worker.errors import REASON_HEADER, Reason
 from worker.settings import Settings
@@ -92,10 +91,9 @@ async def test_junk_is_dead_lettered_and_writes_nothing(
     for n, (key, body) in enumerate(messages):
         await asyncio.to_thread(publish_raw, settings, key, body, f"junk-{n}")
 
-    async def all_settled() -> bool:
-        return sum(worker.outcomes.values()) >= len(messages)
-
-    await wait_until(all_settled, timeout=60, what="every junk message settled")
+    await wait_until(
+        lambda: settled(worker, len(messages)), timeout=60, what="every junk message settled"
+    )
     dead = await dead_letters(settings, len(messages))
     reasons = {str(r) for r in Reason}
     assert all((m.headers or {}).get(REASON_HEADER) in reasons for m in dead)
@@ -104,9 +102,7 @@ async def test_junk_is_dead_lettered_and_writes_nothing(
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table  # noqa: S608
 
     # Still consuming, and valid input still works.
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 5, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 5, 1)])
     await asyncio.to_thread(publish_raw, settings, "lead.contact", lead("tg", "after"), "after-1")
     [assigned] = await events.wait_for("contact.assigned", 1)
     assert assigned.data.inbound_message_id == "after-1"

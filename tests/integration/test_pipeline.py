@@ -7,36 +7,13 @@ import uuid
 import aio_pika
 import asyncpg
 
-from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
+from tests.helpers import EventCollector, lead, raw_message, send, settled, setup_source, wait_until
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
 
 # chi-square critical value for 2 degrees of freedom at p = 0.001
 CHI2_2DF_P001 = 13.82
-
-
-async def setup_source(
-    pool: asyncpg.Pool, key: str, operators: list[tuple[str, int, int]]
-) -> list[int]:
-    """A source and its operators as (name, max_load, weight); returns operator ids."""
-    await admin.add_source(pool, key, None, "", "weighted_random")
-    ids = [
-        (await admin.add_operator(pool, name, max_load, True))["id"]
-        for name, max_load, _ in operators
-    ]
-    await admin.set_weights(pool, key, {i: w for i, (_, _, w) in zip(ids, operators, strict=True)})
-    return ids
-
-
-async def publish(
-    broker: aio_pika.abc.AbstractChannel,
-    settings: Settings,
-    routing_key: str,
-    message: aio_pika.Message,
-) -> None:
-    exchange = await broker.get_exchange(settings.inbound_exchange)
-    await exchange.publish(message, routing_key=routing_key)
 
 
 async def test_shares_follow_weights(
@@ -47,7 +24,10 @@ async def test_shares_follow_weights(
     worker: Worker,
 ) -> None:
     ids = await setup_source(
-        pool, "telegram-bot", [("a", 1000, 10), ("b", 1000, 30), ("c", 1000, 60)]
+        pool,
+        "telegram-bot",
+        [("a", 1000, 10), ("b", 1000, 30), ("c", 1000, 60)],
+        strategy="weighted_random",
     )
     exchange = await broker.get_exchange(settings.inbound_exchange)
     await asyncio.gather(
@@ -80,9 +60,7 @@ async def test_capacity_queue_close_and_drain(
 ) -> None:
     [op] = await setup_source(pool, "web", [("solo", 2, 1)])
     for n in range(3):
-        await publish(
-            broker, settings, "lead.contact", raw_message(lead("web", f"w:{n}"), f"m-{n}")
-        )
+        await send(broker, settings, "lead.contact", lead("web", f"w:{n}"), f"m-{n}")
     first_two = await events.wait_for("contact.assigned", 2)
     [queued] = await events.wait_for("contact.queued", 1)
     assert {e.data.operator_id for e in first_two} == {op}
@@ -93,9 +71,7 @@ async def test_capacity_queue_close_and_drain(
 
     # Closing by message frees capacity, which goes to the queued contact at once.
     closing = first_two[0].data.contact_id
-    await publish(
-        broker, settings, "contact.close", raw_message({"contact_id": closing}, "close-1")
-    )
+    await send(broker, settings, "contact.close", {"contact_id": closing}, "close-1")
     [closed] = await events.wait_for("contact.closed", 1)
     assert closed.data.contact_id == closing and closed.data.operator_id == op
     late = (await events.wait_for("contact.assigned", 3))[2]
@@ -103,17 +79,16 @@ async def test_capacity_queue_close_and_drain(
     assert late.data.queued_seconds is not None and late.data.queued_seconds >= 0
 
     # Closing again is a no-op; a new lead after the next close goes to the operator.
-    await publish(
-        broker, settings, "contact.close", raw_message({"contact_id": closing}, "close-1b")
-    )
-    await publish(
+    await send(broker, settings, "contact.close", {"contact_id": closing}, "close-1b")
+    await send(
         broker,
         settings,
         "contact.close",
-        raw_message({"contact_id": first_two[1].data.contact_id}, "close-2"),
+        {"contact_id": first_two[1].data.contact_id},
+        "close-2",
     )
     await events.wait_for("contact.closed", 2)
-    await publish(broker, settings, "lead.contact", raw_message(lead("web", "w:3"), "m-3"))
+    await send(broker, settings, "lead.contact", lead("web", "w:3"), "m-3")
     newest = (await events.wait_for("contact.assigned", 4))[3]
     assert newest.data.lead_external_id == "w:3" and newest.data.operator_id == op
     await wait_until(lambda: settled(worker, 7), what="7 messages handled")
@@ -130,18 +105,12 @@ async def test_redelivered_message_ids_create_nothing(
 ) -> None:
     await setup_source(pool, "tg", [("a", 100, 1), ("b", 100, 1)])
     for n in range(20):
-        await publish(
-            broker, settings, "lead.contact", raw_message(lead("tg", f"x:{n}"), f"id-{n}")
-        )
+        await send(broker, settings, "lead.contact", lead("tg", f"x:{n}"), f"id-{n}")
     await events.wait_for("contact.assigned", 20)
     # The same ids again, one through the body field instead of the AMQP property.
     for n in range(20):
-        await publish(
-            broker, settings, "lead.contact", raw_message(lead("tg", f"x:{n}"), f"id-{n}")
-        )
-    await publish(
-        broker, settings, "lead.contact", raw_message({**lead("tg", "x:0"), "message_id": "id-0"})
-    )
+        await send(broker, settings, "lead.contact", lead("tg", f"x:{n}"), f"id-{n}")
+    await send(broker, settings, "lead.contact", {**lead("tg", "x:0"), "message_id": "id-0"})
     await wait_until(lambda: settled(worker, 41), what="41 messages handled")
     assert worker.outcomes == {"ok": 41}
     await worker.relay.drain()  # type: ignore[union-attr]
@@ -161,17 +130,19 @@ async def test_returning_lead_is_recognised(
     await setup_source(pool, "tg", [("a", 100, 1)])
     await admin.add_source(pool, "web", None, "", None)
     await admin.set_weights(pool, "web", {(await admin.list_operators(pool))[0]["id"]: 1})
-    await publish(
+    await send(
         broker,
         settings,
         "lead.contact",
-        raw_message(lead("tg", "p:1", name="Ann", email="ann@example.com"), "r-1"),
+        lead("tg", "p:1", name="Ann", email="ann@example.com"),
+        "r-1",
     )
-    await publish(
+    await send(
         broker,
         settings,
         "lead.contact",
-        raw_message(lead("web", "p:1", phone="+1 555 0100"), "r-2"),
+        lead("web", "p:1", phone="+1 555 0100"),
+        "r-2",
     )
     assigned = await events.wait_for("contact.assigned", 2)
     assert assigned[0].data.lead_id == assigned[1].data.lead_id
@@ -190,7 +161,7 @@ async def test_admin_actions_route_the_backlog_through_the_outbox(
     queued contacts in the same transaction; the worker's relay publishes the events."""
     [op] = await setup_source(pool, "tg", [("a", 0, 1)])
     for n in range(3):
-        await publish(broker, settings, "lead.contact", raw_message(lead("tg", f"q:{n}"), f"q-{n}"))
+        await send(broker, settings, "lead.contact", lead("tg", f"q:{n}"), f"q-{n}")
     await events.wait_for("contact.queued", 3)
 
     _, drained = await admin.update_operator(pool, op, max_load=1)

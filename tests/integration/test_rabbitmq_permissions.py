@@ -14,8 +14,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, wait_until
-from worker import admin
+from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -63,9 +62,7 @@ async def test_worker_runs_with_the_readme_permissions(
     url = f"amqp://{user}@{host.hostname}:{host.port or 5672}/{quote(restricted_vhost)}"
     # The default names: the README's patterns are written for them.
     defaults = Settings(database_url=settings.database_url, amqp_url=url, log_format="json")
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 10, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 10, 1)])
 
     app = Worker(defaults)
     await app.start()

@@ -10,7 +10,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, wait_until
+from tests.helpers import EventCollector, lead, raw_message, send, wait_until
 from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
 from worker import admin
 from worker.app import Worker
@@ -52,17 +52,6 @@ async def operators(pool: asyncpg.Pool, *max_loads: int) -> list[int]:
     return [
         (await admin.add_operator(pool, f"op{n}", m, True))["id"] for n, m in enumerate(max_loads)
     ]
-
-
-async def send(
-    broker: aio_pika.abc.AbstractChannel,
-    settings: Settings,
-    key: str,
-    body: object,
-    message_id: str,
-) -> None:
-    exchange = await broker.get_exchange(settings.inbound_exchange)
-    await exchange.publish(raw_message(body, message_id), key)
 
 
 async def test_smooth_gives_exact_shares(

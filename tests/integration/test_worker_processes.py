@@ -13,7 +13,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, wait_until
+from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
 from worker import admin
 from worker.processes import spawn_worker
 from worker.settings import Settings
@@ -66,9 +66,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
     events: EventCollector,
     tmp_path: Path,
 ) -> None:
-    await admin.add_source(pool, "tg", None, "", None)
-    op = (await admin.add_operator(pool, "a", 10_000, True))["id"]
-    await admin.set_weights(pool, "tg", {op: 1})
+    await setup_source(pool, "tg", [("a", 10_000, 1)])
     exchange = await broker.get_exchange(settings.inbound_exchange)
     total = 3000  # enough that the worker is still busy when SIGTERM comes
     await asyncio.gather(
