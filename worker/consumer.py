@@ -347,7 +347,7 @@ class Consumer:
     def _hold(self, d: _Delivery, outcome: str) -> None:
         """Leave it unacked: the broker redelivers it when our channel closes."""
         self._count(outcome)
-        logger.info("message_" + outcome.removeprefix("message_"), message_id=d.message.message_id)
+        logger.info("message_" + outcome, message_id=d.message.message_id)
         self._acks.hold(d)
         d.decided = True
 
