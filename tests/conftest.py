@@ -71,6 +71,7 @@ async def settings(
         dead_queue=f"{prefix}.dead",
         shutdown_grace_seconds=5,
         outbox_sweep_seconds=1,
+        outbox_lease_seconds=2,
         retry_max_seconds=1,
         metrics_port=0,  # several workers share this host; health tests pick a port
         log_format="json",

@@ -80,10 +80,10 @@ def crash_route_on(monkeypatch: Any, external_id: str) -> None:
 
     real = distribution.route
 
-    async def buggy(conn: Any, plan: Any, new: Any = (), close_ids: Any = ()) -> Any:
+    async def buggy(conn: Any, plan: Any, new: Any = (), *args: Any, **kwargs: Any) -> Any:
         if any(n.body.lead.external_id == external_id for n in new):
             raise RuntimeError("a bug")
-        return await real(conn, plan, new, close_ids)
+        return await real(conn, plan, new, *args, **kwargs)
 
     monkeypatch.setattr(distribution, "route", buggy)
 

@@ -8,7 +8,8 @@ from collections import Counter
 
 import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
 
 from worker import distribution, log, topology
 from worker.consumer import Consumer
@@ -35,8 +36,9 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
+        self._consumer_tag: str | None = None  # None: not consuming (paused, or cancelled)
+        self._cancelled_by_broker = False
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -85,13 +87,16 @@ class Worker:
             publisher_confirms=True, on_return_raises=True
         )
         declared = await topology.declare(publish_channel, s)
-        consume_channel = await self._connection.channel(publisher_confirms=False)
-        await consume_channel.set_qos(prefetch_count=s.prefetch)
-        self._queue = (await topology.declare(consume_channel, s)).queues[s.inbound_queue]
+        self._consume_channel = await self._connection.channel(publisher_confirms=False)
+        await self._consume_channel.set_qos(prefetch_count=s.prefetch)
+        await topology.declare(self._consume_channel, s)
+        # It consumes through aiormq (see Consumer.on_message), so aio-pika does not
+        # restore that consumer after a reconnect: we do, once the channel is back.
+        self._consume_channel.reopen_callbacks.add(self._consume_again)
 
         self.relay = OutboxRelay(self._pool, publish_channel, s, self.metrics)
         self.consumer = Consumer(
-            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay.wake
+            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay.committed
         )
         self.consumer.start()
         await self._consume()
@@ -156,17 +161,40 @@ class Worker:
             await asyncio.shield(self.stop())
 
     async def _consume(self) -> None:
-        assert self._queue is not None and self.consumer is not None
-        self._consumer_tag = await self._queue.consume(self.consumer.on_message)
+        assert self._consume_channel is not None and self.consumer is not None
+        if self._cancelled_by_broker:  # the queue was deleted: declare it again first
+            await topology.declare(self._consume_channel, self.settings)
+            self._cancelled_by_broker = False
+        channel = await self._consume_channel.get_underlay_channel()
+        channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        ok = await channel.basic_consume(self.settings.inbound_queue, self.consumer.on_message)
+        self._consumer_tag = ok.consumer_tag
         self.readiness.consuming = True
+
+    async def _consume_again(self, _channel: object) -> None:
+        """The channel reopened after a reconnect (prefetch and declarations restored by
+        aio-pika): consume on it again, unless paused or stopping."""
+        if self._consumer_tag is not None and not self._stop.is_set():
+            await self._consume()
+            logger.info("consuming_restored")
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        """The broker ended our consumer (the queue was deleted): the probe declares the
+        queue again and resumes."""
+        if frame.consumer_tag == self._consumer_tag:
+            logger.warning("consumer_cancelled_by_broker")
+            self._consumer_tag = None
+            self._cancelled_by_broker = True
+            self.readiness.consuming = False
 
     async def _pause(self) -> None:
         """Stop taking messages; those in flight keep retrying until PostgreSQL is back."""
-        assert self._queue is not None
+        assert self._consume_channel is not None
         self.readiness.consuming = False
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            await self._queue.cancel(tag)
+            channel = await self._consume_channel.get_underlay_channel()
+            await channel.basic_cancel(tag)
 
     async def _probe(self) -> None:
         """Check both services, update the gauges and readiness, and pause consuming
@@ -220,7 +248,7 @@ class Worker:
                 continue
             if assigned:
                 logger.info("backlog_swept", assigned=assigned)
-                if self.relay is not None:  # our own NOTIFY does not wake our relay
+                if self.relay is not None:  # at once, even if LISTEN is reconnecting
                     self.relay.wake()
 
 

@@ -4,7 +4,11 @@ its own (`<database>_bench_<id>`, `leadrouter-bench-<id>.*`), removed afterwards
 
 Throughput mode pre-publishes every lead, then starts the worker(s) and measures from
 the first event to the last. Paced mode (`--rate R`) starts the worker(s) first and
-publishes R messages per second, measuring each message's publish→event latency."""
+publishes R messages per second, measuring each message's publish→event latency.
+
+`--reference` first runs the minimal hand-written pipeline of `worker/bench_reference.py`
+on the same load and reports leadrouter against it: a ratio measured in one run holds on
+a faster or slower machine, where absolute rates do not."""
 
 import asyncio
 import json
@@ -15,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,11 +31,11 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.progress import Progress
 
-from worker import admin, log, topology
+from worker import admin, bench_reference, log, topology
 from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
-from worker.processes import spawn_worker
+from worker.processes import spawn_module, spawn_worker
 from worker.settings import Settings
 
 OPERATORS = 40
@@ -40,6 +44,7 @@ PUBLISH_WINDOW = 1000  # confirms in flight while pre-publishing
 RSS_MILESTONE = 10_000
 STALL_SECONDS = 60
 _INBOUND_KEY = b'"inbound_message_id": "'
+LEADROUTER, REFERENCE = "leadrouter", "reference"
 
 
 @dataclass
@@ -58,7 +63,10 @@ class Result:
     peak_rss_mb: float = 0.0
     rss_at_10000_mb: float | None = None
     rss_at_end_mb: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
+    # With --reference: the reference pipeline's figures on the same load, and
+    # leadrouter's messages/s as a fraction of its.
+    reference: dict[str, float] | None = None
+    ratio_to_reference: float | None = None
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
@@ -170,8 +178,37 @@ async def run_bench(
     workers: int,
     rate: float | None,
     console: Console,
+    reference: bool = False,
 ) -> Result:
+    """Measure leadrouter; with `reference`, first the reference pipeline on the same
+    load, and report leadrouter's rate (or latency) against it."""
     log.configure("WARNING", base.log_format)
+    yardstick = None
+    if reference:
+        yardstick = await _measure(base, messages, sources, 1, rate, console, REFERENCE)
+    result = await _measure(base, messages, sources, workers, rate, console, LEADROUTER)
+    if yardstick is not None:
+        result.reference = {
+            k: getattr(yardstick, k)
+            for k in ("messages_per_second", "latency_p50_ms", "latency_p99_ms")
+            if getattr(yardstick, k) is not None
+        } | {"cpu_seconds_per_1000": yardstick.cpu_seconds_per_1000}
+        if rate is None:
+            result.ratio_to_reference = round(
+                result.messages_per_second / yardstick.messages_per_second, 3
+            )
+    return result
+
+
+async def _measure(
+    base: Settings,
+    messages: int,
+    sources: int,
+    workers: int,
+    rate: float | None,
+    console: Console,
+    pipeline: str,
+) -> Result:
     run_id = uuid.uuid4().hex[:8]
     settings = bench_settings(base, run_id)
     rng = random.Random(42)
@@ -180,8 +217,8 @@ async def run_bench(
         messages=messages,
         sources=sources,
         workers=str(workers) if workers else "in-process",
-        batch_size=getattr(settings, "batch_size", 1),
-        prefetch=settings.prefetch,
+        batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
+        prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
     )
     await migrate(settings.database_url, settings.migrations_dir)
     connection = await aio_pika.connect_robust(settings.amqp_url)
@@ -190,6 +227,8 @@ async def run_bench(
     try:
         async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
             keys = await _setup_routing(pool, sources, rng)
+            if pipeline == REFERENCE:
+                await bench_reference.setup(pool, keys)
         channel = await connection.channel(publisher_confirms=True)
         declared = await topology.declare(channel, settings)
         events = _Events(messages)
@@ -200,7 +239,9 @@ async def run_bench(
 
         async def start_workers() -> None:
             nonlocal worker
-            if workers:
+            if pipeline == REFERENCE:
+                procs.append(spawn_module(settings, subprocess.DEVNULL, "worker.bench_reference"))
+            elif workers:
                 procs.extend(spawn_worker(settings, subprocess.DEVNULL) for _ in range(workers))
             else:
                 worker = Worker(settings)
@@ -244,7 +285,7 @@ async def run_bench(
                     sent = due
                     await asyncio.sleep(0.001)
                 await asyncio.gather(*pending)
-            task = progress.add_task("routing", total=messages)
+            task = progress.add_task(f"routing ({pipeline})", total=messages)
             last_progress, seen = time.monotonic(), 0
             while not events.done.is_set():
                 await asyncio.sleep(0.2)
@@ -292,7 +333,7 @@ async def run_bench(
 
 
 def render(result: Result, console: Console) -> None:
-    rows = {k: v for k, v in asdict(result).items() if v is not None and k != "extra"}
+    rows = {k: v for k, v in asdict(result).items() if v is not None}
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         console.print(f"{key:<{width}}  {value}")

@@ -16,6 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 import aiormq.exceptions
 import asyncpg
 import click
+import pydantic
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +43,8 @@ CONNECTION_ERRORS = (
 def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if Settings().event_loop == "uvloop":
+            return uvloop.run(fn(*args, **kwargs))  # type: ignore[arg-type]
         return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
 
     return wrapper
@@ -595,10 +599,15 @@ async def dlq_purge(reason: str | None, yes: bool) -> None:
     help="Worker processes, as deployed (0: a worker inside the bench's own process).",
 )
 @click.option("--rate", type=click.FloatRange(min=1), help="Paced mode: messages per second.")
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="First run the minimal hand-written pipeline on the same load, and compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
-    messages: int, sources: int, workers: int, rate: float | None, as_json: bool
+    messages: int, sources: int, workers: int, rate: float | None, reference: bool, as_json: bool
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
     from dataclasses import asdict
@@ -606,7 +615,7 @@ async def bench(
     from worker.bench import render, run_bench
 
     console = _console()
-    result = await run_bench(_settings(), messages, sources, workers, rate, console)
+    result = await run_bench(_settings(), messages, sources, workers, rate, console, reference)
     if as_json:
         click.echo(json.dumps(asdict(result)))
     else:
@@ -683,6 +692,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except UserError as exc:
         return _fail(str(exc), 1)
+    except pydantic.ValidationError as exc:  # a LEADROUTER_* variable
+        problems = "; ".join(
+            f"LEADROUTER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        return _fail(f"invalid setting: {problems}", 2)
     except CONNECTION_ERRORS as exc:
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             return _fail(f"the metrics port is taken ({exc}); set LEADROUTER_METRICS_PORT", 2)

@@ -27,8 +27,6 @@ from worker.strategies import Candidate
 
 _rng = random.SystemRandom()
 MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
-# Signs this process's outbox notifications: its own relay is woken directly instead.
-WRITER = uuid.uuid4().hex  # per process: host names and pids repeat across containers
 
 Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
 
@@ -55,6 +53,16 @@ class NewContact:
     body: LeadContact
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An outbox row as written, for its writer to publish after commit."""
+
+    id: int  # the outbox row
+    event_id: str
+    routing_key: str
+    payload: str
+
+
 @dataclass
 class Outcome:
     """What a routing transaction did, for acks, logs and metrics."""
@@ -65,6 +73,7 @@ class Outcome:
     closed: dict[int, int | None] = field(default_factory=dict)  # contact -> freed operator
     already_closed: set[int] = field(default_factory=set)
     assignments: Assignments = field(default_factory=Counter)
+    events: list[Event] = field(default_factory=list)  # leased: the caller publishes them
 
     @property
     def late_assignments(self) -> int:
@@ -115,9 +124,12 @@ async def route(
     plan: Plan,
     new: Sequence[NewContact] = (),
     close_ids: Sequence[int] = (),
+    lease: float | None = None,
 ) -> Outcome:
     """Close `close_ids`, record `new` and route every affected backlog, in the caller's
-    transaction. Messages naming an unknown source or contact must have been left out."""
+    transaction. Messages naming an unknown source or contact must have been left out.
+    With a `lease` (seconds) the caller publishes `Outcome.events` itself after commit;
+    without, the workers' relays are notified."""
     outcome = Outcome()
     locked = plan.locks
     await lock_sources(conn, locked)
@@ -146,7 +158,7 @@ async def route(
     for message_id, row in created.items():
         if row["id"] not in outcome.assigned:
             events.queued(row, externals[message_id], keys[row["source_id"]])
-    await events.write(conn)
+    outcome.events = await events.write(conn, lease)
     return outcome
 
 
@@ -157,7 +169,7 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
     events = _Events()
     await _drain(conn, routes, outcome, events)
-    await events.write(conn)
+    await events.write(conn, lease=None)
     return outcome.assignments
 
 
@@ -381,7 +393,11 @@ class _Events:
         payload = json.dumps(envelope(str(event_id), key, time, data))
         self.rows.append((event_id, data["contact_id"], key, payload))
 
-    async def write(self, conn: asyncpg.Connection) -> None:
+    async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
         if not self.rows:
-            return
-        await conn.execute(Q.insert_events, *map(list, zip(*self.rows, strict=True)), WRITER)
+            return []
+        written = await conn.fetch(Q.insert_events, *map(list, zip(*self.rows, strict=True)), lease)
+        if lease is None:
+            await conn.execute(Q.notify_outbox)
+        ids = {str(r["event_id"]): r["id"] for r in written}
+        return [Event(ids[str(e)], str(e), key, payload) for e, _, key, payload in self.rows]

@@ -1,9 +1,17 @@
 """The outbox relay: publishes committed events with publisher confirms, and marks them
-published only after the broker confirmed them. Several relays share the table safely
-(FOR UPDATE SKIP LOCKED); a relay killed mid-batch leaves its events to be re-sent."""
+published only after the broker confirmed them.
+
+Two ways in. The worker hands over the events it has just committed (leased, so no other
+relay takes them meanwhile): they are published at once, without a claim round trip.
+Everything else (admin actions, leases that lapsed because a worker died or the broker
+was away) is claimed from the table, woken by NOTIFY or a sweep timer; several relays
+share it safely (FOR UPDATE SKIP LOCKED), and a relay killed mid-batch leaves its
+events to be claimed again."""
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Sequence
 
 import aiormq.abc
 import asyncpg
@@ -11,7 +19,7 @@ from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
 from worker import log
-from worker.distribution import WRITER
+from worker.distribution import Event
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -29,14 +37,55 @@ class OutboxRelay:
         self._channel = channel  # with publisher confirms
         self._settings = settings
         self._metrics = metrics
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # rows to claim
+        self._committed: deque[Event] = deque()  # leased rows to publish directly
+        self._has_committed = asyncio.Event()
+        self._publishing = 0  # batches of committed events in flight
+        # Beyond this many waiting (the broker slower than the database), committed
+        # events are left to their lease: memory stays bounded, the table has them.
+        self._max_waiting = 10 * settings.outbox_batch
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, writer: str) -> None:
-        if writer != WRITER:  # our own commits wake us directly
-            self._wake.set()
+    def committed(self, events: Sequence[Event]) -> None:
+        """Events this process has just committed under a lease: published next."""
+        if not events:
+            return
+        if len(self._committed) >= self._max_waiting:
+            logger.debug("outbox_left_to_lease", count=len(events))
+            return
+        self._committed.extend(events)
+        self._has_committed.set()
+
+    def _notified(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _publish_committed(self, stop: asyncio.Event) -> None:
+        """Publish what `committed` handed over, many confirms in flight; a failure leaves
+        the batch leased, to be claimed once the lease lapses."""
+        while not stop.is_set():
+            if not self._committed:
+                self._has_committed.clear()
+                await self._has_committed.wait()
+                continue
+            await self._publish_some_committed()
+
+    async def _publish_some_committed(self) -> None:
+        take = min(len(self._committed), self._settings.outbox_batch)
+        batch = [self._committed.popleft() for _ in range(take)]
+        self._publishing += 1
+        try:
+            channel = await self._channel.get_underlay_channel()
+            await asyncio.gather(
+                *(self._publish(channel, e.event_id, e.routing_key, e.payload) for e in batch)
+            )
+            await self._pool.execute(Q.mark_events_published, [e.id for e in batch])
+            self._metrics.events_published.inc(len(batch))
+        except Exception as exc:
+            logger.warning("outbox_publish_deferred", error=type(exc).__name__, count=len(batch))
+        finally:
+            self._publishing -= 1
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending events; returns how many."""
@@ -45,37 +94,55 @@ class OutboxRelay:
             if not rows:
                 return 0
             channel = await self._channel.get_underlay_channel()
-            await asyncio.gather(*(self._publish(channel, r) for r in rows))
+            await asyncio.gather(
+                *(
+                    self._publish(channel, str(r["event_id"]), r["routing_key"], r["payload"])
+                    for r in rows
+                )
+            )
             await conn.execute(Q.mark_events_published, [r["id"] for r in rows])
         self._metrics.events_published.inc(len(rows))
         logger.debug("events_published", count=len(rows))
         return len(rows)
 
-    async def _publish(self, channel: aiormq.abc.AbstractChannel, row: asyncpg.Record) -> None:
+    async def _publish(
+        self, channel: aiormq.abc.AbstractChannel, event_id: str, routing_key: str, payload: str
+    ) -> None:
         properties = spec.Basic.Properties(
-            message_id=str(row["event_id"]),
+            message_id=event_id,
             content_type="application/cloudevents+json",
             delivery_mode=2,  # persistent
-            message_type=row["routing_key"],
+            message_type=routing_key,
         )
         # Not mandatory: an event nobody subscribed to yet is not an error. Through
         # aiormq directly: aio-pika's Message objects cost more than the publish itself.
         await channel.basic_publish(
-            row["payload"].encode(),
+            payload.encode(),
             exchange=self._settings.events_exchange,
-            routing_key=row["routing_key"],
+            routing_key=routing_key,
             properties=properties,
         )
 
     async def drain(self) -> None:
-        """Publish until nothing is pending."""
+        """Publish until nothing is pending (at shutdown: what was committed, then what
+        can be claimed)."""
+        while self._committed:
+            await self._publish_some_committed()
+        while self._publishing:  # noqa: ASYNC110 (once, at shutdown)
+            await asyncio.sleep(0.01)
+        await self._drain_claimed()
+
+    async def _drain_claimed(self) -> None:
         while await self.publish_pending() == self._settings.outbox_batch:
             pass
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever a commit notifies us, and sweep on a timer for what a crash or
         a lost notification left behind."""
-        listener = asyncio.create_task(self._listen(stop))
+        helpers = [asyncio.create_task(self._listen(stop))] + [
+            asyncio.create_task(self._publish_committed(stop))
+            for _ in range(self._settings.outbox_concurrency)
+        ]
         attempt = 0
         try:
             while not stop.is_set():
@@ -86,7 +153,10 @@ class OutboxRelay:
                     # otherwise set the pace under load.
                     if await self.publish_pending() == self._settings.outbox_batch:
                         await asyncio.gather(
-                            *(self.drain() for _ in range(self._settings.outbox_concurrency))
+                            *(
+                                self._drain_claimed()
+                                for _ in range(self._settings.outbox_concurrency)
+                            )
                         )
                     attempt = 0
                 except Exception as exc:
@@ -102,9 +172,9 @@ class OutboxRelay:
                         self._wake.wait(), timeout=self._settings.outbox_sweep_seconds
                     )
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep a LISTEN connection; reconnect when it drops (the sweep covers the gap),

@@ -33,8 +33,15 @@ def _die_with_parent() -> None:
 def spawn_worker(settings: Settings, output: IO[bytes] | int) -> subprocess.Popen[bytes]:
     """A worker process that dies with us: one left behind by a killed bench or test run
     would go on consuming."""
+    return spawn_module(settings, output, "worker.cli", "worker")
+
+
+def spawn_module(
+    settings: Settings, output: IO[bytes] | int, module: str, *args: str
+) -> subprocess.Popen[bytes]:
+    """`python -m MODULE ARGS` with `settings` in its environment, dying with us."""
     return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker"],
+        [sys.executable, "-m", module, *args],
         env=worker_env(settings),
         stdout=output,
         stderr=subprocess.STDOUT,

@@ -10,10 +10,12 @@ SELECT id, key, name, description, strategy, affinity_hours FROM sources WHERE k
 SELECT id, key, strategy, affinity_hours FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
 
 -- name: claim_pending_events
--- Lock a batch of unpublished events for one relay; other relays skip them ($1 limit).
+-- Lock a batch of unpublished events for one relay; other relays skip them, and rows
+-- their writer is still publishing itself are left to it until their lease lapses
+-- ($1 limit).
 SELECT id, event_id, routing_key, payload::text AS payload
 FROM outbox
-WHERE published_at IS NULL
+WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now())
 ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED;
@@ -342,14 +344,63 @@ FROM unnest($1::bigint[], $2::bigint[], $3::double precision[]) AS t (source_id,
 WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
 
 -- name: insert_events
--- Events of a batch, in the order given, and a wake-up for the relays at commit, signed
--- by the writer so that it can ignore its own ($1 event ids, $2 contact ids, $3 routing
--- keys, $4 JSON payloads, $5 writer).
-WITH inserted AS (
-    INSERT INTO outbox (event_id, contact_id, routing_key, payload)
-    SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
-    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
-        AS t (event_id, contact_id, routing_key, payload)
-    RETURNING 1
-)
-SELECT pg_notify('leadrouter_outbox', $5) FROM (SELECT 1 FROM inserted LIMIT 1) AS any_row;
+-- Events of a batch. A writer that publishes them itself after commit leases them for
+-- $5 seconds; NULL leaves them to the relays at once ($1 event ids, $2 contact ids,
+-- $3 routing keys, $4 JSON payloads, $5 lease seconds).
+INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until)
+SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb,
+       now() + make_interval(secs => $5::double precision)
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
+    AS t (event_id, contact_id, routing_key, payload)
+RETURNING id, event_id;
+
+-- name: notify_outbox
+-- Wake the workers' relays at commit: events were written for them to claim.
+SELECT pg_notify('leadrouter_outbox', '');
+
+-- The bench's reference pipeline (worker/bench_reference.py), not leadrouter's: the
+-- minimal distribution transaction issue 6 measures leadrouter against.
+
+-- name: reference_schema
+-- Its tables, in the bench's throwaway database.
+CREATE TABLE reference_operators (
+    id        bigint PRIMARY KEY,
+    source    text NOT NULL,
+    open_load integer NOT NULL DEFAULT 0
+);
+CREATE INDEX ON reference_operators (source);
+CREATE TABLE reference_contacts (
+    message_id  text PRIMARY KEY,
+    source      text NOT NULL,
+    operator_id bigint REFERENCES reference_operators,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: reference_add_operators
+-- Operators, each working one source ($1 ids, $2 source keys).
+INSERT INTO reference_operators (id, source) SELECT * FROM unnest($1::bigint[], $2::text[]);
+
+-- name: reference_lock_sources
+-- Serialise the batch's sources until commit, in ascending order ($1 keys, sorted).
+SELECT pg_advisory_xact_lock(hashtext(key)) FROM unnest($1::text[]) AS key;
+
+-- name: reference_lock_operators
+-- The operators of these sources, locked in id order ($1 keys).
+SELECT id, source, open_load FROM reference_operators
+WHERE source = ANY($1::text[])
+ORDER BY id
+FOR UPDATE;
+
+-- name: reference_insert_contacts
+-- The batch's contacts; nothing for a known message id ($1 message ids, $2 sources,
+-- $3 operator ids).
+INSERT INTO reference_contacts (message_id, source, operator_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id, operator_id;
+
+-- name: reference_claim_operators
+-- Count the new contacts against their operators ($1 operator ids, $2 counts).
+UPDATE reference_operators o SET open_load = o.open_load + c.n
+FROM unnest($1::bigint[], $2::integer[]) AS c(id, n)
+WHERE o.id = c.id;

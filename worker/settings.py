@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(default=500, ge=1)
     outbox_concurrency: int = Field(default=2, ge=1)
     outbox_sweep_seconds: float = Field(default=5.0, gt=0)
+    # How long the relays leave the events a worker committed to that worker, which
+    # publishes them itself right after commit; a worker that died is covered after this.
+    outbox_lease_seconds: float = Field(default=10.0, gt=0)
     backlog_sweep_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
@@ -57,6 +61,10 @@ class Settings(BaseSettings):
     # How often the worker checks PostgreSQL and RabbitMQ; it stops taking messages while
     # PostgreSQL is unreachable.
     health_interval_seconds: float = Field(default=1.0, gt=0)
+
+    # uvloop sends the AMQP frames of one loop turn in one write (asyncio makes a system
+    # call per publish); `leadrouter bench` measured it (README, Performance).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console

@@ -1,0 +1,71 @@
+"""The worker consumes through aiormq directly, so aio-pika does not restore that consumer
+for it: these prove the worker does, after its channel is closed under it and after the
+broker cancels it because the queue was deleted. Nothing published afterwards is lost."""
+
+import aio_pika
+import aiormq.exceptions
+import asyncpg
+import pytest
+
+from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
+from worker.app import Worker
+from worker.settings import Settings
+
+
+async def _send(broker: aio_pika.abc.AbstractChannel, settings: Settings, ids: range) -> None:
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    for n in ids:
+        await exchange.publish(raw_message(lead("web", f"w:{n}"), f"m-{n}"), "lead.contact")
+
+
+async def test_consumes_again_after_its_channel_is_closed_by_the_broker(
+    pool: asyncpg.Pool,
+    broker: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    events: EventCollector,
+    worker: Worker,
+) -> None:
+    await setup_source(pool, "web", [("a", 1000, 1)])
+    await _send(broker, settings, range(5))
+    await events.wait_for("contact.assigned", 5)
+    channel = await worker._consume_channel.get_underlay_channel()  # type: ignore[union-attr]
+    # Acking a tag never delivered is a channel error: the broker closes the channel.
+    with pytest.raises(aiormq.exceptions.ChannelClosed):
+        await channel.basic_ack(10**9)
+        await channel.basic_qos(prefetch_count=1)  # the close arrives by the next call
+    await wait_until(
+        lambda: worker._consume_channel.get_underlay_channel(),  # type: ignore[union-attr]
+        what="the channel reopened",
+    )
+
+    await _send(broker, settings, range(5, 25))
+    await events.wait_for("contact.assigned", 25, timeout=30)
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 25
+
+
+async def test_consumes_again_after_the_broker_cancels_it(
+    pool: asyncpg.Pool,
+    broker: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    events: EventCollector,
+    worker: Worker,
+) -> None:
+    await setup_source(pool, "web", [("a", 1000, 1)])
+    await broker.queue_delete(settings.inbound_queue)  # cancels the worker's consumer
+
+    async def consuming_again() -> bool:
+        if not worker.readiness.consuming:
+            return False
+        # A connection of its own: a passive declaration of a missing queue closes the
+        # channel it is made on.
+        async with await aio_pika.connect(settings.amqp_url) as connection:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(settings.inbound_queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return queue.declaration_result.consumer_count == 1
+
+    await wait_until(consuming_again, timeout=30, what="the queue declared and consumed again")
+    await _send(broker, settings, range(10))
+    await events.wait_for("contact.assigned", 10, timeout=30)
