@@ -114,6 +114,39 @@ async def plan(
     return Plan(sources, closes, keys - set(sources), ids - set(closes))
 
 
+# The statements of the worker's transactions, each with arguments that touch nothing.
+_PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
+    (Q.sources_by_keys, 1),
+    (Q.contacts_for_close, 1),
+    (Q.lock_sources_in_order, 1),
+    (Q.close_contacts, 1),
+    (Q.release_operators, 2),
+    (Q.sources_of_operators, 1),
+    (Q.sources_by_ids, 1),
+    (Q.known_message_ids, 1),
+    (Q.record_contacts, 8),
+    (Q.lock_candidates, 1),
+    (Q.queued_heads, 2),
+    (Q.previous_operators, 4),
+    (Q.assign_contacts, 7),
+    (Q.mark_events_published, 1),
+)
+
+
+async def prepare_statements(conn: asyncpg.Connection) -> None:
+    """Prepare the worker's statements on a new connection (asyncpg caches them per
+    connection), so that the first messages after a start do not wait for it: each runs
+    once on empty arrays, in a transaction rolled back."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        for query, arrays in _PREPARED:
+            await conn.fetch(query, *([] for _ in range(arrays)))
+        await conn.fetch(Q.insert_events, [], [], [], [], None)
+    finally:
+        await tx.rollback()
+
+
 async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
     if source_ids:
         await conn.execute(Q.lock_sources_in_order, sorted(source_ids))
@@ -214,16 +247,12 @@ async def _record(
         for i, value in enumerate((lead.name, lead.email, lead.phone)):
             merged[i] = value if value is not None else merged[i]
     order = sorted(leads)
-    lead_ids = {
-        r["external_id"]: r["id"]
-        for r in await conn.fetch(
-            Q.upsert_leads, order, *([leads[e][i] for e in order] for i in range(3))
-        )
-    }
     items = list(fresh.values())
     rows = await conn.fetch(
-        Q.insert_contacts,
-        [lead_ids[i.body.lead.external_id] for i in items],
+        Q.record_contacts,
+        order,
+        *([leads[e][i] for e in order] for i in range(3)),
+        [i.body.lead.external_id for i in items],
         [plan.sources[i.body.source].id for i in items],
         [i.body.message for i in items],
         [i.message_id for i in items],
@@ -279,6 +308,7 @@ async def _drain(
         return
     claimed = Counter(a.operator_id for a in plan.assignments)
     ids = sorted(claimed)
+    lags = list(plan.lags)
     rows = {
         r["id"]: r
         for r in await conn.fetch(
@@ -287,20 +317,15 @@ async def _drain(
             [a.operator_id for a in plan.assignments],
             ids,
             [claimed[i] for i in ids],
+            [k[0] for k in lags],
+            [k[1] for k in lags],
+            [plan.lags[k] for k in lags],
         )
     }
     if len(rows) != len(plan.assignments):
         # The operator rows are locked, so this cannot happen; if it ever does, roll the
         # whole batch back rather than record a half-done routing.
         raise RuntimeError(f"assigned {len(rows)} of {len(plan.assignments)} contacts")
-    if plan.lags:
-        keys = list(plan.lags)
-        await conn.execute(
-            Q.store_smooth_lags,
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [plan.lags[k] for k in keys],
-        )
     for a in plan.assignments:
         route_ = by_id[a.source_id]
         outcome.assigned[a.contact_id] = a.operator_id

@@ -234,24 +234,28 @@ SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 -- Which of these inbound message ids already made a contact ($1 message ids).
 SELECT inbound_message_id FROM contacts WHERE inbound_message_id = ANY($1::text[]);
 
--- name: upsert_leads
--- Create leads or refresh the fields messages carry; one row per external id, in
--- ascending order so concurrent batches lock them in the same order ($1 external ids,
--- $2 names, $3 e-mails, $4 phones).
-INSERT INTO leads AS l (external_id, name, email, phone)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-ON CONFLICT (external_id) DO UPDATE
-SET name       = COALESCE(EXCLUDED.name, l.name),
-    email      = COALESCE(EXCLUDED.email, l.email),
-    phone      = COALESCE(EXCLUDED.phone, l.phone),
-    updated_at = now()
-RETURNING id, external_id;
-
--- name: insert_contacts
--- New open, unassigned contacts, ids in the order given; nothing for a known message id
--- ($1 lead ids, $2 source ids, $3 message texts, $4 inbound message ids).
+-- name: record_contacts
+-- Create leads or refresh the fields messages carry, one row per external id in
+-- ascending order so concurrent batches lock them in the same order; then the new open,
+-- unassigned contacts, ids in the order given, nothing for a known message id
+-- ($1 external ids, $2 names, $3 e-mails, $4 phones; per contact: $5 external ids,
+-- $6 source ids, $7 message texts, $8 inbound message ids).
+WITH lead_rows AS (
+    INSERT INTO leads AS l (external_id, name, email, phone)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    ON CONFLICT (external_id) DO UPDATE
+    SET name       = COALESCE(EXCLUDED.name, l.name),
+        email      = COALESCE(EXCLUDED.email, l.email),
+        phone      = COALESCE(EXCLUDED.phone, l.phone),
+        updated_at = now()
+    RETURNING id, external_id
+)
 INSERT INTO contacts (lead_id, source_id, message, inbound_message_id)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
+SELECT lead_rows.id, t.source_id, t.message, t.message_id
+FROM unnest($5::text[], $6::bigint[], $7::text[], $8::text[]) WITH ORDINALITY
+    AS t (external_id, source_id, message, message_id, n)
+JOIN lead_rows USING (external_id)
+ORDER BY t.n
 ON CONFLICT (inbound_message_id) DO NOTHING
 RETURNING id, lead_id, source_id, inbound_message_id, created_at;
 
@@ -318,15 +322,22 @@ ORDER BY q.id, c.created_at DESC;
 
 -- name: assign_contacts
 -- Take the operators' capacity (their rows are already locked) and hand them the queued
--- contacts, in one statement; an operator whose capacity would be exceeded claims
--- nothing and gets none ($1 contact ids, $2 operator ids, $3 operator ids once each,
--- $4 units each).
+-- contacts, and store the smooth strategy's state, in one statement; an operator whose
+-- capacity would be exceeded claims nothing and gets none ($1 contact ids, $2 operator
+-- ids, $3 operator ids once each, $4 units each; smooth lags: $5 source ids, $6 operator
+-- ids, $7 lags).
 WITH claimed AS (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
     WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
     RETURNING o.id
+), lags AS (
+    UPDATE source_weights w
+    SET smooth_lag = t.lag
+    FROM unnest($5::bigint[], $6::bigint[], $7::double precision[])
+        AS t (source_id, operator_id, lag)
+    WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
 )
 UPDATE contacts c
 SET operator_id = t.operator_id, assigned_at = now()
@@ -335,13 +346,6 @@ WHERE c.id = t.id AND c.status = 'open' AND c.operator_id IS NULL AND l.id = c.l
   AND t.operator_id IN (SELECT id FROM claimed)
 RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,
           c.created_at, c.assigned_at;
-
--- name: store_smooth_lags
--- The smooth strategy's state after a batch ($1 source ids, $2 operator ids, $3 lags).
-UPDATE source_weights w
-SET smooth_lag = t.lag
-FROM unnest($1::bigint[], $2::bigint[], $3::double precision[]) AS t (source_id, operator_id, lag)
-WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
 
 -- name: insert_events
 -- Events of a batch. A writer that publishes them itself after commit leases them for
