@@ -112,3 +112,13 @@ def test_no_command_is_not_a_multiline_error(capsys: pytest.CaptureFixture[str])
     main([])
     err = capsys.readouterr().err.splitlines()
     assert not err or not err[0].startswith("error:") or len(err) == 1, err
+
+
+def test_an_invalid_setting_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LEADROUTER_PREFETCH", "many")
+    assert main(["operators", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("error: invalid setting: LEADROUTER_PREFETCH:")

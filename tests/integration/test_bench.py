@@ -1,0 +1,69 @@
+"""`leadrouter bench` end to end on a small load: it reports what it promises, runs the
+reference pipeline when asked, and leaves no database, exchange or queue behind."""
+
+from typing import Any
+
+import aio_pika
+import aiormq.exceptions
+import asyncpg
+import pytest
+from rich.console import Console
+
+from worker import bench
+from worker.settings import Settings
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """The settings of every run the bench makes (each its own database and names)."""
+    runs: list[Settings] = []
+    real = bench.bench_settings
+
+    def recording(*args: Any) -> Settings:
+        runs.append(real(*args))
+        return runs[-1]
+
+    monkeypatch.setattr(bench, "bench_settings", recording)
+    return runs
+
+
+async def _left_behind(runs: list[Settings]) -> list[str]:
+    left = []
+    for run in runs:
+        try:
+            conn = await asyncpg.connect(run.database_url)
+        except asyncpg.InvalidCatalogNameError:
+            pass
+        else:
+            await conn.close()
+            left.append(run.database_url)
+        async with await aio_pika.connect(run.amqp_url) as connection:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(run.inbound_queue, passive=True)
+                left.append(run.inbound_queue)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pass
+    return left
+
+
+async def test_throughput_against_the_reference(settings: Settings, made: list[Settings]) -> None:
+    result = await bench.run_bench(settings, 300, 3, 1, None, Console(quiet=True), reference=True)
+    assert result.mode == "throughput" and result.messages == 300
+    assert result.messages_per_second > 0 and result.cpu_seconds_per_1000 > 0
+    assert result.peak_rss_mb > 0
+    assert result.reference is not None and result.reference["messages_per_second"] > 0
+    assert result.ratio_to_reference == pytest.approx(
+        result.messages_per_second / result.reference["messages_per_second"], rel=0.01
+    )
+    assert len(made) == 2  # the reference's run, then leadrouter's
+    assert await _left_behind(made) == []
+
+
+async def test_paced_latency_in_process(settings: Settings, made: list[Settings]) -> None:
+    result = await bench.run_bench(settings, 100, 2, 0, 200, Console(quiet=True))
+    assert result.workers == "in-process" and result.mode == "paced 200/s"
+    assert result.latency_p50_ms is not None and result.latency_p99_ms is not None
+    assert 0 < result.latency_p50_ms <= result.latency_p99_ms
+    assert result.reference is None and result.ratio_to_reference is None
+    assert await _left_behind(made) == []

@@ -1,0 +1,85 @@
+"""The outbox's two ways out: the worker publishes what it committed itself, under a
+lease that keeps the relays off those rows; once the lease lapses unpublished (a worker
+killed after commit), any relay claims them. Rows written without a lease (admin
+actions) are claimed at once."""
+
+from collections.abc import AsyncIterator
+
+import aio_pika
+import asyncpg
+import pytest
+
+from schemas.inbound import LeadContact
+from tests.helpers import EventCollector, setup_source
+from worker import admin, distribution
+from worker.metrics import Metrics
+from worker.outbox import OutboxRelay
+from worker.settings import Settings
+
+
+@pytest.fixture
+async def relay(
+    pool: asyncpg.Pool, broker: aio_pika.abc.AbstractChannel, settings: Settings
+) -> AsyncIterator[OutboxRelay]:
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield OutboxRelay(pool, channel, settings, Metrics())
+
+
+async def _route_leased(pool: asyncpg.Pool, n: int, lease: float) -> distribution.Outcome:
+    new = [
+        distribution.NewContact(
+            f"m-{i}",
+            LeadContact.model_validate({"source": "web", "lead": {"external_id": f"w:{i}"}}),
+        )
+        for i in range(n)
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        plan = await distribution.plan(conn, {"web"}, ())
+        return await distribution.route(conn, plan, new, lease=lease)
+
+
+async def test_leased_events_are_left_to_their_writer_until_the_lease_lapses(
+    pool: asyncpg.Pool, relay: OutboxRelay, events: EventCollector
+) -> None:
+    await setup_source(pool, "web", [("a", 10, 1)])
+    outcome = await _route_leased(pool, 3, lease=600)
+    assert len(outcome.events) == 3
+    assert await relay.publish_pending() == 0  # leased: not claimable
+
+    # The writer died after commit: nobody published them. Once the lease lapses:
+    await pool.execute("UPDATE outbox SET lease_until = now() - interval '1 second'")
+    assert await relay.publish_pending() == 3
+    await events.wait_for("contact.assigned", 3)
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_the_writer_publishes_its_committed_events_without_a_claim(
+    pool: asyncpg.Pool, relay: OutboxRelay, events: EventCollector
+) -> None:
+    await setup_source(pool, "web", [("a", 10, 1)])
+    outcome = await _route_leased(pool, 4, lease=600)
+    relay.committed(outcome.events)
+    await relay.drain()
+    received = await events.wait_for("contact.assigned", 4)
+    assert {e.id for e in received} == {e.event_id for e in outcome.events}
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_admin_events_are_claimable_at_once(
+    pool: asyncpg.Pool, relay: OutboxRelay, events: EventCollector
+) -> None:
+    [op] = await setup_source(pool, "web", [("a", 0, 1)])
+    await _route_leased(pool, 2, lease=600)  # queued: nobody has capacity
+    await pool.execute("UPDATE outbox SET published_at = now()")
+    _, drained = await admin.update_operator(pool, op, max_load=2)
+    assert drained == 2
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL AND published_at IS NULL"
+        )
+        == 0
+    )
+    assert await relay.publish_pending() == 2
+    await events.wait_for("contact.assigned", 2)
