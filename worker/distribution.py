@@ -84,12 +84,14 @@ class Outcome:
 @dataclass
 class Plan:
     """What a batch will touch, read before its locks (sources and contacts are never
-    deleted, so nothing read here can disappear)."""
+    deleted, so nothing read here can disappear); a batch of new contacts only reads its
+    sources and takes their locks in one statement."""
 
     sources: dict[str, Route]  # by key, for the new contacts
     closes: dict[int, asyncpg.Record]  # contact id -> contacts_for_close row
     unknown_sources: set[str]
     unknown_contacts: set[int]
+    locked: bool = False  # the locks are held already
 
     @property
     def locks(self) -> set[int]:
@@ -106,17 +108,18 @@ async def plan(
     keys, ids = set(source_keys), set(close_ids)
     sources: dict[str, Route] = {}
     if keys:
-        rows = await conn.fetch(Q.sources_by_keys, list(keys))
-        sources = {r["key"]: Route.of(r) for r in rows}
+        query = Q.sources_by_keys if ids else Q.lock_sources_by_keys
+        sources = {r["key"]: Route.of(r) for r in await conn.fetch(query, list(keys))}
     closes: dict[int, asyncpg.Record] = {}
     if ids:
         closes = {r["id"]: r for r in await conn.fetch(Q.contacts_for_close, list(ids))}
-    return Plan(sources, closes, keys - set(sources), ids - set(closes))
+    return Plan(sources, closes, keys - set(sources), ids - set(closes), locked=not ids)
 
 
 # The statements of the worker's transactions, each with arguments that touch nothing.
 _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.sources_by_keys, 1),
+    (Q.lock_sources_by_keys, 1),
     (Q.contacts_for_close, 1),
     (Q.lock_sources_in_order, 1),
     (Q.close_contacts, 1),
@@ -165,7 +168,8 @@ async def route(
     without, the workers' relays are notified."""
     outcome = Outcome()
     locked = plan.locks
-    await lock_sources(conn, locked)
+    if not plan.locked:
+        await lock_sources(conn, locked)
     events = _Events()
 
     drain: set[int] = set()

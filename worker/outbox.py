@@ -69,7 +69,9 @@ class OutboxRelay:
                 self._has_committed.clear()
                 await self._has_committed.wait()
                 continue
-            await self._publish_some_committed()
+            # Shielded: a batch taken off the queue is finished even if this loop is
+            # cancelled at shutdown; drain() waits for it.
+            await asyncio.shield(self._publish_some_committed())
 
     async def _publish_some_committed(self) -> None:
         take = min(len(self._committed), self._settings.outbox_batch)

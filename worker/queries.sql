@@ -225,6 +225,16 @@ SELECT pg_advisory_xact_lock(1282, 0);
 -- The sources a batch names ($1 keys).
 SELECT id, key, strategy, affinity_hours FROM sources WHERE key = ANY($1::text[]);
 
+-- name: lock_sources_by_keys
+-- The sources a batch of new contacts names, each one's routing serialised until commit
+-- (one round trip instead of two). The locks are taken in ascending id order, as
+-- everywhere: PostgreSQL evaluates a select list after ORDER BY unless ORDER BY
+-- refers to it (SELECT reference, "ORDER BY") ($1 keys).
+SELECT id, key, strategy, affinity_hours, pg_advisory_xact_lock(1280, id::integer) AS locked
+FROM sources
+WHERE key = ANY($1::text[])
+ORDER BY id;
+
 -- name: lock_sources_in_order
 -- Serialise the routing of these sources until commit, taking the locks in the order
 -- given, which callers make ascending ($1 source ids).

@@ -88,7 +88,9 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
 
         # What it committed was published before it left; a second worker does the rest.
         done = await pool.fetchval("SELECT count(*) FROM contacts")
-        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0, (
+            log[-3000:]
+        )
         assert done < total, "stopped before the end, so the rest tests the handover"
         procs.append(spawn(settings, tmp_path, 1))
         await events.wait_for("contact.assigned", total, timeout=30)
