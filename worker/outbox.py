@@ -27,6 +27,9 @@ from worker.sql import Q
 
 logger = log.get(__name__)
 CHANNEL = "leadrouter_outbox"
+# Events published from memory are marked published together, at most this long after
+# their confirm: at low load one UPDATE per event would cost more than its publish.
+MARK_DELAY_SECONDS = 0.05
 
 
 class OutboxRelay:
@@ -41,6 +44,9 @@ class OutboxRelay:
         self._committed: deque[Event] = deque()  # leased rows to publish directly
         self._has_committed = asyncio.Event()
         self._publishing = 0  # batches of committed events in flight
+        self._confirmed: list[int] = []  # their outbox ids once confirmed, to mark
+        self._has_confirmed = asyncio.Event()
+        self._marking = asyncio.Lock()
         # Beyond this many waiting (the broker slower than the database), committed
         # events are left to their lease: memory stays bounded, the table has them.
         self._max_waiting = 10 * settings.outbox_batch
@@ -82,12 +88,34 @@ class OutboxRelay:
             await asyncio.gather(
                 *(self._publish(channel, e.event_id, e.routing_key, e.payload) for e in batch)
             )
-            await self._pool.execute(Q.mark_events_published, [e.id for e in batch])
+            self._confirmed.extend(e.id for e in batch)
+            self._has_confirmed.set()
             self._metrics.events_published.inc(len(batch))
         except Exception as exc:
             logger.warning("outbox_publish_deferred", error=type(exc).__name__, count=len(batch))
         finally:
             self._publishing -= 1
+
+    async def _mark_confirmed(self) -> None:
+        """Mark what was published from memory, many events per statement. Until then a
+        row stays leased; if its worker dies first, it is published again once the lease
+        lapses (at least once: consumers de-duplicate by event id)."""
+        while True:
+            await self._has_confirmed.wait()
+            await asyncio.sleep(MARK_DELAY_SECONDS)
+            await asyncio.shield(self._mark())
+
+    async def _mark(self) -> None:
+        async with self._marking:
+            self._has_confirmed.clear()
+            ids, self._confirmed = self._confirmed, []
+            if not ids:
+                return
+            try:
+                await self._pool.execute(Q.mark_events_published, ids)
+            except Exception as exc:  # PostgreSQL away: try again with the next ones
+                logger.warning("outbox_mark_failed", error=type(exc).__name__, count=len(ids))
+                self._confirmed.extend(ids)
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending events; returns how many."""
@@ -132,6 +160,7 @@ class OutboxRelay:
             await self._publish_some_committed()
         while self._publishing:  # noqa: ASYNC110 (once, at shutdown)
             await asyncio.sleep(0.01)
+        await self._mark()
         await self._drain_claimed()
 
     async def _drain_claimed(self) -> None:
@@ -141,7 +170,10 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever a commit notifies us, and sweep on a timer for what a crash or
         a lost notification left behind."""
-        helpers = [asyncio.create_task(self._listen(stop))] + [
+        helpers = [
+            asyncio.create_task(self._listen(stop)),
+            asyncio.create_task(self._mark_confirmed()),
+        ] + [
             asyncio.create_task(self._publish_committed(stop))
             for _ in range(self._settings.outbox_concurrency)
         ]

@@ -33,12 +33,13 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=10, ge=1)
     # Micro-batching: up to batch_size messages per transaction, concurrent_batches
     # transactions at once; prefetch covers them and the next batch arriving meanwhile.
-    # Chosen by `leadrouter bench` (README, Performance): batches of a source set mostly
-    # overlap, so a second batcher waits on the first's locks, and splitting the arrivals
-    # in two makes smaller, costlier transactions at moderate load.
+    # Chosen by `leadrouter bench` (README, Performance). A second transaction starts
+    # only while few messages wait (Consumer._batcher): it keeps a message at low load
+    # from waiting behind another's transaction, while under load full batches of many
+    # sources would only overlap on their locks.
     prefetch: int = Field(default=400, ge=1)
     batch_size: int = Field(default=200, ge=1)
-    concurrent_batches: int = Field(default=1, ge=1)
+    concurrent_batches: int = Field(default=2, ge=1)
     # Wait this long for a batch to fill when fewer messages are waiting (0: take what
     # is there; batches then form by themselves under load).
     batch_linger_seconds: float = Field(default=0.0, ge=0, le=1)
