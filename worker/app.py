@@ -23,6 +23,8 @@ from worker.sql import Q
 
 logger = log.get(__name__)
 CONNECT_ATTEMPTS = 20
+PRUNE_INTERVAL_SECONDS = 60
+PRUNE_BATCH = 5000  # rows looked at per statement
 
 
 class Worker:
@@ -108,6 +110,7 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self.relay.run(self._stop), name="outbox-relay"),
             asyncio.create_task(self._sweep_backlog(), name="backlog-sweep"),
+            asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
         ]
         # What start-up allocated stays: keep it out of the collector's full passes,
@@ -235,6 +238,24 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
 
+    async def _prune_outbox(self) -> None:
+        """Keep the outbox from growing without bound: published events are deleted once
+        older than the retention (every worker does it; they do not get in each other's
+        way, nor in the relays': pending rows are never touched)."""
+        assert self._pool is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), PRUNE_INTERVAL_SECONDS)
+            if self._stop.is_set():
+                return
+            try:
+                pruned = await prune_outbox(self._pool, self.settings.outbox_retention_hours)
+            except Exception as exc:  # PostgreSQL away: next time
+                logger.warning("outbox_prune_failed", error=type(exc).__name__)
+                continue
+            if pruned:
+                logger.info("outbox_pruned", events=pruned)
+
     async def _sweep_backlog(self) -> None:
         """The safety net: capacity is normally handed out by the transaction that frees
         it; this catches what that could not (e.g. a source it did not hold the lock of)."""
@@ -258,6 +279,17 @@ class Worker:
                 logger.info("backlog_swept", assigned=assigned)
                 if self.relay is not None:  # at once, even if LISTEN is reconnecting
                     self.relay.wake()
+
+
+async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:
+    """Delete published events older than the retention; returns how many."""
+    total = 0
+    while True:
+        status = await pool.execute(Q.prune_published_events, retention_hours, PRUNE_BATCH)
+        deleted = int(status.split()[-1])  # "DELETE n"
+        total += deleted
+        if deleted < PRUNE_BATCH:
+            return total
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

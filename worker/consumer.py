@@ -27,7 +27,7 @@ from worker.settings import Settings
 
 logger = log.get(__name__)
 T = TypeVar("T")
-PARALLEL_BELOW = 10  # messages waiting (see Consumer._batcher)
+PARALLEL_BELOW = 10  # messages in flight or waiting (see Consumer._batcher)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Consumer:
         self.stopping = False
         self._buffer: deque[_Delivery] = deque()
         self._arrived = asyncio.Event()
-        self._busy = 0  # batches being handled
+        self._in_flight = 0  # messages in the batches being handled
         self._batchers: list[asyncio.Task[None]] = []
         self._acks = _AckWindow()
 
@@ -148,10 +148,10 @@ class Consumer:
         redelivers them)."""
         deadline = time.monotonic() + grace
         # Two conditions, polled briefly at shutdown only.
-        while (self._buffer or self._busy) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while (self._buffer or self._in_flight) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         self.stopping = True
-        abandoned = len(self._buffer) + self._busy
+        abandoned = len(self._buffer) + self._in_flight
         for task in self._batchers:
             task.cancel()
         if self._batchers:
@@ -162,18 +162,20 @@ class Consumer:
     async def _batcher(self) -> None:
         size, linger = self._settings.batch_size, self._settings.batch_linger_seconds
         while True:
-            # Another transaction starts beside a running one only while few messages
-            # wait: at low load a message is not held behind another's transaction, and
-            # under load one transaction at a time takes full batches, which measured
-            # faster (batches of many sources overlap on their locks).
-            if not self._buffer or (self._busy and len(self._buffer) >= PARALLEL_BELOW):
+            # Another transaction starts beside running ones only while they hold few
+            # messages and few wait: at low load a message is not held behind another's
+            # transaction, and under load one transaction at a time takes full batches,
+            # which measured faster (batches of many sources overlap on their locks).
+            if not self._buffer or (
+                self._in_flight and max(self._in_flight, len(self._buffer)) >= PARALLEL_BELOW
+            ):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             if linger and len(self._buffer) < size:
                 await asyncio.sleep(linger)
             batch = [self._buffer.popleft() for _ in range(min(size, len(self._buffer)))]
-            self._busy += 1
+            self._in_flight += len(batch)
             try:
                 await self._handle(batch)
             except Exception:
@@ -184,7 +186,7 @@ class Consumer:
                     if not d.decided:
                         await self._hand_back(d)
             finally:
-                self._busy -= 1
+                self._in_flight -= len(batch)
 
     async def _handle(self, batch: list[_Delivery]) -> None:
         for d in batch:

@@ -20,6 +20,14 @@ ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED;
 
+-- name: prune_published_events
+-- Forget events published longer ago than the retention, among the $2 oldest rows (ids
+-- grow with time, so this never scans the whole table); pending rows are left alone
+-- ($1 retention in hours, $2 how many rows to look at).
+DELETE FROM outbox
+WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $2)
+  AND published_at < now() - make_interval(secs => $1::double precision * 3600);
+
 -- name: mark_events_published
 -- Record the broker's confirm for a batch of events ($1 outbox ids).
 UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[]);

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # Micro-batching: up to batch_size messages per transaction, concurrent_batches
     # transactions at once; prefetch covers them and the next batch arriving meanwhile.
     # Chosen by `leadrouter bench` (README, Performance). A second transaction starts
-    # only while few messages wait (Consumer._batcher): it keeps a message at low load
+    # only at low load (Consumer._batcher): it keeps a message
     # from waiting behind another's transaction, while under load full batches of many
     # sources would only overlap on their locks.
     prefetch: int = Field(default=400, ge=1)
@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # How long the relays leave the events a worker committed to that worker, which
     # publishes them itself right after commit; a worker that died is covered after this.
     outbox_lease_seconds: float = Field(default=10.0, gt=0)
+    # Published events are kept this long (to inspect or replay by hand), then deleted.
+    outbox_retention_hours: float = Field(default=168.0, gt=0)
     backlog_sweep_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
