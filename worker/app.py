@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import gc
 import time
+import uuid
 from collections import Counter
 
 import aio_pika
@@ -42,6 +43,7 @@ class Worker:
         self._consume_channel: AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None  # None: not consuming (paused, or cancelled)
         self._cancelled_by_broker = False
+        self._consuming = asyncio.Lock()  # _consume and _pause
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -113,9 +115,6 @@ class Worker:
             asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
         ]
-        # What start-up allocated stays: keep it out of the collector's full passes,
-        # which otherwise stall the loop for tens of milliseconds now and then.
-        gc.freeze()
         logger.info("worker_started", metrics_port=self.health_port)
 
     async def stop(self) -> None:
@@ -167,26 +166,46 @@ class Worker:
         """Run until request_stop() (a signal handler in the CLI)."""
         try:
             await self.start()
+            # The process's start-up objects stay: keep them out of the collector's full
+            # passes, which otherwise stall the loop for tens of milliseconds now and then.
+            gc.collect()
+            gc.freeze()
             await self._stop.wait()
         finally:  # also after a failed start: release what it had opened
             await asyncio.shield(self.stop())
 
-    async def _consume(self) -> None:
+    async def _consume(self, again: bool = False) -> None:
+        """Start consuming; `again`: on a reopened channel, only if we were consuming.
+        Under one lock with _pause, and the tag is ours before the broker hears of it, so
+        that a pause or a stop racing with this always finds the consumer to cancel."""
         assert self._consume_channel is not None and self.consumer is not None
-        if self._cancelled_by_broker:  # the queue was deleted: declare it again first
-            await topology.declare(self._consume_channel, self.settings)
-            self._cancelled_by_broker = False
-        channel = await self._consume_channel.get_underlay_channel()
-        channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-        ok = await channel.basic_consume(self.settings.inbound_queue, self.consumer.on_message)
-        self._consumer_tag = ok.consumer_tag
-        self.readiness.consuming = True
+        async with self._consuming:
+            if self._stop.is_set() or (again and self._consumer_tag is None):
+                return
+            if self._cancelled_by_broker:  # the queue was deleted: declare it again first
+                await topology.declare(self._consume_channel, self.settings)
+                self._cancelled_by_broker = False
+            channel = await self._consume_channel.get_underlay_channel()
+            channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            self._consumer_tag = f"leadrouter.{uuid.uuid4().hex}"
+            await channel.basic_consume(
+                self.settings.inbound_queue,
+                self.consumer.on_message,
+                consumer_tag=self._consumer_tag,
+            )
+            self.readiness.consuming = True
 
     async def _consume_again(self, _channel: object) -> None:
         """The channel reopened after a reconnect (prefetch and declarations restored by
-        aio-pika): consume on it again, unless paused or stopping."""
-        if self._consumer_tag is not None and not self._stop.is_set():
-            await self._consume()
+        aio-pika): consume on it again, unless paused or stopping. A failure here would
+        go unseen (aio-pika gathers these callbacks quietly): the probe takes over."""
+        try:
+            await self._consume(again=True)
+        except Exception as exc:
+            logger.warning("consume_restore_failed", error=type(exc).__name__)
+            self._consumer_tag = None
+            self.readiness.consuming = False
+        else:
             logger.info("consuming_restored")
 
     def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
@@ -201,11 +220,12 @@ class Worker:
     async def _pause(self) -> None:
         """Stop taking messages; those in flight keep retrying until PostgreSQL is back."""
         assert self._consume_channel is not None
-        self.readiness.consuming = False
-        if self._consumer_tag is not None:
-            tag, self._consumer_tag = self._consumer_tag, None
-            channel = await self._consume_channel.get_underlay_channel()
-            await channel.basic_cancel(tag)
+        async with self._consuming:
+            self.readiness.consuming = False
+            if self._consumer_tag is not None:
+                tag, self._consumer_tag = self._consumer_tag, None
+                channel = await self._consume_channel.get_underlay_channel()
+                await channel.basic_cancel(tag)
 
     async def _probe(self) -> None:
         """Check both services, update the gauges and readiness, and pause consuming

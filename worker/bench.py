@@ -7,8 +7,9 @@ the first event to the last. Paced mode (`--rate R`) starts the worker(s) first 
 publishes R messages per second, measuring each message's publish→event latency.
 
 `--reference` first runs the minimal hand-written pipeline of `worker/bench_reference.py`
-on the same load and reports leadrouter against it: a ratio measured in one run holds on
-a faster or slower machine, where absolute rates do not."""
+(one process, on the same event loop) on the same load and reports leadrouter against it:
+on a shared machine whose speed drifts from run to run, two figures measured back to back
+compare better than absolute rates taken at different times."""
 
 import asyncio
 import json
@@ -181,7 +182,8 @@ async def run_bench(
     reference: bool = False,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
-    load, and report leadrouter's rate (or latency) against it."""
+    load: its figures go into `Result.reference`, and in throughput mode leadrouter's
+    rate as a fraction of its into `ratio_to_reference`."""
     log.configure("WARNING", base.log_format)
     yardstick = None
     if reference:

@@ -15,6 +15,7 @@ from collections import Counter
 
 import aio_pika
 import asyncpg
+import uvloop
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from worker.settings import Settings
@@ -97,13 +98,19 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
+    settings = Settings()
+
     async def until_terminated() -> None:
-        task = asyncio.create_task(run(Settings()))
+        task = asyncio.create_task(run(settings))
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(until_terminated())
+    # On the same event loop as leadrouter, so that the ratio compares the pipelines.
+    if settings.event_loop == "uvloop":
+        uvloop.run(until_terminated())
+    else:
+        asyncio.run(until_terminated())
 
 
 if __name__ == "__main__":

@@ -692,7 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except UserError as exc:
         return _fail(str(exc), 1)
-    except pydantic.ValidationError as exc:  # a LEADROUTER_* variable
+    except pydantic.ValidationError as exc:
+        if exc.title != "Settings":  # not a LEADROUTER_* variable: a bug, show it whole
+            raise
         problems = "; ".join(
             f"LEADROUTER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         )

@@ -67,10 +67,10 @@ class OutboxRelay:
     def _notified(self, *_args: object) -> None:
         self._wake.set()
 
-    async def _publish_committed(self, stop: asyncio.Event) -> None:
+    async def _publish_committed(self) -> None:
         """Publish what `committed` handed over, many confirms in flight; a failure leaves
         the batch leased, to be claimed once the lease lapses."""
-        while not stop.is_set():
+        while True:  # until cancelled, after drain(): commits go on while stopping
             if not self._committed:
                 self._has_committed.clear()
                 await self._has_committed.wait()
@@ -103,19 +103,23 @@ class OutboxRelay:
         while True:
             await self._has_confirmed.wait()
             await asyncio.sleep(MARK_DELAY_SECONDS)
-            await asyncio.shield(self._mark())
+            if not await asyncio.shield(self._mark()):  # PostgreSQL away: later
+                await asyncio.sleep(self._settings.retry_max_seconds)
 
-    async def _mark(self) -> None:
+    async def _mark(self) -> bool:
         async with self._marking:
             self._has_confirmed.clear()
             ids, self._confirmed = self._confirmed, []
             if not ids:
-                return
+                return True
             try:
                 await self._pool.execute(Q.mark_events_published, ids)
-            except Exception as exc:  # PostgreSQL away: try again with the next ones
+            except Exception as exc:
                 logger.warning("outbox_mark_failed", error=type(exc).__name__, count=len(ids))
                 self._confirmed.extend(ids)
+                self._has_confirmed.set()
+                return False
+            return True
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending events; returns how many."""
@@ -168,13 +172,14 @@ class OutboxRelay:
             pass
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish whenever a commit notifies us, and sweep on a timer for what a crash or
-        a lost notification left behind."""
+        """Publish what this worker commits as it comes; claim what others notify us of,
+        and sweep on a timer for what a crash, a lapsed lease or a lost notification left
+        behind."""
         helpers = [
             asyncio.create_task(self._listen(stop)),
             asyncio.create_task(self._mark_confirmed()),
         ] + [
-            asyncio.create_task(self._publish_committed(stop))
+            asyncio.create_task(self._publish_committed())
             for _ in range(self._settings.outbox_concurrency)
         ]
         attempt = 0

@@ -367,11 +367,12 @@ RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_
 
 -- name: insert_events
 -- Events of a batch. A writer that publishes them itself after commit leases them for
--- $5 seconds; NULL leaves them to the relays at once ($1 event ids, $2 contact ids,
+-- $5 seconds from now (not from the transaction's start, which lock waits may have made
+-- long ago); NULL leaves them to the relays at once ($1 event ids, $2 contact ids,
 -- $3 routing keys, $4 JSON payloads, $5 lease seconds).
 INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until)
 SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb,
-       now() + make_interval(secs => $5::double precision)
+       statement_timestamp() + make_interval(secs => $5::double precision)
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
     AS t (event_id, contact_id, routing_key, payload)
 RETURNING id, event_id;

@@ -18,6 +18,18 @@ async def _send(broker: aio_pika.abc.AbstractChannel, settings: Settings, ids: r
         await exchange.publish(raw_message(lead("web", f"w:{n}"), f"m-{n}"), "lead.contact")
 
 
+async def _consumers(settings: Settings) -> int | None:
+    """Consumers of the inbound queue; None while it does not exist. A connection of its
+    own: a passive declaration of a missing queue closes the channel it is made on."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(settings.inbound_queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return queue.declaration_result.consumer_count
+
+
 async def test_consumes_again_after_its_channel_is_closed_by_the_broker(
     pool: asyncpg.Pool,
     broker: aio_pika.abc.AbstractChannel,
@@ -28,19 +40,23 @@ async def test_consumes_again_after_its_channel_is_closed_by_the_broker(
     await setup_source(pool, "web", [("a", 1000, 1)])
     await _send(broker, settings, range(5))
     await events.wait_for("contact.assigned", 5)
-    channel = await worker._consume_channel.get_underlay_channel()  # type: ignore[union-attr]
+    robust = worker._consume_channel
+    assert robust is not None
+    channel = await robust.get_underlay_channel()
     # Acking a tag never delivered is a channel error: the broker closes the channel.
     with pytest.raises(aiormq.exceptions.ChannelClosed):
         await channel.basic_ack(10**9)
         await channel.basic_qos(prefetch_count=1)  # the close arrives by the next call
-    await wait_until(
-        lambda: worker._consume_channel.get_underlay_channel(),  # type: ignore[union-attr]
-        what="the channel reopened",
-    )
 
+    async def reopened() -> bool:
+        current = await robust.get_underlay_channel()
+        return current is not channel and not current.is_closed and worker.readiness.consuming
+
+    await wait_until(reopened, what="the channel reopened and consuming")
     await _send(broker, settings, range(5, 25))
     await events.wait_for("contact.assigned", 25, timeout=30)
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 25
+    assert await _consumers(settings) == 1  # restored once, not twice
 
 
 async def test_consumes_again_after_the_broker_cancels_it(
@@ -54,17 +70,7 @@ async def test_consumes_again_after_the_broker_cancels_it(
     await broker.queue_delete(settings.inbound_queue)  # cancels the worker's consumer
 
     async def consuming_again() -> bool:
-        if not worker.readiness.consuming:
-            return False
-        # A connection of its own: a passive declaration of a missing queue closes the
-        # channel it is made on.
-        async with await aio_pika.connect(settings.amqp_url) as connection:
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(settings.inbound_queue, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False
-            return queue.declaration_result.consumer_count == 1
+        return worker.readiness.consuming and await _consumers(settings) == 1
 
     await wait_until(consuming_again, timeout=30, what="the queue declared and consumed again")
     await _send(broker, settings, range(10))
