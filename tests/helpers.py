@@ -109,3 +109,17 @@ async def send(
     """Publish one inbound message as an upstream bot would."""
     exchange = await broker.get_exchange(settings.inbound_exchange)
     await exchange.publish(raw_message(body, message_id), routing_key)
+
+
+async def queue_consumers(amqp_url: str, name: str) -> int | None:
+    """A queue's consumer count, None if it does not exist. On a connection of its own:
+    a passive declaration of a missing queue closes the channel it is made on."""
+    import aiormq.exceptions
+
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return queue.declaration_result.consumer_count

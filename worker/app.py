@@ -255,19 +255,20 @@ class Worker:
                 logger.warning("consumer_toggle_failed", error=type(exc).__name__)
             self.readiness.heartbeat = time.monotonic()
             self.metrics.ready.set(self.readiness.ready())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), interval)
+            await self._stopped_within(interval)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait this long, or less if asked to stop; returns whether we are stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
 
     async def _prune_outbox(self) -> None:
         """Keep the outbox from growing without bound: published events are deleted once
         older than the retention (every worker does it; they do not get in each other's
         way, nor in the relays': pending rows are never touched)."""
         assert self._pool is not None
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PRUNE_INTERVAL_SECONDS)
-            if self._stop.is_set():
-                return
+        while not await self._stopped_within(PRUNE_INTERVAL_SECONDS):
             try:
                 pruned = await prune_outbox(self._pool, self.settings.outbox_retention_hours)
             except Exception as exc:  # PostgreSQL away: next time
@@ -281,11 +282,7 @@ class Worker:
         it; this catches what that could not (e.g. a source it did not hold the lock of)."""
         assert self._pool is not None
         attempt = 0
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.backlog_sweep_seconds)
-            if self._stop.is_set():
-                return
+        while not await self._stopped_within(self.settings.backlog_sweep_seconds):
             try:
                 assigned = await sweep_backlog(self._pool)
                 attempt = 0

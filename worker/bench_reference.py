@@ -28,10 +28,8 @@ OPERATORS_PER_SOURCE = 4
 async def setup(pool: asyncpg.Pool, keys: list[str]) -> None:
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(Q.reference_schema)
-        ops = [
-            (n, key) for n, key in enumerate(k for k in keys for _ in range(OPERATORS_PER_SOURCE))
-        ]
-        await conn.execute(Q.reference_add_operators, *map(list, zip(*ops, strict=True)))
+        sources = [key for key in keys for _ in range(OPERATORS_PER_SOURCE)]
+        await conn.execute(Q.reference_add_operators, list(range(len(sources))), sources)
 
 
 async def _route(conn: asyncpg.Connection, leads: list[tuple[str, str]]) -> dict[str, int]:

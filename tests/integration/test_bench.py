@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from rich.console import Console
 
+from tests.helpers import queue_consumers
 from worker import bench
 from worker.settings import Settings
 
@@ -37,15 +38,12 @@ async def _left_behind(runs: list[Settings]) -> list[str]:
         else:
             await conn.close()
             left.append(run.database_url)
+        for queue in (run.inbound_queue, run.dead_queue):
+            if await queue_consumers(run.amqp_url, queue) is not None:
+                left.append(queue)
         async with await aio_pika.connect(run.amqp_url) as connection:
-            for queue in (run.inbound_queue, run.dead_queue):
-                try:  # a channel each: a failed passive declaration closes it
-                    await (await connection.channel()).declare_queue(queue, passive=True)
-                    left.append(queue)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    pass
             for exchange in (run.inbound_exchange, run.events_exchange, run.dead_exchange):
-                try:
+                try:  # a channel each: a failed passive declaration closes it
                     await (await connection.channel()).declare_exchange(exchange, passive=True)
                     left.append(exchange)
                 except aiormq.exceptions.ChannelNotFoundEntity:

@@ -7,7 +7,14 @@ import aiormq.exceptions
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
+from tests.helpers import (
+    EventCollector,
+    lead,
+    queue_consumers,
+    raw_message,
+    setup_source,
+    wait_until,
+)
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -16,18 +23,6 @@ async def _send(broker: aio_pika.abc.AbstractChannel, settings: Settings, ids: r
     exchange = await broker.get_exchange(settings.inbound_exchange)
     for n in ids:
         await exchange.publish(raw_message(lead("web", f"w:{n}"), f"m-{n}"), "lead.contact")
-
-
-async def _consumers(settings: Settings) -> int | None:
-    """Consumers of the inbound queue; None while it does not exist. A connection of its
-    own: a passive declaration of a missing queue closes the channel it is made on."""
-    async with await aio_pika.connect(settings.amqp_url) as connection:
-        channel = await connection.channel()
-        try:
-            queue = await channel.declare_queue(settings.inbound_queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        return queue.declaration_result.consumer_count
 
 
 async def test_consumes_again_after_its_channel_is_closed_by_the_broker(
@@ -56,7 +51,9 @@ async def test_consumes_again_after_its_channel_is_closed_by_the_broker(
     await _send(broker, settings, range(5, 25))
     await events.wait_for("contact.assigned", 25, timeout=30)
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 25
-    assert await _consumers(settings) == 1  # restored once, not twice
+    assert (
+        await queue_consumers(settings.amqp_url, settings.inbound_queue) == 1
+    )  # restored once, not twice
 
 
 async def test_consumes_again_after_the_broker_cancels_it(
@@ -70,7 +67,10 @@ async def test_consumes_again_after_the_broker_cancels_it(
     await broker.queue_delete(settings.inbound_queue)  # cancels the worker's consumer
 
     async def consuming_again() -> bool:
-        return worker.readiness.consuming and await _consumers(settings) == 1
+        return (
+            worker.readiness.consuming
+            and await queue_consumers(settings.amqp_url, settings.inbound_queue) == 1
+        )
 
     await wait_until(consuming_again, timeout=30, what="the queue declared and consumed again")
     await _send(broker, settings, range(10))
