@@ -105,7 +105,7 @@ class Worker:
 
         self.relay = OutboxRelay(self._pool, publish_channel, s, self.metrics)
         self.consumer = Consumer(
-            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay.committed
+            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay
         )
         self.consumer.start()
         await self._consume()

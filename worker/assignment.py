@@ -13,9 +13,9 @@ from worker.strategies import STRATEGIES, Candidate, smooth_lags
 class Queued:
     """An open contact without an operator, oldest first within its source."""
 
-    id: int
+    id: int  # below zero: a contact of this batch, not yet inserted
     source_id: int
-    lead_id: int
+    lead: str  # its lead's external id
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ def assign(
         default=datetime.now(UTC),
     )
     last: dict[int, datetime] = {}
-    just_had: dict[tuple[int, int], int] = {}  # (lead, source) -> operator, this batch
+    just_had: dict[tuple[str, int], int] = {}  # (lead, source) -> operator, this batch
     plan = Plan([], {})
     blocked: set[int] = set()
     for contact in queued:
@@ -92,7 +92,7 @@ def assign(
             continue
         wanted = preferred.get(contact.id)
         if source in affinity_sources:
-            wanted = just_had.get((contact.lead_id, source), wanted)
+            wanted = just_had.get((contact.lead, source), wanted)
         by_affinity = any(c.id == wanted for c in available)
         if by_affinity:
             chosen = next(c for c in available if c.id == wanted)
@@ -100,7 +100,7 @@ def assign(
             chosen = STRATEGIES[strategies[source]](available, rng)
         load[chosen.id] += 1
         last[chosen.id] = latest + timedelta(microseconds=len(plan.assignments) + 1)
-        just_had[(contact.lead_id, source)] = chosen.id
+        just_had[(contact.lead, source)] = chosen.id
         if strategies[source] == "smooth":  # affinity counts too, so shares stay fair
             for operator_id, lag in smooth_lags(available, chosen.id).items():
                 lags[(source, operator_id)] = lag

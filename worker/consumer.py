@@ -23,6 +23,7 @@ from worker.decode import Inbound, decode
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
+from worker.outbox import OutboxRelay
 from worker.settings import Settings
 
 logger = log.get(__name__)
@@ -112,9 +113,9 @@ class Consumer:
         dead_exchange: AbstractExchange,
         settings: Settings,
         metrics: Metrics,
-        on_commit: Callable[[Sequence[distribution.Event]], None] = lambda _events: None,
+        relay: OutboxRelay,
     ):
-        self._on_commit = on_commit  # hands the committed events to the relay
+        self._relay = relay  # publishes the events each batch commits
         self._pool = pool
         self._dead = dead_exchange
         self._settings = settings
@@ -162,6 +163,7 @@ class Consumer:
     async def _batcher(self) -> None:
         size, linger = self._settings.batch_size, self._settings.batch_linger_seconds
         while True:
+            await self._relay.room()  # while the broker lags behind, take nothing more
             # Another transaction starts beside running ones only while they hold few
             # messages and few wait: at low load a message is not held behind another's
             # transaction, and under load one transaction at a time takes full batches,
@@ -265,7 +267,7 @@ class Consumer:
             outcome = await distribution.route(
                 conn, plan, new, closes, lease=self._settings.outbox_lease_seconds
             )
-        self._on_commit(outcome.events)
+        self._relay.committed(outcome.events)
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(

@@ -21,7 +21,7 @@ import asyncpg
 
 from schemas.events import envelope
 from schemas.inbound import LeadContact
-from worker.assignment import Queued, assign
+from worker.assignment import Assignment, Queued, assign
 from worker.sql import Q
 from worker.strategies import Candidate
 
@@ -127,7 +127,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.sources_of_operators, 1),
     (Q.sources_by_ids, 1),
     (Q.known_message_ids, 1),
-    (Q.record_contacts, 8),
+    (Q.record_contacts, 12),
     (Q.lock_candidates, 1),
     (Q.queued_heads, 2),
     (Q.previous_operators, 4),
@@ -181,20 +181,13 @@ async def route(
             # now; the sweep covers the rare others.
             rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
             drain.update({r["source_id"] for r in rows} & locked)
-    created: dict[str, asyncpg.Record] = {}
-    if new:
-        created = await _record(conn, plan, new, outcome)
-        drain.update(row["source_id"] for row in created.values())
+    fresh = await _fresh(conn, new, outcome) if new else []
+    drain.update(plan.sources[n.body.source].id for n in fresh)
     routes = [r for r in plan.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
-    await _drain(conn, routes, outcome, events)
-    keys = {r.id: r.key for r in routes}
-    externals = {n.message_id: n.body.lead.external_id for n in new}
-    for message_id, row in created.items():
-        if row["id"] not in outcome.assigned:
-            events.queued(row, externals[message_id], keys[row["source_id"]])
+    await _drain(conn, routes, outcome, events, plan, fresh)
     outcome.events = await events.write(conn, lease)
     return outcome
 
@@ -227,11 +220,11 @@ async def _close(
     return set(freed)
 
 
-async def _record(
-    conn: asyncpg.Connection, plan: Plan, new: Sequence[NewContact], outcome: Outcome
-) -> dict[str, asyncpg.Record]:
-    """Upsert the leads and insert the contacts of new messages, skipping message ids
-    already known. Returns message id -> the inserted contact row."""
+async def _fresh(
+    conn: asyncpg.Connection, new: Sequence[NewContact], outcome: Outcome
+) -> list[NewContact]:
+    """The messages of `new` that made no contact yet, once each; the others are
+    duplicates."""
     known = {
         r["inbound_message_id"]
         for r in await conn.fetch(Q.known_message_ids, [n.message_id for n in new])
@@ -242,39 +235,21 @@ async def _record(
             outcome.duplicates.add(item.message_id)
         else:
             fresh[item.message_id] = item
-    if not fresh:
-        return {}
-    leads: dict[str, list[str | None]] = {}
-    for item in fresh.values():  # later messages' fields win, as one by one
-        lead = item.body.lead
-        merged = leads.setdefault(lead.external_id, [None, None, None])
-        for i, value in enumerate((lead.name, lead.email, lead.phone)):
-            merged[i] = value if value is not None else merged[i]
-    order = sorted(leads)
-    items = list(fresh.values())
-    rows = await conn.fetch(
-        Q.record_contacts,
-        order,
-        *([leads[e][i] for e in order] for i in range(3)),
-        [i.body.lead.external_id for i in items],
-        [plan.sources[i.body.source].id for i in items],
-        [i.body.message for i in items],
-        [i.message_id for i in items],
-    )
-    created = {}
-    for row in rows:
-        created[row["inbound_message_id"]] = row
-        outcome.contacts[row["inbound_message_id"]] = row["id"]
-    # Inserted by a concurrent transaction after our check: duplicates all the same.
-    outcome.duplicates.update(set(fresh) - set(created))
-    return created
+    return list(fresh.values())
 
 
 async def _drain(
-    conn: asyncpg.Connection, routes: Sequence[Route], outcome: Outcome, events: "_Events"
+    conn: asyncpg.Connection,
+    routes: Sequence[Route],
+    outcome: Outcome,
+    events: "_Events",
+    plan: Plan | None = None,
+    fresh: Sequence[NewContact] = (),
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
-    anyone can take them."""
+    anyone can take them; then record the batch's `fresh` contacts behind them. A fresh
+    contact is inserted already assigned when someone can take it and no older contact
+    of its source is left waiting, else queued: one write per contact, not two."""
     if not routes:
         return
     by_id = {r.id: r for r in routes}
@@ -293,48 +268,134 @@ async def _drain(
     free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
     takes = {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
     sources = [s for s in sorted(takes) if takes[s] > 0]
-    if not sources:
-        return
-    queued = [
-        Queued(r["id"], r["source_id"], r["lead_id"])
-        for r in await conn.fetch(Q.queued_heads, sources, [takes[s] for s in sources])
+    queued: list[Queued] = []
+    if sources:
+        queued = [
+            Queued(r["id"], r["source_id"], r["lead_external_id"])
+            for r in await conn.fetch(Q.queued_heads, sources, [takes[s] for s in sources])
+        ]
+    # Fresh contacts get ids below zero until inserted. Where the heads filled a source's
+    # take, older contacts may wait beyond them: its fresh ones must queue behind.
+    heads = Counter(q.source_id for q in queued)
+    placeable = {s for s in sources if heads[s] < takes[s]}
+    sources_of = {n.message_id: plan.sources[n.body.source].id for n in fresh} if plan else {}
+    newcomers = [
+        Queued(-i, sources_of[n.message_id], n.body.lead.external_id)
+        for i, n in enumerate(fresh, 1)
+        if sources_of[n.message_id] in placeable
     ]
-    preferred = await _previous_operators(conn, queued, by_id)
-    plan = assign(
-        queued,
+    wanted = queued + newcomers
+    preferred = await _previous_operators(conn, wanted, by_id)
+    decided = assign(
+        wanted,
         weights,
         {s: by_id[s].strategy for s in sources},
         preferred,
         _rng,
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
     )
-    if not plan.assignments:
-        return
-    claimed = Counter(a.operator_id for a in plan.assignments)
+    earlier = [a for a in decided.assignments if a.contact_id > 0]
+    # The smooth strategy's state goes with the last statement that assigns.
+    lags = _lag_arrays(decided.lags)
+    if earlier:
+        await _assign_queued(conn, earlier, by_id, outcome, events, lags if not fresh else None)
+    if fresh:
+        placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
+        await _insert(conn, plan, fresh, placed, by_id, outcome, events, lags)
+
+
+def _lag_arrays(lags: dict[tuple[int, int], float]) -> list[list[Any]]:
+    keys = list(lags)
+    return [[k[0] for k in keys], [k[1] for k in keys], [lags[k] for k in keys]]
+
+
+def _claims(assignments: Iterable[Assignment]) -> list[list[int]]:
+    claimed = Counter(a.operator_id for a in assignments)
     ids = sorted(claimed)
-    lags = list(plan.lags)
+    return [ids, [claimed[i] for i in ids]]
+
+
+async def _assign_queued(
+    conn: asyncpg.Connection,
+    assignments: Sequence[Assignment],
+    routes: dict[int, Route],
+    outcome: Outcome,
+    events: "_Events",
+    lags: list[list[Any]] | None,
+) -> None:
     rows = {
         r["id"]: r
         for r in await conn.fetch(
             Q.assign_contacts,
-            [a.contact_id for a in plan.assignments],
-            [a.operator_id for a in plan.assignments],
-            ids,
-            [claimed[i] for i in ids],
-            [k[0] for k in lags],
-            [k[1] for k in lags],
-            [plan.lags[k] for k in lags],
+            [a.contact_id for a in assignments],
+            [a.operator_id for a in assignments],
+            *_claims(assignments),
+            *(lags or [[], [], []]),
         )
     }
-    if len(rows) != len(plan.assignments):
+    if len(rows) != len(assignments):
         # The operator rows are locked, so this cannot happen; if it ever does, roll the
         # whole batch back rather than record a half-done routing.
-        raise RuntimeError(f"assigned {len(rows)} of {len(plan.assignments)} contacts")
-    for a in plan.assignments:
-        route_ = by_id[a.source_id]
-        outcome.assigned[a.contact_id] = a.operator_id
-        outcome.assignments[(route_.key, route_.strategy)] += 1
-        events.assigned(rows[a.contact_id], route_.key, a.operator_id, a.affinity)
+        raise RuntimeError(f"assigned {len(rows)} of {len(assignments)} contacts")
+    for a in assignments:
+        row = rows[a.contact_id]
+        _assigned(outcome, routes[a.source_id], a.contact_id, a.operator_id)
+        events.assigned(row, row["lead_external_id"], routes[a.source_id].key, a)
+
+
+async def _insert(
+    conn: asyncpg.Connection,
+    plan: Plan | None,
+    fresh: Sequence[NewContact],
+    placed: dict[int, Assignment],  # by position in `fresh`, from 1
+    routes: dict[int, Route],
+    outcome: Outcome,
+    events: "_Events",
+    lags: list[list[Any]],
+) -> None:
+    """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
+    claiming the operators' capacity in the same statement."""
+    assert plan is not None, "fresh contacts come with the plan that names their sources"
+    leads: dict[str, list[str | None]] = {}
+    for item in fresh:  # later messages' fields win, as one by one
+        lead = item.body.lead
+        merged = leads.setdefault(lead.external_id, [None, None, None])
+        for i, value in enumerate((lead.name, lead.email, lead.phone)):
+            merged[i] = value if value is not None else merged[i]
+    order = sorted(leads)
+    operators = [placed[i].operator_id if i in placed else None for i in range(1, len(fresh) + 1)]
+    rows = await conn.fetch(
+        Q.record_contacts,
+        order,
+        *([leads[e][i] for e in order] for i in range(3)),
+        [i.body.lead.external_id for i in fresh],
+        [plan.sources[i.body.source].id for i in fresh],
+        operators,
+        [i.body.message for i in fresh],
+        [i.message_id for i in fresh],
+        *lags,
+    )
+    if not all(r["claimed"] for r in rows):
+        raise RuntimeError("an operator's capacity was exceeded: nothing recorded")
+    position = {n.message_id: i for i, n in enumerate(fresh, 1)}
+    for row in rows:
+        message_id = row["inbound_message_id"]
+        outcome.contacts[message_id] = row["id"]
+        item = fresh[position[message_id] - 1]
+        external_id, route_ = item.body.lead.external_id, routes[row["source_id"]]
+        if row["operator_id"] is None:
+            events.queued(row, external_id, route_.key)
+        else:
+            a = placed[position[message_id]]
+            _assigned(outcome, route_, row["id"], a.operator_id)
+            events.assigned(row, external_id, route_.key, a)
+    # Inserted by a concurrent transaction after our check: duplicates all the same.
+    outcome.duplicates.update(position.keys() - {r["inbound_message_id"] for r in rows})
+
+
+def _assigned(outcome: Outcome, route_: Route, contact_id: int, operator_id: int) -> None:
+    outcome.assigned[contact_id] = operator_id
+    outcome.assignments[(route_.key, route_.strategy)] += 1
 
 
 async def _previous_operators(
@@ -347,7 +408,7 @@ async def _previous_operators(
     rows = await conn.fetch(
         Q.previous_operators,
         [q.id for q in wanted],
-        [q.lead_id for q in wanted],
+        [q.lead for q in wanted],
         [q.source_id for q in wanted],
         [routes[q.source_id].affinity_hours for q in wanted],
     )
@@ -393,7 +454,7 @@ class _Events:
         )
 
     def assigned(
-        self, row: asyncpg.Record, source_key: str, operator_id: int, affinity: bool
+        self, row: asyncpg.Record, lead_external_id: str, source_key: str, a: Assignment
     ) -> None:
         waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
         self._add(
@@ -402,11 +463,11 @@ class _Events:
             _data(
                 row,
                 "open",
-                row["lead_external_id"],
+                lead_external_id,
                 source_key,
-                operator_id,
+                a.operator_id,
                 queued_seconds=round(waited, 3),
-                affinity=affinity,
+                affinity=a.affinity,
             ),
         )
 

@@ -47,9 +47,12 @@ class OutboxRelay:
         self._confirmed: list[int] = []  # their outbox ids once confirmed, to mark
         self._has_confirmed = asyncio.Event()
         self._marking = asyncio.Lock()
-        # Beyond this many waiting (the broker slower than the database), committed
-        # events are left to their lease: memory stays bounded, the table has them.
+        # Beyond this many waiting (the broker slower than the database), the consumer
+        # waits before its next batch: memory stays bounded, and no committed event is
+        # left to wait for its lease to lapse.
         self._max_waiting = 10 * settings.outbox_batch
+        self._room = asyncio.Event()
+        self._room.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -58,11 +61,15 @@ class OutboxRelay:
         """Events this process has just committed under a lease: published next."""
         if not events:
             return
-        if len(self._committed) >= self._max_waiting:
-            logger.debug("outbox_left_to_lease", count=len(events))
-            return
         self._committed.extend(events)
         self._has_committed.set()
+        if len(self._committed) >= self._max_waiting:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Returns once few enough committed events wait to be published (backpressure
+        for the consumer)."""
+        await self._room.wait()
 
     def _notified(self, *_args: object) -> None:
         self._wake.set()
@@ -82,6 +89,8 @@ class OutboxRelay:
     async def _publish_some_committed(self) -> None:
         take = min(len(self._committed), self._settings.outbox_batch)
         batch = [self._committed.popleft() for _ in range(take)]
+        if len(self._committed) < self._max_waiting:
+            self._room.set()
         self._publishing += 1
         try:
             channel = await self._channel.get_underlay_channel()

@@ -249,15 +249,25 @@ ORDER BY id;
 SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 
 -- name: known_message_ids
--- Which of these inbound message ids already made a contact ($1 message ids).
-SELECT inbound_message_id FROM contacts WHERE inbound_message_id = ANY($1::text[]);
+-- Which of these inbound message ids already made a contact ($1 message ids). One index
+-- probe per id, written so: the plan cached for `= ANY($1)` while the table was small
+-- (a new database) is a sequential scan, kept until the next ANALYZE.
+SELECT c.inbound_message_id
+FROM unnest($1::text[]) AS m (id)
+CROSS JOIN LATERAL (
+    SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
+) AS c;
 
 -- name: record_contacts
 -- Create leads or refresh the fields messages carry, one row per external id in
--- ascending order so concurrent batches lock them in the same order; then the new open,
--- unassigned contacts, ids in the order given, nothing for a known message id
--- ($1 external ids, $2 names, $3 e-mails, $4 phones; per contact: $5 external ids,
--- $6 source ids, $7 message texts, $8 inbound message ids).
+-- ascending order so concurrent batches lock them in the same order; then the new open
+-- contacts, ids in the order given, nothing for a known message id, each with its
+-- operator or none (queued); the operators' capacity taken for what was inserted (their
+-- rows are already locked; `claimed` is false where it would be exceeded) and the smooth
+-- strategy's state stored, in one statement ($1 external ids, $2 names, $3 e-mails,
+-- $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or NULL,
+-- $8 message texts, $9 inbound message ids; smooth lags: $10 source ids, $11 operator
+-- ids, $12 lags).
 WITH lead_rows AS (
     INSERT INTO leads AS l (external_id, name, email, phone)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
@@ -267,15 +277,33 @@ WITH lead_rows AS (
         phone      = COALESCE(EXCLUDED.phone, l.phone),
         updated_at = now()
     RETURNING id, external_id
+), contact_rows AS (
+    INSERT INTO contacts (lead_id, source_id, operator_id, assigned_at, message, inbound_message_id)
+    SELECT lead_rows.id, t.source_id, t.operator_id,
+           CASE WHEN t.operator_id IS NOT NULL THEN now() END, t.message, t.message_id
+    FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY
+        AS t (external_id, source_id, operator_id, message, message_id, n)
+    JOIN lead_rows USING (external_id)
+    ORDER BY t.n
+    ON CONFLICT (inbound_message_id) DO NOTHING
+    RETURNING id, lead_id, source_id, operator_id, inbound_message_id, created_at, assigned_at
+), claimed AS (
+    UPDATE operators o
+    SET open_load = o.open_load + t.n, last_assigned_at = now()
+    FROM (SELECT operator_id, count(*)::integer FROM contact_rows
+          WHERE operator_id IS NOT NULL GROUP BY operator_id) AS t (id, n)
+    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    RETURNING o.id
+), lags AS (
+    UPDATE source_weights w
+    SET smooth_lag = t.lag
+    FROM unnest($10::bigint[], $11::bigint[], $12::double precision[])
+        AS t (source_id, operator_id, lag)
+    WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
 )
-INSERT INTO contacts (lead_id, source_id, message, inbound_message_id)
-SELECT lead_rows.id, t.source_id, t.message, t.message_id
-FROM unnest($5::text[], $6::bigint[], $7::text[], $8::text[]) WITH ORDINALITY
-    AS t (external_id, source_id, message, message_id, n)
-JOIN lead_rows USING (external_id)
-ORDER BY t.n
-ON CONFLICT (inbound_message_id) DO NOTHING
-RETURNING id, lead_id, source_id, inbound_message_id, created_at;
+SELECT c.*, c.operator_id IS NULL OR c.operator_id IN (SELECT id FROM claimed) AS claimed
+FROM contact_rows c
+ORDER BY c.id;
 
 -- name: contacts_for_close
 -- Contacts to close and the sources whose routing their closes may affect ($1 ids).
@@ -315,7 +343,7 @@ FOR UPDATE OF o;
 -- name: queued_heads
 -- The oldest queued contacts of each source, at most as many as it could place
 -- ($1 source ids, $2 how many per source).
-SELECT q.id, q.source_id, q.lead_id
+SELECT q.id, q.source_id, l.external_id AS lead_external_id
 FROM unnest($1::bigint[], $2::integer[]) AS s (id, take)
 CROSS JOIN LATERAL (
     SELECT c.id, c.source_id, c.lead_id
@@ -324,17 +352,19 @@ CROSS JOIN LATERAL (
     ORDER BY c.id
     LIMIT s.take
 ) AS q
+JOIN leads l ON l.id = q.lead_id
 ORDER BY q.source_id, q.id;
 
 -- name: previous_operators
--- For each contact, the operator of its lead's latest other assigned contact through the
--- same source within the source's affinity window ($1 contact ids, $2 lead ids,
--- $3 source ids, $4 hours).
+-- For each contact (or contact to be: its id is below zero), the operator of its lead's
+-- latest other assigned contact through the same source within the source's affinity
+-- window ($1 contact ids, $2 lead external ids, $3 source ids, $4 hours).
 SELECT DISTINCT ON (q.id) q.id AS contact_id, c.operator_id
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[])
-    AS q (id, lead_id, source_id, hours)
+FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::integer[])
+    AS q (id, lead_external_id, source_id, hours)
+JOIN leads l ON l.external_id = q.lead_external_id
 JOIN contacts c
-  ON c.lead_id = q.lead_id AND c.source_id = q.source_id AND c.id <> q.id
+  ON c.lead_id = l.id AND c.source_id = q.source_id AND c.id <> q.id
  AND c.operator_id IS NOT NULL AND c.created_at >= now() - make_interval(hours => q.hours)
 ORDER BY q.id, c.created_at DESC;
 

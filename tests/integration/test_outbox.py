@@ -3,6 +3,7 @@ lease that keeps the relays off those rows; once the lease lapses unpublished (a
 killed after commit), any relay claims them. Rows written without a lease (admin
 actions) are claimed at once."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -114,3 +115,19 @@ async def test_prune_goes_through_more_than_one_statement(
     await pool.execute("UPDATE outbox SET published_at = now() - interval '2 hours'")
     assert await app.prune_outbox(pool, retention_hours=1) == 5
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+@pytest.mark.settings(outbox_batch=1)  # ten events may wait to be published
+async def test_a_relay_behind_holds_the_consumer_back_and_drops_nothing(
+    pool: asyncpg.Pool, relay: OutboxRelay, events: EventCollector
+) -> None:
+    await setup_source(pool, "web", [("a", 20, 1)])
+    outcome = await _route_leased(pool, 12, lease=600)
+    relay.committed(outcome.events)  # more than may wait: the consumer must wait
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(relay.room(), timeout=0.2)
+    await relay.drain()
+    await asyncio.wait_for(relay.room(), timeout=1)
+    received = await events.wait_for("contact.assigned", 12)
+    assert {e.id for e in received} == {e.event_id for e in outcome.events}
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
