@@ -126,10 +126,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.release_operators, 2),
     (Q.sources_of_operators, 1),
     (Q.sources_by_ids, 1),
-    (Q.known_message_ids, 1),
     (Q.record_contacts, 12),
-    (Q.lock_candidates, 1),
-    (Q.queued_heads, 2),
     (Q.previous_operators, 4),
     (Q.assign_contacts, 7),
     (Q.mark_events_published, 1),
@@ -145,6 +142,7 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
     try:
         for query, arrays in _PREPARED:
             await conn.fetch(query, *([] for _ in range(arrays)))
+        await conn.fetch(Q.routing_state, [], [], 0)
         await conn.fetch(Q.insert_events, [], [], [], [], None)
     finally:
         await tx.rollback()
@@ -181,13 +179,12 @@ async def route(
             # now; the sweep covers the rare others.
             rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
             drain.update({r["source_id"] for r in rows} & locked)
-    fresh = await _fresh(conn, new, outcome) if new else []
-    drain.update(plan.sources[n.body.source].id for n in fresh)
+    drain.update(plan.sources[n.body.source].id for n in new)
     routes = [r for r in plan.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
-    await _drain(conn, routes, outcome, events, plan, fresh)
+    await _drain(conn, routes, outcome, events, plan, new)
     outcome.events = await events.write(conn, lease)
     return outcome
 
@@ -220,15 +217,9 @@ async def _close(
     return set(freed)
 
 
-async def _fresh(
-    conn: asyncpg.Connection, new: Sequence[NewContact], outcome: Outcome
-) -> list[NewContact]:
+def _fresh(new: Sequence[NewContact], known: set[str], outcome: Outcome) -> list[NewContact]:
     """The messages of `new` that made no contact yet, once each; the others are
     duplicates."""
-    known = {
-        r["inbound_message_id"]
-        for r in await conn.fetch(Q.known_message_ids, [n.message_id for n in new])
-    }
     fresh: dict[str, NewContact] = {}
     for item in new:
         if item.message_id in known or item.message_id in fresh:
@@ -244,36 +235,41 @@ async def _drain(
     outcome: Outcome,
     events: "_Events",
     plan: Plan | None = None,
-    fresh: Sequence[NewContact] = (),
+    new: Sequence[NewContact] = (),
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
-    anyone can take them; then record the batch's `fresh` contacts behind them. A fresh
-    contact is inserted already assigned when someone can take it and no older contact
-    of its source is left waiting, else queued: one write per contact, not two."""
+    anyone can take them; then record the batch's `new` contacts behind them, but for
+    duplicates. A new contact is inserted already assigned when someone can take it and
+    no older contact of its source is left waiting, else queued: one write per contact,
+    not two."""
     if not routes:
         return
     by_id = {r.id: r for r in routes}
     weights: dict[int, list[Candidate]] = defaultdict(list)
-    for r in await conn.fetch(Q.lock_candidates, list(by_id)):
-        weights[r["source_id"]].append(
-            Candidate(
-                id=r["id"],
-                weight=r["weight"],
-                open_load=r["open_load"],
-                max_load=r["max_load"],
-                last_assigned_at=r["last_assigned_at"],
-                lag=r["smooth_lag"],
+    queued: list[Queued] = []
+    known: set[str] = set()
+    state = await conn.fetch(Q.routing_state, list(by_id), [n.message_id for n in new], MAX_DRAIN)
+    for r in state:
+        if r["kind"] == "candidate":
+            weights[r["source_id"]].append(
+                Candidate(
+                    id=r["id"],
+                    weight=r["weight"],
+                    open_load=r["open_load"],
+                    max_load=r["max_load"],
+                    last_assigned_at=r["last_assigned_at"],
+                    lag=r["smooth_lag"],
+                )
             )
-        )
+        elif r["kind"] == "queued":
+            queued.append(Queued(r["id"], r["source_id"], r["lead_external_id"]))
+        else:
+            known.add(r["message_id"])
+    queued.sort(key=lambda q: (q.source_id, q.id))
+    fresh = _fresh(new, known, outcome)
     free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
     takes = {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
     sources = [s for s in sorted(takes) if takes[s] > 0]
-    queued: list[Queued] = []
-    if sources:
-        queued = [
-            Queued(r["id"], r["source_id"], r["lead_external_id"])
-            for r in await conn.fetch(Q.queued_heads, sources, [takes[s] for s in sources])
-        ]
     # Fresh contacts get ids below zero until inserted. Where the heads filled a source's
     # take, older contacts may wait beyond them: its fresh ones must queue behind.
     heads = Counter(q.source_id for q in queued)

@@ -248,16 +248,6 @@ ORDER BY id;
 -- given, which callers make ascending ($1 source ids).
 SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 
--- name: known_message_ids
--- Which of these inbound message ids already made a contact ($1 message ids). One index
--- probe per id, written so: the plan cached for `= ANY($1)` while the table was small
--- (a new database) is a sequential scan, kept until the next ANALYZE.
-SELECT c.inbound_message_id
-FROM unnest($1::text[]) AS m (id)
-CROSS JOIN LATERAL (
-    SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
-) AS c;
-
 -- name: record_contacts
 -- Create leads or refresh the fields messages carry, one row per external id in
 -- ascending order so concurrent batches lock them in the same order; then the new open
@@ -329,31 +319,50 @@ SET open_load = GREATEST(o.open_load - t.n, 0)
 FROM unnest($1::bigint[], $2::integer[]) AS t (id, n)
 WHERE o.id = t.id;
 
--- name: lock_candidates
--- The weighted, active, not-full operators of these sources, each operator's row locked
--- until commit in ascending id order: capacity read here cannot change under us
--- ($1 source ids).
-SELECT w.source_id, o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_lag
-FROM source_weights w
-JOIN operators o ON o.id = w.operator_id
-WHERE w.source_id = ANY($1::bigint[]) AND o.is_active AND o.open_load < o.max_load
-ORDER BY o.id
-FOR UPDATE OF o;
-
--- name: queued_heads
--- The oldest queued contacts of each source, at most as many as it could place
--- ($1 source ids, $2 how many per source).
-SELECT q.id, q.source_id, l.external_id AS lead_external_id
-FROM unnest($1::bigint[], $2::integer[]) AS s (id, take)
+-- name: routing_state
+-- What routing these sources decides on, read under their locks in one round trip, a row
+-- each, told apart by `kind`:
+-- 'candidate': a weighted, active, not-full operator of a source, its row locked until
+--   commit in ascending id order, so capacity read here cannot change under us;
+-- 'queued': a source's oldest queued contacts, as many as its candidates could take
+--   (at most $3);
+-- 'known': those of the batch's inbound message ids that already made a contact (one
+--   index probe per id: the plan cached for `= ANY($2)` while the table was small, in a
+--   new database, is a sequential scan, kept until the next ANALYZE)
+-- ($1 source ids, $2 inbound message ids, $3 most queued contacts per source).
+WITH candidates AS MATERIALIZED (
+    SELECT w.source_id, o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at,
+           w.smooth_lag
+    FROM source_weights w
+    JOIN operators o ON o.id = w.operator_id
+    WHERE w.source_id = ANY($1::bigint[]) AND o.is_active AND o.open_load < o.max_load
+    ORDER BY o.id
+    FOR UPDATE OF o
+), takes AS (
+    SELECT source_id, least($3::integer, sum(max_load - open_load))::integer AS take
+    FROM candidates
+    GROUP BY source_id
+)
+SELECT 'candidate' AS kind, source_id, id, weight, open_load, max_load, last_assigned_at,
+       smooth_lag, NULL::text AS lead_external_id, NULL::text AS message_id
+FROM candidates
+UNION ALL
+SELECT 'queued', q.source_id, q.id, NULL, NULL, NULL, NULL, NULL, l.external_id, NULL
+FROM takes
 CROSS JOIN LATERAL (
     SELECT c.id, c.source_id, c.lead_id
     FROM contacts c
-    WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL
+    WHERE c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
     ORDER BY c.id
-    LIMIT s.take
+    LIMIT takes.take
 ) AS q
 JOIN leads l ON l.id = q.lead_id
-ORDER BY q.source_id, q.id;
+UNION ALL
+SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id
+FROM unnest($2::text[]) AS m (id)
+CROSS JOIN LATERAL (
+    SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
+) AS c;
 
 -- name: previous_operators
 -- For each contact (or contact to be: its id is below zero), the operator of its lead's
