@@ -1,7 +1,8 @@
 """The routing transaction. One call handles a whole batch of inbound messages (a batch
 of one is the same code): it takes the advisory locks of every source it touches in
-ascending order, closes contacts, records new ones, then routes the backlog of every
-affected source oldest first, set-based, and writes the events to the outbox.
+ascending order, closes contacts, routes the backlog of every affected source oldest
+first and the new contacts behind it, records the new contacts (already assigned where
+they can be), set-based, and writes the events to the outbox.
 
 Lock order, everywhere: source advisory locks (ascending), then operator rows (ascending,
 `FOR UPDATE`), so two transactions never wait on each other in a cycle in the usual case;
@@ -184,7 +185,7 @@ async def route(
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
-    await _drain(conn, routes, outcome, events, plan, new)
+    await _drain(conn, routes, outcome, events, new)
     outcome.events = await events.write(conn, lease)
     return outcome
 
@@ -234,14 +235,13 @@ async def _drain(
     routes: Sequence[Route],
     outcome: Outcome,
     events: "_Events",
-    plan: Plan | None = None,
     new: Sequence[NewContact] = (),
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
-    anyone can take them; then record the batch's `new` contacts behind them, but for
-    duplicates. A new contact is inserted already assigned when someone can take it and
-    no older contact of its source is left waiting, else queued: one write per contact,
-    not two."""
+    anyone can take them; then record the batch's `new` contacts (whose sources must be
+    among these) behind them, but for duplicates. A new contact is inserted already
+    assigned when someone can take it and no older contact of its source is left
+    waiting, else queued: one write per contact, not two."""
     if not routes:
         return
     by_id = {r.id: r for r in routes}
@@ -274,11 +274,11 @@ async def _drain(
     # take, older contacts may wait beyond them: its fresh ones must queue behind.
     heads = Counter(q.source_id for q in queued)
     placeable = {s for s in sources if heads[s] < takes[s]}
-    sources_of = {n.message_id: plan.sources[n.body.source].id for n in fresh} if plan else {}
+    source_ids = {r.key: r.id for r in routes}
     newcomers = [
-        Queued(-i, sources_of[n.message_id], n.body.lead.external_id)
+        Queued(-i, source_ids[n.body.source], n.body.lead.external_id)
         for i, n in enumerate(fresh, 1)
-        if sources_of[n.message_id] in placeable
+        if source_ids[n.body.source] in placeable
     ]
     wanted = queued + newcomers
     preferred = await _previous_operators(conn, wanted, by_id)
@@ -297,7 +297,7 @@ async def _drain(
         await _assign_queued(conn, earlier, by_id, outcome, events, lags if not fresh else None)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
-        await _insert(conn, plan, fresh, placed, by_id, outcome, events, lags)
+        await _insert(conn, fresh, placed, by_id, outcome, events, lags)
 
 
 def _lag_arrays(lags: dict[tuple[int, int], float]) -> list[list[Any]]:
@@ -341,7 +341,6 @@ async def _assign_queued(
 
 async def _insert(
     conn: asyncpg.Connection,
-    plan: Plan | None,
     fresh: Sequence[NewContact],
     placed: dict[int, Assignment],  # by position in `fresh`, from 1
     routes: dict[int, Route],
@@ -351,7 +350,7 @@ async def _insert(
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
     claiming the operators' capacity in the same statement."""
-    assert plan is not None, "fresh contacts come with the plan that names their sources"
+    source_ids = {r.key: r.id for r in routes.values()}
     leads: dict[str, list[str | None]] = {}
     for item in fresh:  # later messages' fields win, as one by one
         lead = item.body.lead
@@ -365,7 +364,7 @@ async def _insert(
         order,
         *([leads[e][i] for e in order] for i in range(3)),
         [i.body.lead.external_id for i in fresh],
-        [plan.sources[i.body.source].id for i in fresh],
+        [source_ids[i.body.source] for i in fresh],
         operators,
         [i.body.message for i in fresh],
         [i.message_id for i in fresh],
