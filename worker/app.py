@@ -105,7 +105,12 @@ class Worker:
 
         self.relay = OutboxRelay(self._pool, publish_channel, s, self.metrics)
         self.consumer = Consumer(
-            self._pool, declared.exchanges[s.dead_exchange], s, self.metrics, self.relay
+            self._pool,
+            declared.exchanges[s.dead_exchange],
+            s,
+            self.metrics,
+            self.relay,
+            lambda: topology.declare(publish_channel, s),
         )
         self.consumer.start()
         await self._consume()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage
@@ -114,8 +115,10 @@ class Consumer:
         settings: Settings,
         metrics: Metrics,
         relay: OutboxRelay,
+        declare_topology: Callable[[], Awaitable[object]],
     ):
         self._relay = relay  # publishes the events each batch commits
+        self._declare_topology = declare_topology  # again, when something was deleted
         self._pool = pool
         self._dead = dead_exchange
         self._settings = settings
@@ -387,4 +390,12 @@ class Consumer:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         # Mandatory: if the dead-letter queue is gone we must not ack and lose it.
-        await self._dead.publish(dead, message.routing_key or "", mandatory=True)
+        try:
+            await self._dead.publish(dead, message.routing_key or "", mandatory=True)
+        except aiormq.exceptions.PublishError:
+            # Returned unroutable: someone deleted the dead-letter queue or its binding.
+            # Declare them again (idempotent) and let the caller retry, rather than wait
+            # for an operator while this batch holds its messages.
+            logger.warning("dead_letter_queue_missing", queue=self._settings.dead_queue)
+            await self._declare_topology()
+            raise

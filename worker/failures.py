@@ -34,7 +34,8 @@ def is_transient(exc: BaseException) -> bool:
         return "closed" in str(exc) or "closing" in str(exc)
     if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):
         # Connection and channel loss, and an unroutable dead-letter publish (someone
-        # removed the dead-letter queue): waiting loses nothing.
+        # removed the dead-letter queue, which the consumer then declares again):
+        # waiting loses nothing.
         return True
     return isinstance(exc, OSError | ConnectionError | TimeoutError)
 

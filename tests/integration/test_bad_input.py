@@ -197,3 +197,23 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     assert death["reason"] == b"delivery_limit" or death["reason"] == "delivery_limit"  # type: ignore[index]
     assert app.outcomes["error"] >= 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
+
+
+async def test_a_deleted_dead_letter_queue_is_declared_again(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+    worker: Worker,
+) -> None:
+    await setup_source(pool, "tg", [("a", 100, 1)])
+    await broker.queue_delete(settings.dead_queue)  # an operator's mistake
+    await asyncio.to_thread(publish_raw, settings, "lead.contact", b"{not json", "bad-json")
+    await asyncio.to_thread(publish_raw, settings, "lead.contact", lead("tg", "ok:1"), "good-1")
+    # The dead letter is not lost (the publish was returned, so it was not acked) and
+    # the worker goes on.
+    [dead] = await dead_letters(settings, 1)
+    assert (dead.message_id, (dead.headers or {}).get(REASON_HEADER)) == ("bad-json", "invalid_json")
+    [assigned] = await events.wait_for("contact.assigned", 1)
+    assert assigned.data.inbound_message_id == "good-1"
+    await wait_until(lambda: settled(worker, 2), what="both outcomes counted")
