@@ -7,6 +7,7 @@ import asyncpg
 
 from worker import distribution
 from worker.errors import UserError
+from worker.failures import in_transaction
 from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -36,7 +37,8 @@ async def update_operator(
         _check_name(name)
     if max_load is not None and max_load < 0:
         raise UserError(f"max-load must be 0 or more, not {max_load}")
-    async with pool.acquire() as conn, conn.transaction():
+
+    async def update(conn: asyncpg.Connection) -> tuple[Row, int]:
         source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
         await distribution.lock_sources(conn, source_ids)
         row = await conn.fetchrow(Q.update_operator, operator_id, name, max_load, active)
@@ -44,6 +46,8 @@ async def update_operator(
             raise UserError(f"no operator with id {operator_id}")
         drained = await distribution.drain_sources(conn, source_ids)
         return dict(row), drained.total()
+
+    return await in_transaction(pool, update)
 
 
 _INVALID_SOURCE = (
@@ -122,7 +126,8 @@ async def set_weights(pool: asyncpg.Pool, source_key: str, weights: dict[int, in
     bad = {op: w for op, w in weights.items() if w <= 0}
     if bad:
         raise UserError(f"weights must be positive integers: {bad}")
-    async with pool.acquire() as conn, conn.transaction():
+
+    async def replace(conn: asyncpg.Connection) -> int:
         source = await _source(conn, source_key)
         await distribution.lock_sources(conn, {source["id"]})
         missing = [r["id"] for r in await conn.fetch(Q.missing_operators, list(weights))]
@@ -131,6 +136,8 @@ async def set_weights(pool: asyncpg.Pool, source_key: str, weights: dict[int, in
         await conn.execute(Q.delete_weights, source["id"])
         await conn.execute(Q.insert_weights, source["id"], list(weights), list(weights.values()))
         return (await distribution.drain_sources(conn, {source["id"]})).total()
+
+    return await in_transaction(pool, replace)
 
 
 async def show_weights(pool: asyncpg.Pool, source_key: str) -> list[Row]:
@@ -167,11 +174,14 @@ async def show_lead(pool: asyncpg.Pool, external_id: str) -> Row:
 async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Outcome:
     """Close a contact as a `contact.close` message would; the outcome says whether it
     was already closed and how many queued contacts its freed capacity went to."""
-    async with pool.acquire() as conn, conn.transaction():
+
+    async def close(conn: asyncpg.Connection) -> distribution.Outcome:
         plan = await distribution.plan(conn, (), [contact_id])
         if plan.unknown_contacts:
             raise UserError(f"no contact with id {contact_id}")
         return await distribution.route(conn, plan, close_ids=[contact_id])
+
+    return await in_transaction(pool, close)
 
 
 async def _source(conn: asyncpg.Connection, key: str) -> asyncpg.Record:

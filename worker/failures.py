@@ -65,3 +65,25 @@ async def connect_with_retry(
             )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+DEADLOCK_ATTEMPTS = 5
+
+
+async def in_transaction(
+    pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]], readonly: bool = False
+) -> T:
+    """Run `work` in a transaction of its own, again from the start when PostgreSQL broke a
+    deadlock by aborting it (an admin action against the workers, in the rare lock cycle
+    distribution.py describes): the CLI then succeeds instead of failing on a retryable
+    error."""
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction(readonly=readonly):
+                return await work(conn)
+        except asyncpg.DeadlockDetectedError:
+            if attempt == DEADLOCK_ATTEMPTS:
+                raise
+            logger.warning("deadlock_retrying", attempt=attempt)
+            await asyncio.sleep(backoff(attempt, 1.0))
+    raise AssertionError("unreachable")

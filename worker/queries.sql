@@ -73,15 +73,31 @@ INSERT INTO sources (key, name, description, strategy, affinity_hours) VALUES ($
 RETURNING id, key, name, description, strategy, affinity_hours;
 
 -- name: update_source
--- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6
+-- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6. A new
+-- strategy starts afresh: what the smooth strategy owed operators before is forgotten
+-- (under the source's lock, so no routing transaction writes it back)
 -- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours).
-UPDATE sources
-SET name           = COALESCE($2, name),
-    description    = COALESCE($3, description),
-    strategy       = COALESCE($4, strategy),
-    affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE affinity_hours END
-WHERE key = $1
-RETURNING id, key, name, description, strategy, affinity_hours;
+WITH old AS (
+    SELECT id, strategy, pg_advisory_xact_lock(1280, id::integer) AS locked
+    FROM sources
+    WHERE key = $1
+), updated AS (
+    UPDATE sources s
+    SET name           = COALESCE($2, s.name),
+        description    = COALESCE($3, s.description),
+        strategy       = COALESCE($4, s.strategy),
+        affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE s.affinity_hours END
+    FROM old
+    WHERE s.id = old.id
+    RETURNING s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours,
+              s.strategy <> old.strategy AS strategy_changed
+), reset AS (
+    UPDATE source_weights w
+    SET smooth_lag = 0
+    FROM updated u
+    WHERE w.source_id = u.id AND u.strategy_changed
+)
+SELECT id, key, name, description, strategy, affinity_hours FROM updated;
 
 -- name: list_sources
 -- Every source.

@@ -62,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker import distribution
 from worker.errors import UserError
+from worker.failures import in_transaction
 from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -369,7 +370,8 @@ def _show(value: object, none: str = "off") -> str:
 async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list[Change]:
     """Bring the database in line with the file in one transaction, or with dry_run only
     say what that would change. Returns the diff (every entity of the file, in order)."""
-    async with pool.acquire() as conn, conn.transaction(readonly=dry_run):
+
+    async def run(conn: asyncpg.Connection) -> list[Change]:
         # One apply at a time, so two applies of a file cannot both create an operator
         # (names are not unique in the database). Dry runs wait too: they show the diff
         # against the state any running apply leaves.
@@ -379,6 +381,8 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
         if not dry_run:
             await _execute(conn, current, routing, changes)
         return changes
+
+    return await in_transaction(pool, run, readonly=dry_run)
 
 
 async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:

@@ -6,7 +6,7 @@ import pytest
 
 from schemas.inbound import LeadContact
 from tests.helpers import setup_source
-from worker import distribution
+from worker import admin, distribution
 
 
 def _new(source: str, *names: str) -> list[distribution.NewContact]:
@@ -69,3 +69,15 @@ async def test_new_contacts_queue_behind_a_backlog_longer_than_one_drain(
         await distribution.lock_sources(conn, {source_id})
         await distribution.drain_sources(conn, {source_id})
     assert set((await _operators_of(pool)).values()) == {op}
+
+
+async def test_a_new_strategy_forgets_what_smooth_owed(pool: asyncpg.Pool) -> None:
+    await setup_source(pool, "web", [("a", 10, 1), ("b", 10, 2)], strategy="smooth")
+    async with pool.acquire() as conn, conn.transaction():
+        await _route(conn, "web", "w:1")  # one contact of three: someone is owed now
+    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    await admin.update_source(pool, "web", name="Web")  # not a new strategy: kept
+    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    await admin.update_source(pool, "web", strategy="least_loaded")
+    lags = [r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights")]
+    assert lags == [0, 0]

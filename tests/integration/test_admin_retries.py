@@ -1,0 +1,31 @@
+"""Admin actions take the same locks as the workers; when PostgreSQL breaks a deadlock
+by aborting one, it is run again rather than failing the command."""
+
+import asyncio
+
+import asyncpg
+
+from worker.failures import in_transaction
+
+
+async def test_a_transaction_aborted_by_a_deadlock_runs_again(pool: asyncpg.Pool) -> None:
+    attempts = 0
+    holding_first = asyncio.Event()
+
+    async def work(conn: asyncpg.Connection) -> str:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("SELECT pg_advisory_xact_lock(9001)")
+        holding_first.set()
+        await conn.execute("SELECT pg_advisory_xact_lock(9002)")  # held by the other one
+        return "done"
+
+    async with pool.acquire() as other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock(9002)")
+        task = asyncio.create_task(in_transaction(pool, work))
+        await holding_first.wait()
+        await asyncio.sleep(0.2)  # `work` waits first, so its deadlock check runs first
+        # Each now waits for the other: PostgreSQL aborts `work`'s transaction.
+        await other.execute("SELECT pg_advisory_xact_lock(9001)")
+    assert await task == "done"
+    assert attempts == 2
