@@ -110,7 +110,7 @@ class Worker:
             s,
             self.metrics,
             self.relay,
-            lambda: topology.declare(publish_channel, s),
+            self._declare_topology,
         )
         self.consumer.start()
         await self._consume()
@@ -163,6 +163,18 @@ class Worker:
         if self._health is not None:
             self._health.stop()
         logger.info("worker_stopped", outcomes=dict(self.outcomes))
+
+    async def _declare_topology(self) -> None:
+        """Declare the topology again, on a channel of its own: one the broker refuses
+        (someone re-created a queue with other arguments) closes only that channel, and
+        the robust channels' lists of what to restore after a reconnect do not grow."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            await topology.declare(channel, self.settings)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -397,5 +397,8 @@ class Consumer:
             # Declare them again (idempotent) and let the caller retry, rather than wait
             # for an operator while this batch holds its messages.
             logger.warning("dead_letter_queue_missing", queue=self._settings.dead_queue)
-            await self._declare_topology()
+            try:
+                await self._declare_topology()
+            except Exception as exc:  # say why, and retry the publish all the same
+                logger.warning("topology_declare_failed", error=type(exc).__name__)
             raise

@@ -5,9 +5,10 @@ first and the new contacts behind it, records the new contacts (already assigned
 they can be), set-based, and writes the events to the outbox.
 
 Lock order, everywhere: source advisory locks (ascending), then operator rows (ascending,
-`FOR UPDATE`), so two transactions never wait on each other in a cycle in the usual case;
-the rare cycle between releasing and claiming operators is a deadlock that PostgreSQL
-breaks and the caller retries."""
+`FOR UPDATE`), then lead rows (ascending external id, by the leads upsert), so two
+transactions never wait on each other in a cycle in the usual case; the rare cycle between
+releasing and claiming operators is a deadlock that PostgreSQL breaks and the caller
+retries."""
 
 import json
 import random
@@ -239,7 +240,7 @@ async def _drain(
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
     anyone can take them; then record the batch's `new` contacts (whose sources must be
-    among these) behind them, but for duplicates. A new contact is inserted already
+    among these) behind them, except duplicates. A new contact is inserted already
     assigned when someone can take it and no older contact of its source is left
     waiting, else queued: one write per contact, not two."""
     if not routes:
@@ -291,13 +292,13 @@ async def _drain(
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
     )
     earlier = [a for a in decided.assignments if a.contact_id > 0]
-    # The smooth strategy's state goes with the last statement that assigns.
+    # The smooth strategy's state goes with the last write: the insert, if there is one.
     lags = _lag_arrays(decided.lags)
     if earlier:
         await _assign_queued(conn, earlier, by_id, outcome, events, lags if not fresh else None)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
-        await _insert(conn, fresh, placed, by_id, outcome, events, lags)
+        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, lags)
 
 
 def _lag_arrays(lags: dict[tuple[int, int], float]) -> list[list[Any]]:
@@ -344,13 +345,13 @@ async def _insert(
     fresh: Sequence[NewContact],
     placed: dict[int, Assignment],  # by position in `fresh`, from 1
     routes: dict[int, Route],
+    source_ids: dict[str, int],  # by key
     outcome: Outcome,
     events: "_Events",
     lags: list[list[Any]],
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
     claiming the operators' capacity in the same statement."""
-    source_ids = {r.key: r.id for r in routes.values()}
     leads: dict[str, list[str | None]] = {}
     for item in fresh:  # later messages' fields win, as one by one
         lead = item.body.lead

@@ -48,11 +48,12 @@ class OutboxRelay:
         self._has_confirmed = asyncio.Event()
         self._marking = asyncio.Lock()
         # Beyond this many waiting (the broker slower than the database), the consumer
-        # waits before its next batch: memory stays bounded, and no committed event is
-        # left to wait for its lease to lapse.
+        # waits before its next batch, rather than leave committed events to wait for
+        # their lease. A soft limit: the batches already running still add theirs.
         self._max_waiting = 10 * settings.outbox_batch
         self._room = asyncio.Event()
         self._room.set()
+        self._stopping = False  # the publishing loops are gone: drain() publishes the rest
 
     def wake(self) -> None:
         self._wake.set()
@@ -63,7 +64,7 @@ class OutboxRelay:
             return
         self._committed.extend(events)
         self._has_committed.set()
-        if len(self._committed) >= self._max_waiting:
+        if len(self._committed) >= self._max_waiting and not self._stopping:
             self._room.clear()
 
     async def room(self) -> None:
@@ -77,7 +78,7 @@ class OutboxRelay:
     async def _publish_committed(self) -> None:
         """Publish what `committed` handed over, many confirms in flight; a failure leaves
         the batch leased, to be claimed once the lease lapses."""
-        while True:  # until cancelled, after drain(): commits go on while stopping
+        while True:  # until run() ends; what is committed after that, drain() publishes
             if not self._committed:
                 self._has_committed.clear()
                 await self._has_committed.wait()
@@ -220,6 +221,10 @@ class OutboxRelay:
                         self._wake.wait(), timeout=self._settings.outbox_sweep_seconds
                     )
         finally:
+            # Stopping: the consumer finishes its in-flight and buffered messages (it
+            # takes no new ones) without waiting for room, and drain() publishes them.
+            self._stopping = True
+            self._room.set()
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)

@@ -74,8 +74,9 @@ RETURNING id, key, name, description, strategy, affinity_hours;
 
 -- name: update_source
 -- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6. A new
--- strategy starts afresh: what the smooth strategy owed operators before is forgotten
--- (under the source's lock, so no routing transaction writes it back)
+-- strategy starts afresh: what the smooth strategy owed operators before is forgotten,
+-- under the source's lock (a batch that read the old strategy while waiting for that
+-- lock may still store its state once after)
 -- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours).
 WITH old AS (
     SELECT id, strategy, pg_advisory_xact_lock(1280, id::integer) AS locked
@@ -270,7 +271,8 @@ SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 -- contacts, ids in the order given, nothing for a known message id, each with its
 -- operator or none (queued); the operators' capacity taken for what was inserted (their
 -- rows are already locked; `claimed` is false where it would be exceeded) and the smooth
--- strategy's state stored, in one statement ($1 external ids, $2 names, $3 e-mails,
+-- strategy's state stored, in one statement (stored as decided: for a contact skipped
+-- here, which takes a concurrent message with the same id, the operator counts as paid) ($1 external ids, $2 names, $3 e-mails,
 -- $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or NULL,
 -- $8 message texts, $9 inbound message ids; smooth lags: $10 source ids, $11 operator
 -- ids, $12 lags).

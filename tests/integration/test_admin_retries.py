@@ -21,10 +21,13 @@ async def test_a_transaction_aborted_by_a_deadlock_runs_again(pool: asyncpg.Pool
         return "done"
 
     async with pool.acquire() as other, other.transaction():
+        # Whoever waits past deadlock_timeout first checks for a cycle and is aborted:
+        # make sure that is `work` (default 1 s), not this transaction.
+        await other.execute("SET LOCAL deadlock_timeout = '60s'")
         await other.execute("SELECT pg_advisory_xact_lock(9002)")
         task = asyncio.create_task(in_transaction(pool, work))
         await holding_first.wait()
-        await asyncio.sleep(0.2)  # `work` waits first, so its deadlock check runs first
+        await asyncio.sleep(0.2)  # `work` is waiting for 9002 by now
         # Each now waits for the other: PostgreSQL aborts `work`'s transaction.
         await other.execute("SELECT pg_advisory_xact_lock(9001)")
     assert await task == "done"

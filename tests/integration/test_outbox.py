@@ -131,3 +131,21 @@ async def test_a_relay_behind_holds_the_consumer_back_and_drops_nothing(
     received = await events.wait_for("contact.assigned", 12)
     assert {e.id for e in received} == {e.event_id for e in outcome.events}
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+@pytest.mark.settings(outbox_batch=1)
+async def test_a_stopping_relay_holds_nothing_back(
+    pool: asyncpg.Pool, relay: OutboxRelay, events: EventCollector
+) -> None:
+    """At shutdown the publishing loops are gone before the consumer has finished its
+    last batches: it must not wait for room that only drain() can make."""
+    await setup_source(pool, "web", [("a", 20, 1)])
+    stop = asyncio.Event()
+    stop.set()
+    await relay.run(stop)  # returns at once: stopping
+    outcome = await _route_leased(pool, 12, lease=600)
+    relay.committed(outcome.events)
+    await asyncio.wait_for(relay.room(), timeout=1)
+    await relay.drain()
+    await events.wait_for("contact.assigned", 12)
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0

@@ -1,0 +1,24 @@
+"""The routing decision of a batch, with contacts already queued and new ones (ids below
+zero) of the same lead."""
+
+import random
+
+from worker.assignment import Queued, assign
+from worker.strategies import Candidate
+
+
+def test_a_new_contact_follows_its_lead_queued_in_the_same_batch() -> None:
+    weights = {1: [Candidate(10, 1, 0, 5, None, 0.0), Candidate(11, 1, 0, 5, None, 0.0)]}
+    queued = [Queued(7, 1, "tg:1"), Queued(-1, 1, "tg:2"), Queued(-2, 1, "tg:1")]
+    for seed in range(20):  # whoever weighted_random picks for tg:1 first
+        plan = assign(queued, weights, {1: "weighted_random"}, {}, random.Random(seed), {1})
+        by_contact = {a.contact_id: a for a in plan.assignments}
+        assert by_contact[-2].operator_id == by_contact[7].operator_id
+        assert by_contact[-2].affinity and not by_contact[7].affinity
+
+
+def test_new_contacts_stop_where_capacity_ends() -> None:
+    weights = {1: [Candidate(10, 1, 3, 5, None, 0.0)]}
+    queued = [Queued(7, 1, "a"), Queued(-1, 1, "b"), Queued(-2, 1, "c")]
+    plan = assign(queued, weights, {1: "smooth"}, {}, random.Random(0))
+    assert [a.contact_id for a in plan.assignments] == [7, -1]  # oldest first, then full
