@@ -219,7 +219,7 @@ async def test_removing_all_weights_queues_without_errors(
 
 
 @pytest.mark.slow
-@pytest.mark.settings(prefetch=8)
+@pytest.mark.settings(prefetch=8, concurrent_batches=2)  # transactions side by side, too
 async def test_capacity_is_never_exceeded_across_sources(
     pool: asyncpg.Pool,
     broker: aio_pika.abc.AbstractChannel,
