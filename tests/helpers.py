@@ -103,6 +103,22 @@ async def setup_source(
     return ids
 
 
+async def route_new(conn: Any, source: str, *external_ids: str, lease: float | None = None) -> Any:
+    """Route one new contact per lead (message id `m-` and the external id) through the
+    routing transaction itself, in the caller's transaction; returns its Outcome."""
+    from schemas.inbound import LeadContact
+    from worker import distribution
+
+    new = [
+        distribution.NewContact(
+            f"m-{e}", LeadContact.model_validate({"source": source, "lead": {"external_id": e}})
+        )
+        for e in external_ids
+    ]
+    plan = await distribution.plan(conn, {source}, ())
+    return await distribution.route(conn, plan, new, lease=lease)
+
+
 async def send(
     broker: Any, settings: Any, routing_key: str, body: Any, message_id: str | None = None
 ) -> None:

@@ -4,24 +4,8 @@ contacts, and that they never overtake a backlog."""
 import asyncpg
 import pytest
 
-from schemas.inbound import LeadContact
-from tests.helpers import setup_source
+from tests.helpers import route_new, setup_source
 from worker import admin, distribution
-
-
-def _new(source: str, *names: str) -> list[distribution.NewContact]:
-    return [
-        distribution.NewContact(
-            f"m-{name}",
-            LeadContact.model_validate({"source": source, "lead": {"external_id": name}}),
-        )
-        for name in names
-    ]
-
-
-async def _route(conn: asyncpg.Connection, source: str, *names: str) -> distribution.Outcome:
-    plan = await distribution.plan(conn, {source}, ())
-    return await distribution.route(conn, plan, _new(source, *names))
 
 
 async def _operators_of(pool: asyncpg.Pool) -> dict[str, int | None]:
@@ -34,7 +18,7 @@ async def _operators_of(pool: asyncpg.Pool) -> dict[str, int | None]:
 async def test_a_new_contact_is_written_once_already_assigned(pool: asyncpg.Pool) -> None:
     [op] = await setup_source(pool, "web", [("a", 2, 1)])
     async with pool.acquire() as conn, conn.transaction():
-        outcome = await _route(conn, "web", "w:1", "w:2", "w:3")
+        outcome = await route_new(conn, "web", "w:1", "w:2", "w:3")
         # This transaction's own row counts: three inserts, no contact updated after.
         written = await conn.fetchrow(
             "SELECT n_tup_ins, n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'contacts'"
@@ -55,11 +39,11 @@ async def test_new_contacts_queue_behind_a_backlog_longer_than_one_drain(
     monkeypatch.setattr(distribution, "MAX_DRAIN", 2)
     [op] = await setup_source(pool, "web", [("a", 0, 1)])
     async with pool.acquire() as conn, conn.transaction():
-        await _route(conn, "web", "old:1", "old:2", "old:3")  # nobody free: queued
+        await route_new(conn, "web", "old:1", "old:2", "old:3")  # nobody free: queued
     # Room for everyone, given behind routing's back: only routing drains the backlog.
     await pool.execute("UPDATE operators SET max_load = 10")
     async with pool.acquire() as conn, conn.transaction():
-        outcome = await _route(conn, "web", "new:1")
+        outcome = await route_new(conn, "web", "new:1")
     # One transaction drains at most MAX_DRAIN of the backlog; the newcomer must not
     # take the room that old:3 is owed.
     assert await _operators_of(pool) == {"old:1": op, "old:2": op, "old:3": None, "new:1": None}
@@ -74,7 +58,7 @@ async def test_new_contacts_queue_behind_a_backlog_longer_than_one_drain(
 async def test_a_new_strategy_forgets_what_smooth_owed(pool: asyncpg.Pool) -> None:
     await setup_source(pool, "web", [("a", 10, 1), ("b", 10, 2)], strategy="smooth")
     async with pool.acquire() as conn, conn.transaction():
-        await _route(conn, "web", "w:1")  # one contact of three: someone is owed now
+        await route_new(conn, "web", "w:1")  # one contact of three: someone is owed now
     assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
     await admin.update_source(pool, "web", name="Web")  # not a new strategy: kept
     assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))

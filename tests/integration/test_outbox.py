@@ -10,8 +10,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from schemas.inbound import LeadContact
-from tests.helpers import EventCollector, setup_source
+from tests.helpers import EventCollector, route_new, setup_source
 from worker import admin, distribution
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
@@ -29,16 +28,8 @@ async def relay(
 
 
 async def _route_leased(pool: asyncpg.Pool, n: int, lease: float) -> distribution.Outcome:
-    new = [
-        distribution.NewContact(
-            f"m-{i}",
-            LeadContact.model_validate({"source": "web", "lead": {"external_id": f"w:{i}"}}),
-        )
-        for i in range(n)
-    ]
     async with pool.acquire() as conn, conn.transaction():
-        plan = await distribution.plan(conn, {"web"}, ())
-        return await distribution.route(conn, plan, new, lease=lease)
+        return await route_new(conn, "web", *(f"w:{i}" for i in range(n)), lease=lease)
 
 
 async def test_leased_events_are_left_to_their_writer_until_the_lease_lapses(
