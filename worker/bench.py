@@ -22,9 +22,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import aiormq.abc
 import asyncpg
 from aiormq import spec
@@ -32,7 +34,7 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.progress import Progress
 
-from worker import admin, bench_reference, log, topology
+from worker import admin, amqp_writes, bench_reference, log, topology
 from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
@@ -121,7 +123,10 @@ async def _setup_routing(pool: asyncpg.Pool, sources: int, rng: random.Random) -
 
 class _Publisher:
     """Publishes bench leads through aiormq with confirms: lean, so that the bench's own
-    CPU does not set the pace on a machine it shares with the worker and the broker."""
+    CPU does not set the pace on a machine it shares with the worker and the broker. Not
+    waiting for each write (`wait=False`; the confirm is still awaited): aiormq holds the
+    channel's lock until the write is done, and the publishes of a tick went out one
+    after another, each a few loop turns late, the delay counted as the worker's."""
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, exchange: str, keys: list[str]):
         self._channel, self._exchange, self._keys = channel, exchange, keys
@@ -133,11 +138,12 @@ class _Publisher:
             "lead": {"external_id": f"bench:{self._rng.randrange(1_000_000)}", "name": "Lead"},
             "message": "Hello, I would like a quote.",
         }
-        await self._channel.basic_publish(
+        await cast(aiormq.Channel, self._channel).basic_publish(  # takes `wait`
             json.dumps(body).encode(),
             exchange=self._exchange,
             routing_key="lead.contact",
             properties=spec.Basic.Properties(message_id=f"b-{n}", delivery_mode=2),
+            wait=False,
         )
 
 
@@ -185,6 +191,7 @@ async def run_bench(
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
     rate as a fraction of its into `ratio_to_reference`."""
     log.configure("WARNING", base.log_format)
+    amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
     yardstick = None
     if reference:
         yardstick = await _measure(base, messages, sources, 1, rate, console, REFERENCE)

@@ -91,10 +91,12 @@ class _AckWindow:
             alone = [t for t in ready if first_held is not None and t > first_held]
             state.done.difference_update(ready)
             try:
+                # Queued for the connection's writer, not waited for: the next batch
+                # starts at once, and its events' writes may share the ack's.
                 if together:
-                    await channel.basic_ack(together[-1], multiple=True)
+                    await channel.basic_ack(together[-1], multiple=True, wait=False)
                 for tag in alone:
-                    await channel.basic_ack(tag)
+                    await channel.basic_ack(tag, wait=False)
             except Exception as exc:
                 # The channel was lost after commit: redeliveries find the work done.
                 logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))

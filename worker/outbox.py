@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
+import aiormq
 import aiormq.abc
 import asyncpg
 from aio_pika.abc import AbstractChannel
@@ -160,11 +162,12 @@ class OutboxRelay:
         )
         # Not mandatory: an event nobody subscribed to yet is not an error. Through
         # aiormq directly: aio-pika's Message objects cost more than the publish itself.
-        await channel.basic_publish(
+        await cast(aiormq.Channel, channel).basic_publish(  # the concrete one takes `wait`
             payload.encode(),
             exchange=self._settings.events_exchange,
             routing_key=routing_key,
             properties=properties,
+            wait=False,  # for the confirm only, not for each frame's write (see amqp_writes)
         )
 
     async def drain(self) -> None:

@@ -13,7 +13,8 @@ class FakeChannel:
     is_closed: bool = False
     acks: list[tuple[int, bool]] = field(default_factory=list)
 
-    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        assert not wait  # queued for the writer, not waited for
         self.acks.append((delivery_tag, multiple))
 
 
