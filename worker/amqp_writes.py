@@ -14,9 +14,6 @@ from collections.abc import Sequence
 import aiormq.connection
 from aiormq.abc import ChannelFrame
 
-from worker import log
-
-logger = log.get(__name__)
 MAX_BYTES = 1 << 20  # stop adding frames to one write beyond this
 QUEUED = 2048  # frames a connection queues for its writer (the relay's batches fit)
 
@@ -51,13 +48,8 @@ class CoalescingFrameGenerator(aiormq.connection.FrameGenerator):
 
 
 def install() -> None:
-    """For connections opened from now on (aiormq looks the generator up as it connects).
-    Idempotent; skipped, with a warning, if aiormq no longer has the hook."""
-    original = getattr(aiormq.connection, "FrameGenerator", None)
-    if original is CoalescingFrameGenerator:
-        return
-    if original is not CoalescingFrameGenerator.__base__:
-        logger.warning("amqp_write_coalescing_unavailable")
-        return
+    """For connections opened from now on: aiormq reads both when a connection starts.
+    Idempotent. Built on aiormq's internals, hence its version pinned in pyproject.toml
+    and the tests (tests/unit/test_amqp_writes.py, tests/integration/test_amqp_writes.py)."""
     aiormq.connection.FrameGenerator = CoalescingFrameGenerator  # type: ignore[misc]
     aiormq.connection.Connection.FRAME_BUFFER_SIZE = QUEUED

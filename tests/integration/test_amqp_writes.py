@@ -18,7 +18,13 @@ COUNT = 100
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of each write the AMQP connection makes (aiormq writes to a StreamWriter)."""
+    """The size of each write the AMQP connection makes (aiormq writes to a StreamWriter).
+    What install() changes in aiormq is put back afterwards."""
+    connection = aiormq.connection
+    monkeypatch.setattr(connection, "FrameGenerator", connection.FrameGenerator)
+    monkeypatch.setattr(
+        connection.Connection, "FRAME_BUFFER_SIZE", connection.Connection.FRAME_BUFFER_SIZE
+    )
     sizes: list[int] = []
     original: Callable[[asyncio.StreamWriter, Any], None] = asyncio.StreamWriter.write
 
@@ -63,9 +69,8 @@ async def _received(channel: aiormq.Channel, queue: str) -> list[bytes]:
 
 
 async def test_one_turns_publishes_leave_in_one_write(
-    settings: Settings, writes: list[int], monkeypatch: pytest.MonkeyPatch
+    settings: Settings, writes: list[int]
 ) -> None:
-    monkeypatch.setattr(aiormq.connection, "FrameGenerator", aiormq.connection.FrameGenerator)
     amqp_writes.install()
     async for channel in _connection(settings):
         queue = (await channel.queue_declare(exclusive=True)).queue
@@ -83,8 +88,10 @@ async def test_without_it_each_publish_is_a_write(
     settings: Settings, writes: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What install() changes (and so what the test above would catch if it broke)."""
-    original = amqp_writes.CoalescingFrameGenerator.__base__
-    monkeypatch.setattr(aiormq.connection, "FrameGenerator", original)
+    monkeypatch.setattr(
+        aiormq.connection, "FrameGenerator", amqp_writes.CoalescingFrameGenerator.__base__
+    )
+    monkeypatch.setattr(aiormq.connection.Connection, "FRAME_BUFFER_SIZE", 10)
     async for channel in _connection(settings):
         queue = (await channel.queue_declare(exclusive=True)).queue
         assert queue is not None
@@ -92,10 +99,3 @@ async def test_without_it_each_publish_is_a_write(
         await _publish_together(channel, queue)
         assert len(writes) >= COUNT
         assert len(await _received(channel, queue)) == COUNT
-
-
-def test_install_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aiormq.connection, "FrameGenerator", aiormq.connection.FrameGenerator)
-    amqp_writes.install()
-    amqp_writes.install()
-    assert aiormq.connection.FrameGenerator is amqp_writes.CoalescingFrameGenerator

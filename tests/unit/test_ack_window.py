@@ -12,10 +12,11 @@ from worker.consumer import _AckWindow, _Delivery
 class FakeChannel:
     is_closed: bool = False
     acks: list[tuple[int, bool]] = field(default_factory=list)
+    waited: list[bool] = field(default_factory=list)
 
     async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
-        assert not wait  # queued for the writer, not waited for
         self.acks.append((delivery_tag, multiple))
+        self.waited.append(wait)
 
 
 @dataclass
@@ -35,6 +36,7 @@ async def test_a_contiguous_run_is_acked_in_one_frame() -> None:
     d = deliveries(window, channel, 1, 2, 3)
     await window.ack(d)
     assert channel.acks == [(3, True)]
+    assert channel.waited == [False]  # queued for the writer: the next batch starts at once
 
 
 async def test_never_over_a_delivery_still_being_handled() -> None:
