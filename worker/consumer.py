@@ -92,7 +92,9 @@ class _AckWindow:
             state.done.difference_update(ready)
             try:
                 # Queued for the connection's writer, not waited for: the next batch
-                # starts at once, and its events' writes may share the ack's.
+                # starts at once, and its events' writes may share the ack's. An ack
+                # still queued when the connection drops is lost like one in flight: the
+                # redelivery finds the work done.
                 if together:
                     await channel.basic_ack(together[-1], multiple=True, wait=False)
                 for tag in alone:

@@ -2,6 +2,7 @@
 arrives, in order, confirmed; a publish that waits for its write is released too."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,7 +37,8 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-async def _connection(settings: Settings) -> AsyncIterator[aiormq.Channel]:
+@contextlib.asynccontextmanager
+async def _channel(settings: Settings) -> AsyncIterator[aiormq.Channel]:
     connection = await aiormq.connect(settings.amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -72,7 +74,7 @@ async def test_one_turns_publishes_leave_in_one_write(
     settings: Settings, writes: list[int]
 ) -> None:
     amqp_writes.install()
-    async for channel in _connection(settings):
+    async with _channel(settings) as channel:
         queue = (await channel.queue_declare(exclusive=True)).queue
         assert queue is not None
         writes.clear()
@@ -92,7 +94,7 @@ async def test_without_it_each_publish_is_a_write(
         aiormq.connection, "FrameGenerator", amqp_writes.CoalescingFrameGenerator.__base__
     )
     monkeypatch.setattr(aiormq.connection.Connection, "FRAME_BUFFER_SIZE", 10)
-    async for channel in _connection(settings):
+    async with _channel(settings) as channel:
         queue = (await channel.queue_declare(exclusive=True)).queue
         assert queue is not None
         writes.clear()
