@@ -157,6 +157,11 @@ def _print_one(row: dict[str, Any], as_json: bool) -> None:
         _say(" ".join(f"{k}={_cell(v)}" for k, v in row.items()))
 
 
+def _warn(message: str) -> None:
+    """One line on stderr: the command did what it was asked, and this is worth knowing."""
+    click.echo("warning: " + shown(message), err=True)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -261,9 +266,12 @@ async def operators_update(
     """Change an operator. Freed capacity goes to queued contacts at once."""
     async with await _pool(_settings()) as pool:
         row, drained = await admin.update_operator(pool, operator_id, name, max_load, active)
-    _print_one(row, as_json)
+    warning = admin.max_load_warning(row)
+    _print_one({**row, "warning": warning} if as_json else row, as_json)
     if drained and not as_json:
         _say(f"assigned {drained} queued contact(s)")
+    if warning:
+        _warn(warning)
 
 
 # --- sources -----------------------------------------------------------------------
@@ -722,15 +730,36 @@ async def apply(file: Path, dry_run: bool, as_json: bool) -> None:
     routing = routing_file.load(file)
     async with await _pool(_settings()) as pool:
         changes = await routing_file.apply(pool, routing, dry_run)
+        # Operator names the file uses are unique in the database (apply checked).
+        loads = {r["name"]: r for r in await admin.list_operators(pool)}
+    updated = {c.name for c in changes if c.entity == "operator" and c.kind == "update"}
+    warnings: dict[str, str] = {}
+    for op in routing.operators:
+        if op.name in updated and (
+            warning := admin.max_load_warning({**loads[op.name], "max_load": op.max_load})
+        ):
+            warnings[op.name] = ("if applied, " if dry_run else "") + warning
     if as_json:
-        click.echo(json.dumps([asdict(c) for c in changes]))
-        return
-    for change in changes:
-        if change.kind != "unchanged":
-            _say(("would " if dry_run else "") + str(change))
-    changed = sum(c.kind != "unchanged" for c in changes)
-    verb = "would change" if dry_run else "changed"
-    _say(f"{file}: {verb} {changed}, {len(changes) - changed} already as written")
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        **asdict(c),
+                        "warning": warnings.get(c.name) if c.entity == "operator" else None,
+                    }
+                    for c in changes
+                ]
+            )
+        )
+    else:
+        for change in changes:
+            if change.kind != "unchanged":
+                _say(("would " if dry_run else "") + str(change))
+        changed = sum(c.kind != "unchanged" for c in changes)
+        verb = "would change" if dry_run else "changed"
+        _say(f"{file}: {verb} {changed}, {len(changes) - changed} already as written")
+    for warning in warnings.values():
+        _warn(warning)
 
 
 # --- contract ----------------------------------------------------------------------
