@@ -128,7 +128,7 @@ def parse_json(body: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         # The template only: a message (`Invalid \escape: 'x'`) may quote the input.
-        what = exc.msg.split(":", 1)[0]
+        what = exc.msg.split(": ", 1)[0].removesuffix(" at")
         raise DeadLetter(
             Reason.INVALID_JSON, f"{what} at line {exc.lineno} column {exc.colno}"
         ) from None

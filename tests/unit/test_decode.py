@@ -455,3 +455,17 @@ def test_no_key_or_value_is_echoed(value: Any, key: str, routing_key: str) -> No
     with pytest.raises(DeadLetter) as info:
         decode(body, routing_key, "m-1", LIMIT)
     assert marker not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"a" 1}', "Expecting ':' delimiter at line 1 column 6"),
+        (b'{"a": "x\x01"}', "Invalid control character at line 1 column 9"),
+        (b'{"a": "abc', "Unterminated string starting at line 1 column 7"),
+        (b'{"a": 1}\n x', "Extra data at line 2 column 2"),
+        (b'{"a": "\xc3\x28"}', "not UTF-8 (at byte 7); send UTF-8 JSON"),
+    ],
+)
+def test_json_detail_is_the_template_and_the_position(body: bytes, detail: str) -> None:
+    assert dead(body).detail == detail
