@@ -86,7 +86,7 @@ def _check_settings(settings: Settings) -> None:
     on as it was), and URLs whose scheme, host or port cannot be read."""
     for name, value in settings.model_dump().items():
         if isinstance(value, str) and not _is_utf8(value):
-            raise SettingError(name, f"not valid UTF-8: {value!r}")
+            raise SettingError(name, "not valid UTF-8")  # not shown: it may hold a password
     if problem := _amqp_url_problem(settings.amqp_url):
         raise SettingError("amqp_url", problem)
     if problem := _database_url_problem(settings.database_url):
@@ -99,7 +99,7 @@ def _amqp_url_problem(url: str) -> str | None:
         parsed = URL(url)
         parsed.port  # noqa: B018 (reading it checks it)
     except ValueError as exc:
-        return f"malformed ({_without_password(str(exc), url)}): {mask_url(url)}"
+        return f"malformed ({_without_password(str(exc), url)})"
     if parsed.scheme not in ("amqp", "amqps"):
         return f"expected amqp://user:password@host:port/vhost, not {mask_url(url)}"
     if not parsed.host:

@@ -3,7 +3,7 @@ would refuse with a traceback, and accept every form those libraries take."""
 
 import pytest
 
-from worker.cli import _amqp_url_problem, _database_url_problem
+from worker.cli import _amqp_url_problem, _database_url_problem, main
 
 
 @pytest.mark.parametrize(
@@ -57,6 +57,7 @@ def test_amqp_urls_aio_pika_takes(url: str) -> None:
         ("amqp://guest:secret@127.0.0.1:notaport/", "malformed"),
         ("amqp://guest:secret@127.0.0.1:70000/", "malformed"),
         ("amqp:/nohost", "no host"),
+        ("amqp://guest:secret@[::1/", "malformed"),
         ("http://guest:secret@127.0.0.1:5672/", "expected amqp://"),
     ],
 )
@@ -64,3 +65,14 @@ def test_amqp_urls_refused(url: str, says: str) -> None:
     problem = _amqp_url_problem(url)
     assert problem is not None and says in problem
     assert "secret" not in problem
+
+
+@pytest.mark.parametrize("name", ["LEADROUTER_DATABASE_URL", "LEADROUTER_DEAD_QUEUE"])
+def test_a_setting_that_is_not_utf8_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # What os.environ holds for a variable set to bytes that are not UTF-8.
+    monkeypatch.setenv(name, "postgresql://u:secret@h/db\udcff")
+    assert main(["operators", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: invalid setting: {name}: not valid UTF-8\n"
