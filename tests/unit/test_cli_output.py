@@ -35,7 +35,7 @@ class Row(dict[str, Any]):
     """A row whose every column holds the same text."""
 
     def __init__(self, text: str) -> None:
-        super().__init__(id=text, name=text, external_id=text)
+        super().__init__(id=text, name=text, external_id=text, load=1, max_load=1)
         self.text = text
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -192,3 +192,16 @@ def test_a_cell_is_never_markup() -> None:
         "[link=https://evil.example]x[/link]"
     )
     assert not cell("[bold]x[/bold]").spans
+
+
+def test_a_warning_shows_the_name_as_text(
+    holding: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def over(*_args: Any, **_kwargs: Any) -> Any:
+        return {"id": 1, "name": "[/]\x1b[2J", "load": 3, "max_load": 1}, 0
+
+    monkeypatch.setattr(admin, "update_operator", over)
+    assert cli.main(["operators", "update", "1", "--max-load", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: operator 1 ([/]\\x1b[2J) keeps their 3 open contacts")
+    assert err.count("\n") == 1 and only_printable(err.rstrip("\n"))
