@@ -50,6 +50,19 @@ async def update_operator(
     return await in_transaction(pool, update)
 
 
+def max_load_warning(row: Row) -> str | None:
+    """What to tell whoever set an operator's max-load below their open contacts: nothing
+    is taken from them, and no new contact comes until they are below it again."""
+    load, limit = row["load"], row["max_load"]
+    if load <= limit:
+        return None
+    until = f"until fewer than {limit} are open" if limit else "while max-load is 0"
+    return (
+        f"operator {row['id']} ({row['name']}) keeps their {load} open contacts, over "
+        f"max-load {limit}, and gets no new contact {until}"
+    )
+
+
 _INVALID_SOURCE = (
     "the key is lower-case letters, digits, '.', '_' or '-' (at most 128, starting with a "
     "letter or digit); name up to 256 characters, description up to 2000"

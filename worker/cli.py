@@ -12,6 +12,7 @@ from datetime import datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import aiormq.exceptions
 import asyncpg
@@ -20,11 +21,13 @@ import pydantic
 import uvloop
 from rich.console import Console
 from rich.table import Table
+from yarl import URL
 
 from worker import admin, log
 from worker.errors import Reason, UserError
 from worker.settings import Settings, mask_url
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
+from worker.terminal import cell, shown
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,8 +59,18 @@ async def _pool(settings: Settings) -> asyncpg.Pool:
     return pool
 
 
+class SettingError(click.ClickException):
+    """A LEADROUTER_* variable the services' client libraries could not even parse."""
+
+    exit_code = 2
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"invalid setting: LEADROUTER_{name.upper()}: {problem}")
+
+
 def _settings(long_running: bool = False) -> Settings:
     settings = Settings()
+    _check_settings(settings)
     log.configure(settings.log_level, settings.log_format)
     if not long_running:
         # A one-shot command reports a failure in one line of its own; the AMQP
@@ -67,13 +80,73 @@ def _settings(long_running: bool = False) -> Settings:
     return settings
 
 
+def _check_settings(settings: Settings) -> None:
+    """Refuse here, in one line, what the client libraries would refuse with a traceback
+    (a ValueError deep in yarl or urllib): text that is not UTF-8 (a byte a shell passed
+    on as it was), and URLs whose scheme, host or port cannot be read."""
+    for name, value in settings.model_dump().items():
+        if isinstance(value, str) and not _is_utf8(value):
+            raise SettingError(name, "not valid UTF-8")  # not shown: it may hold a password
+    if problem := _amqp_url_problem(settings.amqp_url):
+        raise SettingError("amqp_url", problem)
+    if problem := _database_url_problem(settings.database_url):
+        raise SettingError("database_url", problem)
+
+
+def _amqp_url_problem(url: str) -> str | None:
+    """What aio-pika, which reads the URL with yarl, would fail on."""
+    try:
+        parsed = URL(url)
+        parsed.port  # noqa: B018 (reading it checks it)
+    except ValueError as exc:
+        return f"malformed ({_without_password(str(exc), url)})"
+    if parsed.scheme not in ("amqp", "amqps"):
+        return f"expected amqp://user:password@host:port/vhost, not {mask_url(url)}"
+    if not parsed.host:
+        return f"no host in {mask_url(url)}"
+    return None
+
+
+def _database_url_problem(url: str) -> str | None:
+    """What asyncpg, which reads the URL with urllib and int() of each port, would fail on
+    with a ValueError (the rest it reports as ClientConfigurationError, handled in main)."""
+    try:
+        parts = urlsplit(url)
+        if parts.query:
+            parse_qs(parts.query, strict_parsing=True)
+    except ValueError as exc:
+        return f"malformed ({_without_password(str(exc), url)})"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return f"expected postgresql://user:password@host:port/database, not {mask_url(url)}"
+    for host in parts.netloc.partition("@")[2 if "@" in parts.netloc else 0].split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        _, colon, port = port.rpartition(":")
+        if colon and port and not port.isdigit():
+            return f"the port is not a number: {mask_url(url)}"
+    return None
+
+
+def _without_password(text: str, url: str) -> str:
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return text.replace(password, "***") if password else text
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{c: r[c] for c in r} for r in rows], default=_json_default))
         return
     table = Table(*columns)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
+        table.add_row(*(cell(_cell(row.get(c))) for c in columns))
     _console().print(table)
 
 
@@ -81,7 +154,12 @@ def _print_one(row: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(row, default=_json_default))
     else:
-        click.echo(" ".join(f"{k}={_cell(v)}" for k, v in row.items()))
+        _say(" ".join(f"{k}={_cell(v)}" for k, v in row.items()))
+
+
+def _warn(message: str) -> None:
+    """One line on stderr: the command did what it was asked, and this is worth knowing."""
+    click.echo("warning: " + shown(message), err=True)
 
 
 def _cell(value: Any) -> str:
@@ -90,6 +168,12 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
     return str(value)
+
+
+def _say(line: str) -> None:
+    """One line on stdout, control characters shown escaped (`--json` output needs no
+    help: json.dumps escapes them)."""
+    click.echo(shown(line))
 
 
 def _json_default(value: Any) -> Any:
@@ -111,9 +195,7 @@ async def migrate() -> None:
 
     settings = _settings()
     applied = await run_migrations(settings.database_url, settings.migrations_dir)
-    click.echo(
-        f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
-    )
+    _say(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
 
 
 @cli.command()
@@ -184,9 +266,12 @@ async def operators_update(
     """Change an operator. Freed capacity goes to queued contacts at once."""
     async with await _pool(_settings()) as pool:
         row, drained = await admin.update_operator(pool, operator_id, name, max_load, active)
-    _print_one(row, as_json)
+    warning = admin.max_load_warning(row)
+    _print_one({**row, "warning": warning} if as_json else row, as_json)
     if drained and not as_json:
-        click.echo(f"assigned {drained} queued contact(s)")
+        _say(f"assigned {drained} queued contact(s)")
+    if warning:
+        _warn(warning)
 
 
 # --- sources -----------------------------------------------------------------------
@@ -300,7 +385,7 @@ async def weights_set(source_key: str, pairs: tuple[str, ...]) -> None:
     parsed = _parse_weights(pairs)
     async with await _pool(_settings()) as pool:
         drained = await admin.set_weights(pool, source_key, parsed)
-    click.echo(f"{source_key}: {len(parsed)} weight(s) set, {drained} queued contact(s) assigned")
+    _say(f"{source_key}: {len(parsed)} weight(s) set, {drained} queued contact(s) assigned")
 
 
 @weights.command("show")
@@ -354,11 +439,9 @@ async def contacts_close(contact_id: int) -> None:
     async with await _pool(_settings()) as pool:
         outcome = await admin.close_contact(pool, contact_id)
     if contact_id in outcome.already_closed:
-        click.echo(f"contact {contact_id} was already closed")
+        _say(f"contact {contact_id} was already closed")
     else:
-        click.echo(
-            f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned"
-        )
+        _say(f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned")
 
 
 # --- leads -------------------------------------------------------------------------
@@ -443,6 +526,11 @@ async def publish(
     from aio_pika.exceptions import PublishError
 
     message_id = message_id or str(uuid.uuid4())
+    if len(message_id.encode()) > 255 or "\x00" in message_id:
+        # An AMQP short string, which the worker would also refuse with a NUL in it.
+        raise click.BadParameter(
+            "at most 255 bytes, without NUL characters", param_hint="'--message-id'"
+        )
     try:
         await publish_lead(_settings(), body, message_id)
     except PublishError:
@@ -450,7 +538,7 @@ async def publish(
             "the broker returned the message: no queue is bound to the inbound exchange; "
             "start `leadrouter worker` once to declare it"
         ) from None
-    click.echo(f"published lead.contact {message_id}")
+    _say(f"published lead.contact {message_id}")
 
 
 # --- stats -------------------------------------------------------------------------
@@ -477,7 +565,10 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
 
 
 def _console() -> Console:
-    return Console(width=None if Console().is_terminal else 120)
+    # Cells are Text (never markup); a plain string printed by mistake is not read either.
+    return Console(
+        width=None if Console().is_terminal else 120, markup=False, emoji=False, highlight=False
+    )
 
 
 # --- dlq ---------------------------------------------------------------------------
@@ -516,7 +607,7 @@ async def dlq_list(reason: str | None, limit: int, as_json: bool) -> None:
     rows = [_entry_row(e) for e in entries]
     _print_rows(rows, ["id", "reason", "routing_key", "source", "age_seconds", "error"], as_json)
     if not as_json:
-        click.echo(f"{len(rows)} shown of {await dead.count(settings)} in {settings.dead_queue}")
+        _say(f"{len(rows)} shown of {await dead.count(settings)} in {settings.dead_queue}")
 
 
 @dlq.command("show")
@@ -541,7 +632,7 @@ async def dlq_show(entry_id: str, as_json: bool) -> None:
         click.echo(json.dumps(full, default=str))
     else:
         for key, value in full.items():
-            click.echo(f"{key}: {value}")
+            _say(f"{key}: {value}")
 
 
 @dlq.command("replay")
@@ -566,7 +657,7 @@ async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...])
             f"the inbound exchange {settings.inbound_exchange!r} routes nowhere; start "
             "`leadrouter worker` once to declare its queue (nothing was removed)"
         ) from None
-    click.echo(f"replayed {replayed}")
+    _say(f"replayed {replayed}")
 
 
 @dlq.command("purge")
@@ -582,7 +673,7 @@ async def dlq_purge(reason: str | None, yes: bool) -> None:
         what = f"dead letters with reason {reason}" if reason else "ALL dead letters"
         total = await dead.count(settings)
         click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
-    click.echo(f"purged {await dead.purge(settings, reason)}")
+    _say(f"purged {await dead.purge(settings, reason)}")
 
 
 # --- bench -------------------------------------------------------------------------
@@ -639,15 +730,36 @@ async def apply(file: Path, dry_run: bool, as_json: bool) -> None:
     routing = routing_file.load(file)
     async with await _pool(_settings()) as pool:
         changes = await routing_file.apply(pool, routing, dry_run)
+        # Operator names the file uses are unique in the database (apply checked).
+        loads = {r["name"]: r for r in await admin.list_operators(pool)}
+    updated = {c.name for c in changes if c.entity == "operator" and c.kind == "update"}
+    warnings: dict[str, str] = {}
+    for op in routing.operators:
+        if op.name in updated and (
+            warning := admin.max_load_warning({**loads[op.name], "max_load": op.max_load})
+        ):
+            warnings[op.name] = ("if applied, " if dry_run else "") + warning
     if as_json:
-        click.echo(json.dumps([asdict(c) for c in changes]))
-        return
-    for change in changes:
-        if change.kind != "unchanged":
-            click.echo(("would " if dry_run else "") + str(change))
-    changed = sum(c.kind != "unchanged" for c in changes)
-    verb = "would change" if dry_run else "changed"
-    click.echo(f"{file}: {verb} {changed}, {len(changes) - changed} already as written")
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        **asdict(c),
+                        "warning": warnings.get(c.name) if c.entity == "operator" else None,
+                    }
+                    for c in changes
+                ]
+            )
+        )
+    else:
+        for change in changes:
+            if change.kind != "unchanged":
+                _say(("would " if dry_run else "") + str(change))
+        changed = sum(c.kind != "unchanged" for c in changes)
+        verb = "would change" if dry_run else "changed"
+        _say(f"{file}: {verb} {changed}, {len(changes) - changed} already as written")
+    for warning in warnings.values():
+        _warn(warning)
 
 
 # --- contract ----------------------------------------------------------------------
@@ -669,18 +781,22 @@ def contract(directory: Path | None, check: bool) -> None:
         stale = generator.stale(directory)
         if stale:
             raise UserError(f"stale in {directory}: {', '.join(stale)}; run `leadrouter contract`")
-        click.echo(f"{directory}: up to date")
+        _say(f"{directory}: up to date")
         return
     written = generator.write(directory)
-    click.echo(
-        f"{directory}: wrote {len(written)} file(s)" + "".join(f"\n  {p.name}" for p in written)
-    )
+    _say(f"{directory}: wrote {len(written)} file(s)")
+    for path in written:
+        _say(f"  {path.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every expected failure into one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for arg in args:
+        if not _is_utf8(arg):  # a byte the shell passed on as it was, e.g. $'\xff'
+            return _fail(f"an argument is not valid UTF-8: {arg!r}", 2)
     try:
-        result = cli.main(args=argv, prog_name="leadrouter", standalone_mode=False)
+        result = cli.main(args=args, prog_name="leadrouter", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:  # `leadrouter` alone: show the help
@@ -700,6 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return _fail(f"invalid setting: {problems}", 2)
     except CONNECTION_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # a file, not a service
+            return _fail(f"{exc.strerror}: {exc.filename}", 1)
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             return _fail(f"the metrics port is taken ({exc}); set LEADROUTER_METRICS_PORT", 2)
         settings = Settings()
@@ -714,6 +832,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc}; start `leadrouter worker` once to declare the topology", 2)
     except asyncpg.InvalidCatalogNameError as exc:
         return _fail(f"{exc}; run `leadrouter migrate` to create it", 2)
+    except asyncpg.ClientConfigurationError as exc:
+        return _fail(f"invalid setting: LEADROUTER_DATABASE_URL: {exc}", 2)
+    except aiormq.exceptions.InvalidFrameError as exc:
+        if "Connection.OpenOk" not in str(exc):
+            raise
+        # RabbitMQ closes the connection instead of opening it; aiormq does not say why.
+        return _fail(
+            "the broker would not open a connection: does the virtual host exist, and may "
+            f"the user use it? broker {mask_url(Settings().amqp_url)}",
+            2,
+        )
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # Anything else the database refused (a deadlock with another admin, a value it
         # cannot store): one line; running the command again is safe.
@@ -724,8 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, code: int, prefix: str = "error: ") -> int:
     """One line on stderr, whatever the message echoes back (control characters of a
     user's argument are shown escaped, not obeyed)."""
-    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
-    click.echo(prefix + line, err=True)
+    click.echo(prefix + shown(message), err=True)
     return code
 
 

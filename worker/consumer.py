@@ -20,7 +20,7 @@ from aiormq.abc import DeliveredMessage
 
 from schemas.inbound import ContactClose, LeadContact
 from worker import distribution, log
-from worker.decode import Inbound, decode
+from worker.decode import Inbound, decode, shown_routing_key
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
@@ -260,14 +260,15 @@ class Consumer:
                 body = inbound.body
                 if isinstance(body, LeadContact):
                     if body.source in plan.unknown_sources:
+                        # Not the key itself: the body holds it, and `dlq list` shows it.
                         d.failure = DeadLetter(
-                            Reason.UNKNOWN_SOURCE, f"no source with key {body.source!r}"
+                            Reason.UNKNOWN_SOURCE, "no source with the body's source key"
                         )
                     else:
                         new.append(distribution.NewContact(inbound.message_id, body))
                 elif body.contact_id in plan.unknown_contacts:
                     d.failure = DeadLetter(
-                        Reason.UNKNOWN_CONTACT, f"no contact with id {body.contact_id}"
+                        Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
                 else:
                     closes.append(body.contact_id)
@@ -336,7 +337,7 @@ class Consumer:
                 logger.warning(
                     "dead_lettered",
                     message_id=message_id,
-                    routing_key=message.routing_key,
+                    routing_key=shown_routing_key(message.routing_key),
                     reason=str(failure.reason),
                     error=failure.detail,
                 )

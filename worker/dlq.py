@@ -37,6 +37,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker import log
+from worker.decode import shown_routing_key
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
 
@@ -322,7 +323,7 @@ async def replay(
                     entry_id=entry.id,
                     message_id=entry.message_id,
                     reason=entry.reason,
-                    routing_key=entry.routing_key,
+                    routing_key=shown_routing_key(entry.routing_key),
                 )
             return True
 

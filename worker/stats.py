@@ -11,6 +11,7 @@ from rich.table import Table
 
 from worker.errors import UserError
 from worker.sql import Q
+from worker.terminal import cell
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -113,22 +114,25 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
             "observed, | at the weight",
             "open",
             "load",
-            title=f"{s.source} ({s.strategy}): {s.assigned} assigned {window}, "
-            f"{s.queued_now} queued now",
+            title=cell(
+                f"{s.source} ({s.strategy}): {s.assigned} assigned {window}, "
+                f"{s.queued_now} queued now"
+            ),
             title_justify="left",
         )
         for op in s.operators:
             name = op.operator_name + ("" if op.is_active else " (inactive)")
-            table.add_row(
+            values = (
                 f"{op.operator_id} {name}",
-                str(op.weight),
+                op.weight,
                 f"{op.weight_share:.0%}",
-                str(op.assigned),
+                op.assigned,
                 f"{op.observed_share:.0%}",
                 bar(op.observed_share, op.weight_share),
-                str(op.open_now),
+                op.open_now,
                 f"{op.load}/{op.max_load}",
             )
+            table.add_row(*map(cell, values))
         console.print(table)
     if not stats:
         console.print("no sources yet: leadrouter sources add KEY")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.inbound import ContactClose, LeadContact
-from worker.decode import Inbound, decode
+from worker.decode import Inbound, decode, field_path, shown_routing_key
 from worker.errors import DeadLetter, Reason
 
 LIMIT = 1024 * 1024
@@ -316,3 +316,156 @@ def test_arbitrary_json(value: Any, routing_key: str, message_id: str | None) ->
 def test_arbitrary_json_unescaped(value: Any, routing_key: str, message_id: str | None) -> None:
     body = json.dumps(value, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
     check(body, routing_key, message_id)
+
+
+# --- only UTF-8 without a byte order mark -----------------------------------------
+
+VALID_CLOSE = {"contact_id": 7, "message_id": "m-enc"}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "says"),
+    [
+        ("utf-8-sig", "UTF-8 byte order mark"),
+        ("utf-16", "UTF-16 byte order mark"),
+        ("utf-16-le", "NUL byte"),
+        ("utf-16-be", "NUL byte"),
+        ("utf-32", "UTF-32 byte order mark"),
+        ("utf-32-le", "NUL byte"),
+        ("utf-32-be", "NUL byte"),
+    ],
+)
+def test_only_utf8_without_bom(encoding: str, says: str) -> None:
+    body = json.dumps(VALID_CLOSE).encode(encoding)
+    assert json.loads(body) == VALID_CLOSE  # what json.loads alone would have accepted
+    error = dead(body)
+    assert error.reason is Reason.INVALID_JSON
+    assert says in error.detail and "UTF-8" in error.detail
+
+
+def test_bom_inside_a_string_is_fine() -> None:
+    body = json.dumps({"contact_id": 7, "message_id": "\ufeffm"}, ensure_ascii=False).encode()
+    assert decode(body, "contact.close", None, LIMIT).message_id == "\ufeffm"
+
+
+# --- nothing a message says reaches the detail ------------------------------------
+
+EMAIL = "ann.secret@example.com"
+PHONE = "+4915112345678"
+
+
+def test_unknown_keys_are_not_echoed_at_any_depth() -> None:
+    body = json.dumps(
+        {
+            "source": "tg",
+            EMAIL: 1,
+            "lead": {"external_id": "x", PHONE: {EMAIL: 2}, EMAIL: True},
+            "message": {PHONE: EMAIL},
+        }
+    ).encode()
+    error = dead(body, routing_key="lead.contact")
+    assert error.reason is Reason.INVALID_SCHEMA
+    assert EMAIL not in str(error) and PHONE not in str(error)
+    assert "<unknown key>: Extra inputs are not permitted" in error.detail
+    assert "lead.<unknown key>: Extra inputs are not permitted" in error.detail
+    assert "message: Input should be a valid string" in error.detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"contact_id": 7, "x": "\\q ann.secret@example.com"}',  # bad escape after a marker
+        b'{"contact_id": "ann.secret@example.com" +4915112345678}',
+        b'{"ann.secret@example.com\x01": 1}',  # control character in a key
+        b'{"contact_id": 7}\n+4915112345678',  # extra data
+        b'\xef\xbb\xbf{"ann.secret@example.com": 1}',
+        b'{"ann.secret@example.com": 1' + b"9" * 5000 + b"}",
+        b'{"x": "ann.secret@example.com\xff"}',
+    ],
+)
+def test_json_errors_say_where_not_what(body: bytes) -> None:
+    error = dead(body)
+    assert error.reason is Reason.INVALID_JSON
+    assert EMAIL not in str(error) and PHONE not in str(error) and "4915112345678" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "body"),
+    [
+        (EMAIL, CLOSE),
+        ("contact.close", json.dumps({"contact_id": PHONE}).encode()),
+        ("contact.close", json.dumps({"contact_id": 7, "message_id": [EMAIL]}).encode()),
+        ("lead.contact", json.dumps({"source": EMAIL, "lead": {"external_id": "x"}}).encode()),
+        (
+            "lead.contact",
+            json.dumps({"source": "tg", "lead": {"external_id": EMAIL * 20}}).encode(),
+        ),
+        (
+            "lead.contact",
+            json.dumps({"source": "tg", "lead": {"external_id": "x", "email": PHONE}}).encode(),
+        ),
+        (
+            "lead.contact",
+            json.dumps({"source": "tg", "lead": {"external_id": "x", "phone": EMAIL}}).encode(),
+        ),
+        ("lead.contact", json.dumps({"source": "tg", "lead": EMAIL}).encode()),
+        ("lead.contact", json.dumps([EMAIL, PHONE]).encode()),
+    ],
+)
+def test_schema_errors_say_where_not_what(routing_key: str, body: bytes) -> None:
+    error = dead(body, routing_key=routing_key)
+    assert error.reason is Reason.INVALID_SCHEMA
+    assert EMAIL not in str(error) and PHONE not in str(error) and "4915112345678" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("loc", "path"),
+    [
+        (("lead", "email"), "lead.email"),
+        (("lead", EMAIL), "lead.<unknown key>"),
+        ((EMAIL, "lead"), "<unknown key>.<unknown key>"),  # no field of an unknown key
+        (("message", "lead"), "message.<unknown key>"),  # a field, but not of a str
+        (("lead", 3), "lead.3"),
+        ((), ""),
+    ],
+)
+def test_field_path_keeps_only_known_fields(loc: tuple[int | str, ...], path: str) -> None:
+    assert field_path(loc, LeadContact) == path
+
+
+def test_unknown_model_has_no_known_fields() -> None:
+    assert field_path(("lead", "email"), None) == "<unknown key>.<unknown key>"
+
+
+def test_routing_key_in_logs() -> None:
+    assert shown_routing_key("lead.contact") == "lead.contact"
+    assert shown_routing_key(EMAIL) == "<unknown routing key>"
+    assert shown_routing_key(None) == "<unknown routing key>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSONISH, key=st.text(min_size=1), routing_key=ROUTING_KEYS)
+def test_no_key_or_value_is_echoed(value: Any, key: str, routing_key: str) -> None:
+    """A marker planted as a key or a value anywhere never reaches the detail."""
+    marker = "ann.secret@example.com"
+    planted = {"source": "tg", "lead": {"external_id": "x", marker: value}, marker + key: value}
+    body = json.dumps([planted, {"contact_id": marker}][routing_key == "contact.close"]).encode(
+        "utf-8", errors="surrogatepass"
+    )
+    with pytest.raises(DeadLetter) as info:
+        decode(body, routing_key, "m-1", LIMIT)
+    assert marker not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"a" 1}', "Expecting ':' delimiter at line 1 column 6"),
+        (b'{"a": "x\x01"}', "Invalid control character at line 1 column 9"),
+        (b'{"a": "abc', "Unterminated string starting at line 1 column 7"),
+        (b'{"a": 1}\n x', "Extra data at line 2 column 2"),
+        (b'{"a": "\xc3\x28"}', "not UTF-8 (at byte 7); send UTF-8 JSON"),
+    ],
+)
+def test_json_detail_is_the_template_and_the_position(body: bytes, detail: str) -> None:
+    assert dead(body).detail == detail
