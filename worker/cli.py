@@ -483,6 +483,7 @@ def _console() -> Console:
 # --- dlq ---------------------------------------------------------------------------
 
 REASONS = click.Choice([str(r) for r in Reason])
+SCAN_INCOMPLETE = 3  # exit code: the dlq command did not look at every dead letter
 
 
 @cli.group()
@@ -507,33 +508,42 @@ def _entry_row(entry: Any) -> dict[str, Any]:
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
 @run_async
-async def dlq_list(reason: str | None, limit: int, as_json: bool) -> None:
+async def dlq_list(reason: str | None, limit: int, as_json: bool) -> int:
     """Dead letters, oldest first (looking changes nothing)."""
     from worker import dlq as dead
 
     settings = _settings()
-    entries = await dead.list_entries(settings, reason, limit)
+    incomplete = None
+    try:
+        entries = await dead.list_entries(settings, reason, limit)
+    except dead.ScanIncomplete as exc:
+        entries, incomplete = exc.result, exc
     rows = [_entry_row(e) for e in entries]
     _print_rows(rows, ["id", "reason", "routing_key", "source", "age_seconds", "error"], as_json)
     if not as_json:
         click.echo(f"{len(rows)} shown of {await dead.count(settings)} in {settings.dead_queue}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 @dlq.command("show")
 @click.argument("entry_id")
 @click.option("--json", "as_json", is_flag=True)
 @run_async
-async def dlq_show(entry_id: str, as_json: bool) -> None:
+async def dlq_show(entry_id: str, as_json: bool) -> int:
     """One dead letter in full: headers, properties, body."""
     from worker import dlq as dead
 
-    entry = await dead.show(_settings(), entry_id)
+    try:
+        entry = await dead.show(_settings(), entry_id)
+    except dead.ScanIncomplete as exc:
+        return _fail(f"no dead letter with id {entry_id!r} found; {exc}", SCAN_INCOMPLETE)
     if entry is None:
         raise UserError(f"no dead letter with id {entry_id!r}")
     full = {
         **_entry_row(entry),
         "headers": dict(entry.headers),
         "properties": dict(entry.properties),
+        "undecodable_properties": list(entry.undecodable),
         "body_size": entry.body_size,
         "body": entry.text,
     }
@@ -542,6 +552,7 @@ async def dlq_show(entry_id: str, as_json: bool) -> None:
     else:
         for key, value in full.items():
             click.echo(f"{key}: {value}")
+    return 0
 
 
 @dlq.command("replay")
@@ -549,7 +560,7 @@ async def dlq_show(entry_id: str, as_json: bool) -> None:
 @click.option("--reason", type=REASONS, help="Those dead-lettered for this reason.")
 @click.option("--id", "ids", multiple=True, help="These entries (ids from `dlq list`).")
 @run_async
-async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...]) -> None:
+async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...]) -> int:
     """Put dead letters back on the inbound exchange, with their original message id and
     routing key; each leaves the dead-letter queue only once the broker confirmed it."""
     from aio_pika.exceptions import PublishError
@@ -559,21 +570,25 @@ async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...])
     if sum((everything, reason is not None, bool(ids))) != 1:
         raise UserError("say which: --all, --reason R or --id ID (one of them)")
     settings = _settings()
+    incomplete = None
     try:
         replayed = await dead.replay(settings, all=everything, reason=reason, ids=ids)
+    except dead.ScanIncomplete as exc:
+        replayed, incomplete = exc.result, exc
     except PublishError:
         raise UserError(
             f"the inbound exchange {settings.inbound_exchange!r} routes nowhere; start "
             "`leadrouter worker` once to declare its queue (nothing was removed)"
         ) from None
     click.echo(f"replayed {replayed}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 @dlq.command("purge")
 @click.option("--reason", type=REASONS, help="Only those dead-lettered for this reason.")
 @click.option("--yes", is_flag=True, help="Do not ask.")
 @run_async
-async def dlq_purge(reason: str | None, yes: bool) -> None:
+async def dlq_purge(reason: str | None, yes: bool) -> int:
     """Delete dead letters for good."""
     from worker import dlq as dead
 
@@ -582,7 +597,13 @@ async def dlq_purge(reason: str | None, yes: bool) -> None:
         what = f"dead letters with reason {reason}" if reason else "ALL dead letters"
         total = await dead.count(settings)
         click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
-    click.echo(f"purged {await dead.purge(settings, reason)}")
+    incomplete = None
+    try:
+        purged = await dead.purge(settings, reason)
+    except dead.ScanIncomplete as exc:
+        purged, incomplete = exc.result, exc
+    click.echo(f"purged {purged}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 # --- bench -------------------------------------------------------------------------
