@@ -484,6 +484,14 @@ def _console() -> Console:
 
 REASONS = click.Choice([str(r) for r in Reason])
 SCAN_INCOMPLETE = 3  # exit code: the dlq command did not look at every dead letter
+scan_limit = click.option(
+    "--scan-limit",
+    default=10_000,  # worker.dlq.MAX_HELD (not imported here: the CLI starts lean)
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Most dead letters looked at and left in place at once; past them it stops, "
+    "says so and exits 3.",
+)
 
 
 @cli.group()
@@ -507,15 +515,16 @@ def _entry_row(entry: Any) -> dict[str, Any]:
 @click.option("--reason", type=REASONS)
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
+@scan_limit
 @run_async
-async def dlq_list(reason: str | None, limit: int, as_json: bool) -> int:
+async def dlq_list(reason: str | None, limit: int, as_json: bool, scan_limit: int) -> int:
     """Dead letters, oldest first (looking changes nothing)."""
     from worker import dlq as dead
 
     settings = _settings()
     incomplete = None
     try:
-        entries = await dead.list_entries(settings, reason, limit)
+        entries = await dead.list_entries(settings, reason, limit, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         entries, incomplete = exc.result, exc
     rows = [_entry_row(e) for e in entries]
@@ -528,13 +537,14 @@ async def dlq_list(reason: str | None, limit: int, as_json: bool) -> int:
 @dlq.command("show")
 @click.argument("entry_id")
 @click.option("--json", "as_json", is_flag=True)
+@scan_limit
 @run_async
-async def dlq_show(entry_id: str, as_json: bool) -> int:
+async def dlq_show(entry_id: str, as_json: bool, scan_limit: int) -> int:
     """One dead letter in full: headers, properties, body."""
     from worker import dlq as dead
 
     try:
-        entry = await dead.show(_settings(), entry_id)
+        entry = await dead.show(_settings(), entry_id, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         return _fail(f"no dead letter with id {entry_id!r} found; {exc}", SCAN_INCOMPLETE)
     if entry is None:
@@ -559,8 +569,11 @@ async def dlq_show(entry_id: str, as_json: bool) -> int:
 @click.option("--all", "everything", is_flag=True, help="Every dead letter.")
 @click.option("--reason", type=REASONS, help="Those dead-lettered for this reason.")
 @click.option("--id", "ids", multiple=True, help="These entries (ids from `dlq list`).")
+@scan_limit
 @run_async
-async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...]) -> int:
+async def dlq_replay(
+    everything: bool, reason: str | None, ids: tuple[str, ...], scan_limit: int
+) -> int:
     """Put dead letters back on the inbound exchange, with their original message id and
     routing key; each leaves the dead-letter queue only once the broker confirmed it."""
     from aio_pika.exceptions import PublishError
@@ -572,7 +585,9 @@ async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...])
     settings = _settings()
     incomplete = None
     try:
-        replayed = await dead.replay(settings, all=everything, reason=reason, ids=ids)
+        replayed = await dead.replay(
+            settings, all=everything, reason=reason, ids=ids, max_held=scan_limit
+        )
     except dead.ScanIncomplete as exc:
         replayed, incomplete = exc.result, exc
     except PublishError:
@@ -587,8 +602,9 @@ async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...])
 @dlq.command("purge")
 @click.option("--reason", type=REASONS, help="Only those dead-lettered for this reason.")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@scan_limit
 @run_async
-async def dlq_purge(reason: str | None, yes: bool) -> int:
+async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     """Delete dead letters for good."""
     from worker import dlq as dead
 
@@ -599,7 +615,7 @@ async def dlq_purge(reason: str | None, yes: bool) -> int:
         click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
     incomplete = None
     try:
-        purged = await dead.purge(settings, reason)
+        purged = await dead.purge(settings, reason, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         purged, incomplete = exc.result, exc
     click.echo(f"purged {purged}")

@@ -254,8 +254,8 @@ class ScanIncomplete(Exception):
 
     def __init__(self, looked: int, total: int, max_held: int | None, result: Any) -> None:
         why = (
-            f"one command keeps at most {max_held} unremoved at once; purge or replay "
-            "some of them, then run it again"
+            f"it keeps at most {max_held} in place at once (--scan-limit); purge or "
+            "replay some of them, or raise the limit, then run it again"
             if max_held is not None
             else "another dlq command holds the others; run it again once it is done"
         )
