@@ -361,10 +361,10 @@ def _dead_letter_headers() -> dict[str, Any]:
         "properties": {
             REASON_HEADER: {
                 "type": "string",
-                "enum": [str(reason) for reason in Reason if reason not in BROKER_REASONS],
+                "enum": [str(reason) for reason in Reason],
                 "description": "Why the message was dead-lettered. The broker's dead letters "
-                "have no such header: the ops tools report their x-death reason "
-                f"({', '.join(sorted(BROKER_REASONS))}).",
+                "have no such header (and any the message came with is ignored): the ops "
+                f"tools report their x-death reason ({', '.join(sorted(BROKER_REASONS))}).",
             },
             ERROR_HEADER: {
                 "type": "string",
