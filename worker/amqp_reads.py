@@ -100,14 +100,25 @@ def publishable(headers: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     for key, value in headers.items():
         value = _byte_arrays(value)
         try:
-            if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-                raise ValueError("name too long")
+            _check_names({key: value})
             encode.encode_table_value(value)
         except Exception:  # whatever pamqp's encoder refuses, with whichever exception
             dropped += 1
             continue
         kept[key] = value
     return kept, dropped
+
+
+def _check_names(value: Any) -> None:
+    """Raises if a table at any depth has a name pamqp would cut."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+                raise ValueError("name too long")
+            _check_names(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_names(item)
 
 
 def _byte_arrays(value: Any) -> Any:
@@ -258,6 +269,9 @@ def _method(frame_data: bytes) -> base.Frame | None:
             value = raw.decode("utf-8", errors="replace")
             if value.encode("utf-8") != raw:
                 lost.append(name)
+                # Each replaced byte takes three: cut to what a short string holds, so
+                # that it can be published again (the dead letter's routing key).
+                value = value.encode("utf-8")[:255].decode("utf-8", errors="ignore")
         else:
             consumed, value = decode.by_type(data, data_type)
             data = data[consumed:]

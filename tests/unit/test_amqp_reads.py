@@ -185,6 +185,9 @@ def test_a_routing_key_that_is_not_utf8_is_replaced_and_named() -> None:
     assert (method.exchange, method.routing_key) == ("leads.inbound", "lead.\ufffdcontact")
     assert marks(method) == ("routing_key",)
     assert marks(read(deliver(b"lead.contact"))) == ()
+    # Replaced, it still fits a short string (a dead letter is published with it).
+    long_key = read(deliver(b"\xff" * 255)).routing_key
+    assert set(long_key) == {"\ufffd"} and len(long_key.encode()) <= 255
 
 
 def test_other_frames_pamqp_refuses_still_fail() -> None:
@@ -234,6 +237,7 @@ def test_publishable_keeps_what_pamqp_can_encode_again() -> None:
         "nested": {"inner": [b"\xfe", 1]},
         "huge": 1e300,  # decoded from a double, encoded as a float: refused
         "k" * 129: "v",  # pamqp would cut the name (and log it)
+        "deep": [{"n" * 129: 1}],  # at any depth
         "when": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
     }
     kept, dropped = amqp_reads.publishable(headers)
@@ -243,5 +247,5 @@ def test_publishable_keeps_what_pamqp_can_encode_again() -> None:
         "nested": {"inner": [bytearray(b"\xfe"), 1]},
         "when": headers["when"],
     }
-    assert dropped == 2
+    assert dropped == 3
     encode.field_table(kept)  # raises if anything kept cannot be published
