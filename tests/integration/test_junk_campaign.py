@@ -131,47 +131,56 @@ def utf8(raw: bytes) -> bool:
     return True
 
 
-short_strings = st.one_of(
-    st.text(max_size=40).map(str.encode).filter(lambda b: len(b) <= 255),
-    st.binary(max_size=60),
-)
-stamps = st.one_of(st.integers(0, 2**40), st.integers(LATE, 2**64 - 1))
-header_keys = st.one_of(
-    st.text(min_size=1, max_size=20).map(str.encode), st.binary(min_size=1, max_size=20)
-).filter(lambda key: len(key) <= 255 and not key.startswith(b"x-"))
-header_leaves = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**63 - 1),
-    st.text(max_size=30),
-    st.binary(max_size=30),  # a byte array
-    st.binary(max_size=30).map(long_string),  # a long string, maybe not UTF-8
-    stamps.map(timestamp),
-    st.floats().map(lambda f: Raw(b"d" + struct.pack(">d", f))),
-)
-header_values = st.recursive(
-    header_leaves,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(header_keys, inner, max_size=3),
-    max_leaves=8,
-)
-amqp_properties = st.fixed_dictionaries(
-    {},
-    optional={
-        "content_type": short_strings,
-        "content_encoding": short_strings,
-        "headers": st.dictionaries(header_keys, header_values, max_size=5),
-        "priority": st.integers(0, 255),
-        "correlation_id": short_strings,
-        "reply_to": short_strings,
-        "message_id": short_strings,
-        "timestamp": stamps,
-        "type": short_strings,
-        "app_id": short_strings,
-    },
-)
-amqp_routing_keys = st.one_of(
-    st.just(b"lead.contact"),
-    st.binary(min_size=1, max_size=8).filter(lambda b: not utf8(b)).map(lambda b: b"lead." + b),
+def amqp_properties(clean: bool) -> st.SearchStrategy[dict[str, Any]]:
+    """Properties as a client may set them: `clean`, only what any client can decode;
+    else anything the broker passes on (not `expiration` or `user_id`, which it checks)."""
+    texts = st.text(max_size=40).map(str.encode).filter(lambda b: len(b) <= 255)
+    short_strings = texts if clean else st.one_of(texts, st.binary(max_size=60))
+    stamps = (
+        st.integers(0, 2**40)
+        if clean
+        else st.one_of(st.integers(0, 2**40), st.integers(LATE, 2**64 - 1))
+    )
+    key_texts = st.text(min_size=1, max_size=20).map(str.encode)
+    keys = key_texts if clean else st.one_of(key_texts, st.binary(min_size=1, max_size=20))
+    keys = keys.filter(lambda key: len(key) <= 255 and not key.startswith(b"x-"))
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.text(max_size=30),
+        st.binary(max_size=30),  # a byte array
+        st.binary(max_size=30).map(long_string),  # a long string, maybe not UTF-8
+        stamps.map(timestamp),
+        st.floats().map(lambda f: Raw(b"d" + struct.pack(">d", f))),
+    )
+    values = st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
+        max_leaves=8,
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "content_type": short_strings,
+            "content_encoding": short_strings,
+            "headers": st.dictionaries(keys, values, max_size=5),
+            "priority": st.integers(0, 255),
+            "correlation_id": short_strings,
+            "reply_to": short_strings,
+            "message_id": short_strings,
+            "timestamp": stamps,
+            "type": short_strings,
+            "app_id": short_strings,
+        },
+    )
+
+
+bad_routing_keys = st.binary(min_size=1, max_size=8).filter(lambda b: not utf8(b))
+amqp_messages = st.one_of(
+    st.tuples(st.just(b"lead.contact"), amqp_properties(clean=True)),
+    st.tuples(st.just(b"lead.contact"), amqp_properties(clean=False)),
+    st.tuples(bad_routing_keys.map(lambda b: b"lead." + b), amqp_properties(clean=True)),
 )
 
 
@@ -204,9 +213,9 @@ def generate_properties(count: int) -> list[tuple[bytes, dict[str, Any]]]:
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(amqp_routing_keys, amqp_properties)
-    def draw(routing_key: bytes, properties: dict[str, Any]) -> None:
-        drawn.append((routing_key, properties))
+    @given(amqp_messages)
+    def draw(message: tuple[bytes, dict[str, Any]]) -> None:
+        drawn.append(message)
 
     draw()
     return drawn[:count]
