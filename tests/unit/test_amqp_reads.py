@@ -9,6 +9,7 @@ from typing import Any
 
 import pamqp.frame
 import pytest
+import structlog
 from pamqp import commands, encode, exceptions
 
 from worker import amqp_reads
@@ -220,14 +221,16 @@ def test_aiormq_reads_through_it_once_installed() -> None:
 
 
 def test_other_library_versions_are_left_alone_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     amqp_reads.uninstall()
     monkeypatch.setitem(amqp_reads.SUPPORTED, "aiormq", "7.3.")
-    assert not amqp_reads.install()
+    with structlog.testing.capture_logs() as logged:
+        assert not amqp_reads.install()
     assert pamqp.frame.unmarshal is amqp_reads._strict
-    logged = capsys.readouterr()
-    assert "amqp_reads_not_installed" in logged.out + logged.err
+    [entry] = logged
+    assert (entry["event"], entry["log_level"]) == ("amqp_reads_not_installed", "warning")
+    assert entry["problem"].startswith("aiormq 7.2.") and entry["problem"].endswith("not 7.3.x")
 
 
 def test_publishable_keeps_what_pamqp_can_encode_again() -> None:
