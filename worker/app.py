@@ -13,7 +13,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_writes, distribution, log, topology
+from worker import amqp_reads, amqp_writes, distribution, log, topology
 from worker.consumer import Consumer
 from worker.failures import backoff, connect_with_retry, is_transient
 from worker.health import HealthServer, Readiness
@@ -86,6 +86,7 @@ class Worker:
             s.retry_max_seconds,
         )
         amqp_writes.install()  # events published together go out in one write
+        amqp_reads.install()  # a message with undecodable properties is dead-lettered
         self._connection = await connect_with_retry(
             "rabbitmq",
             lambda: aio_pika.connect_robust(s.amqp_url),

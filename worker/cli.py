@@ -574,6 +574,15 @@ def _console() -> Console:
 # --- dlq ---------------------------------------------------------------------------
 
 REASONS = click.Choice([str(r) for r in Reason])
+SCAN_INCOMPLETE = 3  # exit code: the dlq command did not look at every dead letter
+scan_limit = click.option(
+    "--scan-limit",
+    default=10_000,  # worker.dlq.MAX_HELD (not imported here: the CLI starts lean)
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Most dead letters looked at and left in place at once; past them it stops, "
+    "says so and exits 3.",
+)
 
 
 @cli.group()
@@ -597,34 +606,45 @@ def _entry_row(entry: Any) -> dict[str, Any]:
 @click.option("--reason", type=REASONS)
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
+@scan_limit
 @run_async
-async def dlq_list(reason: str | None, limit: int, as_json: bool) -> None:
+async def dlq_list(reason: str | None, limit: int, as_json: bool, scan_limit: int) -> int:
     """Dead letters, oldest first (looking changes nothing)."""
     from worker import dlq as dead
 
     settings = _settings()
-    entries = await dead.list_entries(settings, reason, limit)
+    incomplete = None
+    try:
+        entries = await dead.list_entries(settings, reason, limit, max_held=scan_limit)
+    except dead.ScanIncomplete as exc:
+        entries, incomplete = exc.result, exc
     rows = [_entry_row(e) for e in entries]
     _print_rows(rows, ["id", "reason", "routing_key", "source", "age_seconds", "error"], as_json)
     if not as_json:
         _say(f"{len(rows)} shown of {await dead.count(settings)} in {settings.dead_queue}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 @dlq.command("show")
 @click.argument("entry_id")
 @click.option("--json", "as_json", is_flag=True)
+@scan_limit
 @run_async
-async def dlq_show(entry_id: str, as_json: bool) -> None:
+async def dlq_show(entry_id: str, as_json: bool, scan_limit: int) -> int:
     """One dead letter in full: headers, properties, body."""
     from worker import dlq as dead
 
-    entry = await dead.show(_settings(), entry_id)
+    try:
+        entry = await dead.show(_settings(), entry_id, max_held=scan_limit)
+    except dead.ScanIncomplete as exc:
+        return _fail(f"no dead letter with id {entry_id!r} found; {exc}", SCAN_INCOMPLETE)
     if entry is None:
         raise UserError(f"no dead letter with id {entry_id!r}")
     full = {
         **_entry_row(entry),
         "headers": dict(entry.headers),
         "properties": dict(entry.properties),
+        "undecodable_properties": list(entry.undecodable),
         "body_size": entry.body_size,
         "body": entry.text,
     }
@@ -633,14 +653,18 @@ async def dlq_show(entry_id: str, as_json: bool) -> None:
     else:
         for key, value in full.items():
             _say(f"{key}: {value}")
+    return 0
 
 
 @dlq.command("replay")
 @click.option("--all", "everything", is_flag=True, help="Every dead letter.")
 @click.option("--reason", type=REASONS, help="Those dead-lettered for this reason.")
 @click.option("--id", "ids", multiple=True, help="These entries (ids from `dlq list`).")
+@scan_limit
 @run_async
-async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...]) -> None:
+async def dlq_replay(
+    everything: bool, reason: str | None, ids: tuple[str, ...], scan_limit: int
+) -> int:
     """Put dead letters back on the inbound exchange, with their original message id and
     routing key; each leaves the dead-letter queue only once the broker confirmed it."""
     from aio_pika.exceptions import PublishError
@@ -650,21 +674,28 @@ async def dlq_replay(everything: bool, reason: str | None, ids: tuple[str, ...])
     if sum((everything, reason is not None, bool(ids))) != 1:
         raise UserError("say which: --all, --reason R or --id ID (one of them)")
     settings = _settings()
+    incomplete = None
     try:
-        replayed = await dead.replay(settings, all=everything, reason=reason, ids=ids)
+        replayed = await dead.replay(
+            settings, all=everything, reason=reason, ids=ids, max_held=scan_limit
+        )
+    except dead.ScanIncomplete as exc:
+        replayed, incomplete = exc.result, exc
     except PublishError:
         raise UserError(
             f"the inbound exchange {settings.inbound_exchange!r} routes nowhere; start "
             "`leadrouter worker` once to declare its queue (nothing was removed)"
         ) from None
     _say(f"replayed {replayed}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 @dlq.command("purge")
 @click.option("--reason", type=REASONS, help="Only those dead-lettered for this reason.")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@scan_limit
 @run_async
-async def dlq_purge(reason: str | None, yes: bool) -> None:
+async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     """Delete dead letters for good."""
     from worker import dlq as dead
 
@@ -673,7 +704,13 @@ async def dlq_purge(reason: str | None, yes: bool) -> None:
         what = f"dead letters with reason {reason}" if reason else "ALL dead letters"
         total = await dead.count(settings)
         click.confirm(f"Delete {what} ({total} in the queue)?", abort=True, err=True)
-    _say(f"purged {await dead.purge(settings, reason)}")
+    incomplete = None
+    try:
+        purged = await dead.purge(settings, reason, max_held=scan_limit)
+    except dead.ScanIncomplete as exc:
+        purged, incomplete = exc.result, exc
+    _say(f"purged {purged}")
+    return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 
 
 # --- bench -------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage
 
 from schemas.inbound import ContactClose, LeadContact
-from worker import distribution, log
-from worker.decode import Inbound, decode, shown_routing_key
+from worker import amqp_reads, distribution, log
+from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_key
+from worker.dlq import replay_headers
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
@@ -205,6 +206,7 @@ class Consumer:
                     d.message.routing_key or "",
                     d.message.header.properties.message_id,
                     self._settings.max_message_bytes,
+                    amqp_reads.undecodable(d.message),
                 )
             except DeadLetter as exc:
                 d.failure = exc
@@ -382,15 +384,30 @@ class Consumer:
         d.decided = True
 
     async def _publish_dead(self, message: DeliveredMessage, failure: DeadLetter) -> None:
+        """The dead copy: body, routing key and the properties that decoded (not the
+        expiration, or it would expire in the dead-letter queue, nor the user id, which
+        the broker checks against ours). The message's own x-leadrouter-* and dead-letter
+        headers are not trusted: dropped before ours are added. Headers that cannot be
+        encoded again are dropped too, so that the dead copy can always be published."""
         properties = message.header.properties
-        headers = dict(properties.headers or {})
+        headers, dropped = amqp_reads.publishable(replay_headers(properties.headers or {}))
+        if dropped:
+            logger.warning("dead_letter_headers_dropped", count=dropped)
         headers[REASON_HEADER] = str(failure.reason)
         headers[ERROR_HEADER] = failure.detail
         dead = aio_pika.Message(
             body=message.body,
             headers=headers,
-            message_id=properties.message_id,
+            # Without an id, aiormq would stamp a random one, making each copy (and each
+            # replay of it) a message of its own.
+            message_id=message_id_of(properties.message_id) or no_id(),
             content_type=properties.content_type,
+            content_encoding=properties.content_encoding,
+            correlation_id=properties.correlation_id,
+            reply_to=properties.reply_to,
+            type=properties.message_type,
+            app_id=properties.app_id,
+            priority=properties.priority,
             timestamp=properties.timestamp or datetime.now(UTC),  # so `dlq list` shows an age
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )

@@ -14,7 +14,7 @@ from pydantic_core import core_schema
 
 import schemas
 from schemas import events, inbound
-from worker.errors import ERROR_HEADER, REASON_HEADER, Reason
+from worker.errors import BROKER_REASONS, ERROR_HEADER, REASON_HEADER, Reason
 from worker.settings import Settings
 from worker.topology import ExchangeSpec, Topology, topology
 
@@ -269,8 +269,11 @@ def _dead_letter(spec: Topology) -> Part:
         "description": "leadrouter dead-letters such a message once, at once, adding the "
         f"headers `{REASON_HEADER}` and `{ERROR_HEADER}`; a transient failure (PostgreSQL "
         "or RabbitMQ unreachable) is retried, never dead-lettered. A message that keeps "
-        "crashing the handler is dead-lettered by the broker at the queue's delivery limit "
-        "and carries `x-death` instead; the ops tools report its reason as delivery_limit.",
+        "crashing the handler is dead-lettered by the broker at the queue's delivery limit, "
+        "and one whose `expiration` passed while it waited is dead-lettered by the broker "
+        "too; those carry `x-death` instead, and the ops tools report their reason from it "
+        "(delivery_limit, expired) whatever other headers they carry. The message's own "
+        "`x-leadrouter-*` headers are never kept.",
         "headers": {"$ref": "#/components/schemas/DeadLetterHeaders"},
         "payload": {"description": "The original body, byte for byte; it may not be JSON."},
         "examples": [
@@ -360,7 +363,8 @@ def _dead_letter_headers() -> dict[str, Any]:
                 "type": "string",
                 "enum": [str(reason) for reason in Reason],
                 "description": "Why the message was dead-lettered. The broker's dead letters "
-                "have no such header: the ops tools report them as delivery_limit.",
+                "have no such header (and any the message came with is ignored): the ops "
+                f"tools report their x-death reason ({', '.join(sorted(BROKER_REASONS))}).",
             },
             ERROR_HEADER: {
                 "type": "string",
@@ -369,7 +373,8 @@ def _dead_letter_headers() -> dict[str, Any]:
             "x-death": {
                 "type": "array",
                 "description": "Set by RabbitMQ when it dead-lettered the message itself, "
-                "with reason delivery_limit once the quorum queue's delivery limit was reached.",
+                "with reason delivery_limit once the quorum queue's delivery limit was reached, "
+                "expired when the message's expiration passed in the queue.",
                 "items": {
                     "type": "object",
                     "properties": {

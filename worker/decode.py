@@ -7,6 +7,8 @@ key that a message brings."""
 
 import codecs
 import json
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from inspect import isclass
 from typing import Any
@@ -60,6 +62,22 @@ _SAFE_MESSAGES = frozenset(
     }
 )
 
+# The message_id property of what we publish for a message that had no id (its dead
+# letter, its replay): aiormq stamps a random id on any publish without one, which would
+# turn each copy into a message of its own. A message id with this prefix counts as none.
+NO_ID_PREFIX = "leadrouter-no-id:"
+
+
+def no_id() -> str:
+    """A message id that says "none" (unique, so that aiormq can match a returned
+    publish to its confirmation)."""
+    return NO_ID_PREFIX + uuid.uuid4().hex
+
+
+def message_id_of(prop: str | None) -> str | None:
+    """The message_id property as the message's id: None if missing or our "none"."""
+    return None if not prop or prop.startswith(NO_ID_PREFIX) else prop
+
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
@@ -68,8 +86,21 @@ class Inbound:
     body: LeadContact | ContactClose
 
 
-def decode(body: bytes, routing_key: str, message_id: str | None, max_bytes: int) -> Inbound:
-    """Check size, JSON, schema and id, in that order; the first failure is the reason."""
+def decode(
+    body: bytes,
+    routing_key: str,
+    message_id: str | None,
+    max_bytes: int,
+    undecodable: Sequence[str] = (),
+) -> Inbound:
+    """Check the AMQP properties (`undecodable`: the names of those the client could not
+    decode, see worker/amqp_reads.py), size, JSON, schema and id, in that order; the first
+    failure is the reason."""
+    if undecodable:
+        raise DeadLetter(
+            Reason.INVALID_PROPERTIES,
+            f"could not decode the AMQP {', '.join(undecodable)}",
+        )
     if len(body) > max_bytes:
         raise DeadLetter(Reason.TOO_LARGE, f"body is {len(body)} bytes, the limit is {max_bytes}")
     data = parse_json(body)
@@ -90,7 +121,7 @@ def decode(body: bytes, routing_key: str, message_id: str | None, max_bytes: int
 
     # The body field wins: it is the bot's own choice, while some clients (aiormq) stamp
     # a random message_id property on anything published without one.
-    message_id = parsed.message_id or message_id
+    message_id = parsed.message_id or message_id_of(message_id)
     if not message_id:
         raise DeadLetter(
             Reason.MISSING_MESSAGE_ID, "set the AMQP message_id property or a message_id field"

@@ -12,7 +12,14 @@ to 20 by default. So the dead-letter queue must be a classic durable queue.
 Each command looks only at the messages that were in the queue when it started (the
 ready count of a passive declare), so dead letters arriving meanwhile, including the ones
 its own replays cause, stay behind them, untouched. It keeps at most `max_held` messages
-unacked; on a queue longer than that, it stops there and logs `dlq_scan_capped`.
+unacked; on a queue longer than that, it stops there, logs `dlq_scan_capped` and raises
+ScanIncomplete with what it found or did (as it does when another command holds the
+rest): "none found" must never stand for "not looked at".
+
+The reason of a dead letter the broker made (it has `x-death`: the delivery limit, an
+expired message) comes from `x-death` alone, never from the message's own headers, which
+a publisher may have set. Messages whose properties the client cannot decode are read all
+the same (worker/amqp_reads.py), without those properties, and say which they were.
 
 Entry ids: the first 12 hex digits of a SHA-256 of what a dead letter is and never changes
 while it lies in the queue: routing key, message id, timestamp, headers (less the ones a
@@ -34,10 +41,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker import log
-from worker.decode import shown_routing_key
+from worker import amqp_reads, log
+from worker.decode import message_id_of, no_id, shown_routing_key
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
 
@@ -83,6 +91,7 @@ class Entry:
     properties: Mapping[str, Any]
     body: bytes  # the first BODY_SHOWN bytes
     body_size: int
+    undecodable: tuple[str, ...] = ()  # properties the client could not decode: left out
 
     @property
     def text(self) -> str:
@@ -109,26 +118,25 @@ def entry_id(
 
 
 def reason_of(headers: Mapping[str, Any]) -> str:
-    """Our reason header; else the broker's (`delivery_limit`, `rejected`, `expired`...)."""
-    ours = headers.get(REASON_HEADER)
-    if ours:
-        return _text(ours)
+    """The broker's reason if it dead-lettered the message (`delivery_limit`, `expired`,
+    `rejected`...), whatever headers the message came with; else our reason header."""
     death = _last_death(headers)
-    broker_reason = _text(death.get("reason")) if death else ""
-    return broker_reason or "unknown"
+    if death is not None:
+        return _text(death.get("reason")) or "unknown"
+    return _text(headers.get(REASON_HEADER)) or "unknown"
 
 
-def error_of(headers: Mapping[str, Any]) -> str:
-    ours = headers.get(ERROR_HEADER)
-    if ours:
-        return _text(ours)
+def error_of(headers: Mapping[str, Any], undecodable: Collection[str] = ()) -> str:
     death = _last_death(headers)
-    if death:
-        return (
+    if death is not None:
+        error = (
             f"dead-lettered by the broker ({_text(death.get('reason'))}) "
             f"from queue {_text(death.get('queue'))}"
         )
-    return ""
+        if undecodable:
+            error += f"; could not decode the AMQP {', '.join(undecodable)}"
+        return error
+    return _text(headers.get(ERROR_HEADER))
 
 
 def source_of(body: bytes, max_bytes: int = 1024 * 1024) -> str | None:
@@ -173,12 +181,14 @@ def make_entry(
     body: bytes,
     now: datetime,
     max_json_bytes: int = 1024 * 1024,
+    undecodable: tuple[str, ...] = (),
 ) -> Entry:
     timestamp = properties.get("timestamp")
+    message_id = message_id_of(message_id)
     return Entry(
         id=entry_id(routing_key, message_id, timestamp, headers, body),
         reason=reason_of(headers),
-        error=error_of(headers),
+        error=error_of(headers, undecodable),
         routing_key=routing_key,
         source=source_of(body, max_json_bytes),
         age_seconds=age_of(headers, timestamp, now),
@@ -187,20 +197,24 @@ def make_entry(
         properties=dict(properties),
         body=body[:BODY_SHOWN],
         body_size=len(body),
+        undecodable=undecodable,
     )
 
 
 def replay_message(entry: Entry, body: bytes) -> aio_pika.Message:
     """The message to put back on the inbound exchange: original id, body and properties,
-    without dead-letter headers. Not the expiration (it would only expire again) nor the
-    user id (the broker refuses one that is not the publishing user's)."""
+    without dead-letter headers (nor any that cannot be encoded again). Not the expiration
+    (it would only expire again) nor the user id (the broker refuses one that is not the
+    publishing user's). A message without an id stays without one, and is dead-lettered
+    again as missing_message_id unless its body has one: replaying it twice cannot make
+    two contacts."""
     p = entry.properties
+    headers, _dropped = amqp_reads.publishable(replay_headers(entry.headers))
     return aio_pika.Message(
         body=body,
-        headers=replay_headers(entry.headers),
-        # aiormq would stamp a random id on a message without one; ours keeps a repeated
-        # replay idempotent.
-        message_id=entry.message_id or f"dlq-{entry.id}",
+        headers=headers,
+        # aiormq would stamp a random id on a message without one.
+        message_id=entry.message_id or no_id(),
         content_type=p.get("content_type"),
         content_encoding=p.get("content_encoding"),
         correlation_id=p.get("correlation_id"),
@@ -231,6 +245,36 @@ def preview(body: bytes, size: int) -> str:
     text = body.decode("utf-8", errors="replace")
     more = size - len(body)
     return f"{text}\n… [{more} more bytes not shown]" if more > 0 else text
+
+
+class ScanIncomplete(Exception):
+    """A command stopped before looking at every dead letter that was in the queue when
+    it started. `result` is what it returns otherwise: what it found, or how many it
+    replayed or purged among those it looked at."""
+
+    def __init__(self, looked: int, total: int, max_held: int | None, result: Any) -> None:
+        why = (
+            f"it keeps at most {max_held} in place at once (--scan-limit); purge or "
+            "replay some of them, or raise the limit, then run it again"
+            if max_held is not None
+            else "another dlq command holds the others; run it again once it is done"
+        )
+        super().__init__(f"looked at {looked} of the {total} dead letters only: {why}")
+        self.looked = looked
+        self.total = total
+        self.result = result
+
+
+@dataclass(frozen=True)
+class _Scan:
+    looked: int
+    total: int
+    capped_at: int | None = None  # stopped holding this many
+    held_elsewhere: bool = False  # stopped: another command holds the rest
+
+    def check(self, result: Any) -> None:
+        if self.capped_at is not None or self.held_elsewhere:
+            raise ScanIncomplete(self.looked, self.total, self.capped_at, result)
 
 
 def _last_death(headers: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -272,7 +316,9 @@ async def list_entries(
         return len(found) < limit
 
     async with _dead_queue(settings) as (_channel, queue):
-        await _walk(settings, queue, visit, max_held)
+        scan = await _walk(settings, queue, visit, max_held)
+    if len(found) < limit:
+        scan.check(found)
     return found
 
 
@@ -287,7 +333,9 @@ async def show(settings: Settings, entry_id: str, *, max_held: int = MAX_HELD) -
         return not found
 
     async with _dead_queue(settings) as (_channel, queue):
-        await _walk(settings, queue, visit, max_held)
+        scan = await _walk(settings, queue, visit, max_held)
+    if not found:
+        scan.check(None)
     return found[0] if found else None
 
 
@@ -327,8 +375,9 @@ async def replay(
                 )
             return True
 
-        await _walk(settings, queue, visit, max_held)
+        scan = await _walk(settings, queue, visit, max_held)
     logger.info("dlq_replay_done", replayed=replayed)
+    scan.check(replayed)
     return replayed
 
 
@@ -355,13 +404,15 @@ async def purge(
         return True
 
     async with _dead_queue(settings) as (_channel, queue):
-        await _walk(settings, queue, visit, max_held)
+        scan = await _walk(settings, queue, visit, max_held)
     logger.info("dlq_purge_done", purged=purged)
+    scan.check(purged)
     return purged
 
 
 @asynccontextmanager
 async def _dead_queue(settings: Settings) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
+    amqp_reads.install()  # read messages whose properties the client cannot decode
     connection = await aio_pika.connect(settings.amqp_url)
     # Closing the connection hands back every message taken and not acked, each to its
     # place in the (classic) queue; this also holds if we crash or are cancelled.
@@ -370,15 +421,19 @@ async def _dead_queue(settings: Settings) -> AsyncIterator[tuple[AbstractChannel
         yield channel, await channel.get_queue(settings.dead_queue)
 
 
-async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held: int) -> None:
+async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held: int) -> _Scan:
     """Show `visit` the messages that were ready when the queue was declared, head first,
-    until it returns False; the ones it does not ack stay held until the channel closes."""
+    until it returns False; the ones it does not ack stay held until the channel closes.
+    Says how far it got, and whether it stopped short of what it was asked to look at."""
     snapshot = _ready(queue)
-    held = 0
-    for _ in range(snapshot):
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:  # another command holds the rest
-            return
+    raw = await queue.channel.get_underlay_channel()  # aiormq's, to see what was undecodable
+    held = looked = 0
+    while looked < snapshot:
+        got = await raw.basic_get(queue.name, no_ack=False, timeout=5)
+        if isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):  # another command holds the rest
+            return _Scan(looked, snapshot, held_elsewhere=True)
+        looked += 1
+        message = aio_pika.IncomingMessage(got, no_ack=False)
         entry = make_entry(
             routing_key=message.routing_key or "",
             message_id=message.message_id,
@@ -387,15 +442,17 @@ async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held
             body=message.body,
             now=datetime.now(UTC),
             max_json_bytes=settings.max_message_bytes,
+            undecodable=amqp_reads.undecodable(got),
         )
         go_on = await visit(entry, message)
         if not message.processed:
             held += 1
         if not go_on:
-            return
-        if held >= max_held:
+            break
+        if held >= max_held and looked < snapshot:
             logger.warning("dlq_scan_capped", held=held, queue_length=snapshot)
-            return
+            return _Scan(looked, snapshot, capped_at=max_held)
+    return _Scan(looked, snapshot)
 
 
 def _ready(queue: AbstractQueue) -> int:

@@ -16,7 +16,13 @@ class Reason(StrEnum):
     UNKNOWN_SOURCE = "unknown_source"
     UNKNOWN_CONTACT = "unknown_contact"
     TOO_LARGE = "too_large"
+    INVALID_PROPERTIES = "invalid_properties"
+    # Set by the broker (the reason in x-death), never in our header.
     DELIVERY_LIMIT = "delivery_limit"
+    EXPIRED = "expired"
+
+
+BROKER_REASONS = frozenset({Reason.DELIVERY_LIMIT, Reason.EXPIRED})
 
 
 class DeadLetter(Exception):

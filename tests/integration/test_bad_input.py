@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import EventCollector, crash_route_on, lead, settled, setup_source, wait_until
 from worker.app import Worker
+from worker.decode import message_id_of
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
 
@@ -145,8 +146,8 @@ async def test_bad_input_is_dead_lettered_with_its_reason(
     by_case = {}
     for message in dead:
         headers = message.headers or {}
-        # aiormq stamps an id on the dead copy of a message that had none.
-        key = "no id" if headers.get(REASON_HEADER) == "missing_message_id" else message.message_id
+        # The dead copy of a message without an id says "none" (aiormq would stamp one).
+        key = message_id_of(message.message_id) or "no id"
         by_case[(key, message.routing_key)] = (
             headers.get(REASON_HEADER),
             headers.get(ERROR_HEADER),

@@ -208,13 +208,29 @@ async def test_many_dead_letters_keep_their_order(
     ids = await publish_dead(broker, settings, 300)
     every = await dlq.list_entries(settings, limit=1000)
     assert [e.message_id for e in every] == ids
-    # Two commands at once each see what the other does not hold; nothing moves.
-    await asyncio.gather(dlq.list_entries(settings, limit=1000), dlq.show(settings, every[-1].id))
+    # Two commands at once each see what the other does not hold, and say so when that
+    # kept them from seeing everything; nothing moves.
+    results = await asyncio.gather(
+        dlq.list_entries(settings, limit=1000),
+        dlq.show(settings, every[-1].id),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            assert isinstance(result, dlq.ScanIncomplete), result
+            assert result.looked < result.total == 300
     assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == [e.id for e in every]
 
-    # Capped: stops after holding max_held, and still loses nothing.
-    assert len(await dlq.list_entries(settings, reason="nothing", max_held=50)) == 0
-    assert len(await dlq.list_entries(settings, limit=1000, max_held=50)) == 50
+    # Capped: stops after holding max_held, says so with what it found, loses nothing.
+    with pytest.raises(dlq.ScanIncomplete) as capped:
+        await dlq.list_entries(settings, reason="nothing", max_held=50)
+    assert (capped.value.looked, capped.value.total, capped.value.result) == (50, 300, [])
+    assert "looked at 50 of the 300 dead letters only" in str(capped.value)
+    with pytest.raises(dlq.ScanIncomplete) as capped:
+        await dlq.list_entries(settings, limit=1000, max_held=50)
+    assert [e.id for e in capped.value.result] == [e.id for e in every[:50]]
+    # Found what was asked for before the cap: complete.
+    assert len(await dlq.list_entries(settings, limit=50, max_held=50)) == 50
 
     chosen = every[::7]
     assert await dlq.replay(settings, ids=[e.id for e in chosen]) == len(chosen)

@@ -61,6 +61,7 @@ def entry(text: str) -> SimpleNamespace:
         age_seconds=1.0,
         headers={"x-leadrouter-error": text},
         properties={"type": text},
+        undecodable=(text,),
         body_size=len(text),
         text=text,
     )

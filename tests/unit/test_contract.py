@@ -276,6 +276,7 @@ def test_dead_letter_headers(asyncapi: dict[str, Any]) -> None:
     [message] = channel_of(asyncapi, "{routingKey}")["messages"].values()
     headers = resolve(asyncapi, resolve(asyncapi, message["$ref"])["headers"]["$ref"])
     assert headers["properties"][REASON_HEADER]["enum"] == [str(reason) for reason in Reason]
+    assert {"invalid_properties", "expired"} <= set(headers["properties"][REASON_HEADER]["enum"])
     assert headers["properties"][ERROR_HEADER]["type"] == "string"
     assert headers["properties"]["x-death"]["type"] == "array"
     assert headers["anyOf"] == [

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.inbound import ContactClose, LeadContact
-from worker.decode import Inbound, decode, field_path, shown_routing_key
+from worker.decode import Inbound, decode, field_path, message_id_of, no_id, shown_routing_key
 from worker.errors import DeadLetter, Reason
 
 LIMIT = 1024 * 1024
@@ -252,6 +252,28 @@ def test_property_used_when_body_has_none() -> None:
 
 def test_property_message_id_must_be_storable() -> None:
     assert dead(CLOSE, message_id="m\x001").reason is Reason.INVALID_SCHEMA
+
+
+def test_our_none_id_counts_as_none() -> None:
+    """What the dead letter or replay of an id-less message carries (aiormq would stamp a
+    random id): still no id, so it can never become a contact of its own."""
+    marker = no_id()
+    assert marker != no_id() and message_id_of(marker) is None
+    assert dead(CLOSE, message_id=marker).reason is Reason.MISSING_MESSAGE_ID
+    with_body_id = b'{"contact_id": 7, "message_id": "b-1"}'
+    assert decode(with_body_id, "contact.close", marker, LIMIT).message_id == "b-1"
+    assert message_id_of("m-1") == "m-1" and message_id_of("") is None
+
+
+# --- invalid_properties ------------------------------------------------------------
+
+
+def test_undecodable_properties_come_first_and_are_named() -> None:
+    for body in (CLOSE, b"{not json", b" " * 2048):
+        with pytest.raises(DeadLetter) as info:
+            decode(body, "contact.close", None, 1024, undecodable=("message_id", "headers"))
+        assert info.value.reason is Reason.INVALID_PROPERTIES
+        assert info.value.detail == "could not decode the AMQP message_id, headers"
 
 
 # --- never anything but Inbound or DeadLetter --------------------------------------

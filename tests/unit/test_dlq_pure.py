@@ -8,6 +8,7 @@ import aio_pika
 import pytest
 
 from worker.consumer import ERROR_HEADER, REASON_HEADER
+from worker.decode import message_id_of
 from worker.dlq import (
     BODY_SHOWN,
     Entry,
@@ -66,8 +67,10 @@ def entry(headers: dict[str, Any], body: bytes = BODY, **properties: Any) -> Ent
         (death(b"delivery_limit"), "delivery_limit"),
         (death("rejected"), "rejected"),
         (death("expired"), "expired"),
-        # Ours wins: a replayed broker dead letter that we dead-lettered afterwards.
-        ({**death(), **ours("unknown_source")}, "unknown_source"),
+        # A broker dead letter's reason is the broker's, whatever the publisher set (our
+        # own dead copies never carry x-death: the consumer drops it).
+        ({**death(), **ours("spoof")}, "delivery_limit"),
+        ({**death("expired"), REASON_HEADER: "invalid_json"}, "expired"),
         ({}, "unknown"),
         ({"x-death": []}, "unknown"),
         ({"x-death": "junk"}, "unknown"),
@@ -188,11 +191,42 @@ def test_replay_message() -> None:
     assert message.expiration is None and message.user_id is None
 
 
-def test_replay_of_a_message_without_id_gets_a_fixed_one() -> None:
+@pytest.mark.parametrize("message_id", [None, "", "leadrouter-no-id:0123abcd"])
+def test_a_message_without_id_is_replayed_without_one(message_id: str | None) -> None:
+    """aiormq stamps a random id on a publish without one, which would make each replay a
+    message of its own; ours says "none", so the worker dead-letters it again."""
     e = make_entry(
-        routing_key="lead.contact", message_id=None, headers={}, properties={}, body=BODY, now=NOW
+        routing_key="lead.contact",
+        message_id=message_id,
+        headers={},
+        properties={},
+        body=BODY,
+        now=NOW,
     )
-    assert replay_message(e, BODY).message_id == f"dlq-{e.id}"
+    assert e.message_id is None
+    first, second = replay_message(e, BODY).message_id, replay_message(e, BODY).message_id
+    assert first and second and first != second  # unique, for aiormq to match returns
+    assert message_id_of(first) is None and message_id_of(second) is None
+
+
+def test_replay_drops_headers_that_cannot_be_published_again() -> None:
+    e = entry({**ours(), "raw": b"\xff", "huge": 1e300, "x-leadrouter-spoof": "x"})
+    assert replay_message(e, BODY).headers == {"trace": "t-1", "raw": bytearray(b"\xff")}
+
+
+def test_a_broker_dead_letter_names_what_could_not_be_decoded() -> None:
+    e = make_entry(
+        routing_key="lead.contact",
+        message_id=None,
+        headers=death(),
+        properties={},
+        body=BODY,
+        now=NOW,
+        undecodable=("message_id", "headers"),
+    )
+    assert e.reason == "delivery_limit"
+    assert e.undecodable == ("message_id", "headers")
+    assert e.error.endswith("; could not decode the AMQP message_id, headers")
 
 
 def test_selection() -> None:
