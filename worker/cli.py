@@ -99,6 +99,7 @@ def _json_default(value: Any) -> Any:
 
 
 @click.group()
+@click.version_option(package_name="leadrouter", prog_name="leadrouter")
 def cli() -> None:
     """leadrouter: distributes inbound leads from RabbitMQ among operators."""
 

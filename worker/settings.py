@@ -8,7 +8,6 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Docker/Kubernetes secrets: a file per setting, e.g. /run/secrets/leadrouter_amqp_url.
 _SECRETS_DIR = Path("/run/secrets")
 
@@ -72,14 +71,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
 
-    migrations_dir: Path = _REPO_MIGRATIONS
+    # None: the migrations the package carries; a directory of NNNN_name.sql files overrides.
+    migrations_dir: Path | None = None
 
     def masked(self) -> dict[str, object]:
         """The settings as they may be logged: URLs without passwords."""
         data = self.model_dump()
         data["database_url"] = mask_url(self.database_url)
         data["amqp_url"] = mask_url(self.amqp_url)
-        data["migrations_dir"] = str(self.migrations_dir)
+        if self.migrations_dir is not None:
+            data["migrations_dir"] = str(self.migrations_dir)
         return data
 
 

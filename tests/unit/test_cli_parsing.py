@@ -122,3 +122,10 @@ def test_an_invalid_setting_is_one_line_naming_the_variable(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: invalid setting: LEADROUTER_PREFETCH:")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"leadrouter, version {version('leadrouter')}\n"

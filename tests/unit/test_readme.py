@@ -1,0 +1,29 @@
+"""README.md: its links stay inside the repository and point at files that exist, and it
+says how to install, check the version and complete the command in a shell."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_relative_links_resolve_inside_the_repository() -> None:
+    problems = []
+    for target in LINK.findall(README.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (ROOT / target.split("#", 1)[0]).resolve()
+        if not path.is_relative_to(ROOT):
+            problems.append(f"{target} leaves the repository")
+        elif not path.exists():
+            problems.append(f"{target} does not exist")
+    assert not problems, problems
+
+
+def test_install_version_and_completion_are_documented() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "pipx install" in text
+    assert "leadrouter --version" in text
+    assert "_LEADROUTER_COMPLETE=" in text
