@@ -4,6 +4,8 @@ sweeps the backlog, reports health, and shuts down gracefully."""
 import asyncio
 import contextlib
 import gc
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -88,7 +90,9 @@ class Worker:
         amqp_writes.install()  # events published together go out in one write
         self._connection = await connect_with_retry(
             "rabbitmq",
-            lambda: aio_pika.connect_robust(s.amqp_url),
+            lambda: aio_pika.connect_robust(
+                s.amqp_url, client_properties={"connection_name": connection_name()}
+            ),
             CONNECT_ATTEMPTS,
             s.retry_max_seconds,
         )
@@ -314,6 +318,12 @@ class Worker:
                 logger.info("backlog_swept", assigned=assigned)
                 if self.relay is not None:  # at once, even if LISTEN is reconnecting
                     self.relay.wake()
+
+
+def connection_name() -> str:
+    """How the broker lists this worker's connection (`rabbitmqctl list_connections name
+    client_properties`, the management UI), so ops can tell which process holds it."""
+    return f"leadrouter worker {socket.gethostname()} pid {os.getpid()}"
 
 
 async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:
