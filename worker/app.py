@@ -46,6 +46,8 @@ class Worker:
         self._consumer_tag: str | None = None  # None: not consuming (paused, or cancelled)
         self._cancelled_by_broker = False
         self._consuming = asyncio.Lock()  # _consume and _pause
+        # The side task whose death stopped the worker (`leadrouter worker` then exits 1).
+        self.failure: str | None = None
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -125,7 +127,24 @@ class Worker:
             asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._side_task_done)
         logger.info("worker_started", metrics_port=self.health_port)
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        """The side tasks run until stop; one that ends before (a bug got past its own
+        retries) would leave the worker running without it, still reporting ready. So
+        the worker stops instead, and exits non-zero for its supervisor to restart it."""
+        error = None if task.cancelled() else task.exception()
+        if self._stop.is_set() and error is None:
+            return  # stopping: cancelled, or returned as asked
+        self.failure = self.failure or task.get_name()
+        self.readiness.consuming = False
+        if error is not None:
+            logger.error("side_task_failed", task=task.get_name(), exc_info=error)
+        else:
+            logger.error("side_task_ended", task=task.get_name())
+        self._stop.set()
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, publish what they committed,

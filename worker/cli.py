@@ -128,6 +128,8 @@ async def worker() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
     await app.run()
+    if app.failure:  # logged as side_task_failed; the supervisor restarts us
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
