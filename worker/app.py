@@ -285,6 +285,8 @@ class Worker:
                     logger.warning("postgres_unreachable", error=type(exc).__name__)
             self.readiness.postgres = postgres
             self.readiness.rabbitmq = self._connection.connected.is_set()
+            if not self.readiness.rabbitmq:  # the consumer is gone with the connection;
+                self.readiness.consuming = False  # restored (and set) once it is back
             try:
                 if not postgres and self._consumer_tag is not None:
                     await self._pause()
