@@ -104,9 +104,14 @@ async def migrate(url: str, directory: Traversable | None = None) -> list[str]:
         for migration in migrations:
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.path.read_text(encoding="utf-8"))
-                await conn.execute(Q.record_migration, migration.version, migration.name)
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.path.read_text(encoding="utf-8"))
+                    await conn.execute(Q.record_migration, migration.version, migration.name)
+            except asyncpg.RaiseError as exc:  # the migration's own check of existing data
+                hint = f" ({exc.hint})" if exc.hint else ""
+                refusal = f"migration {migration.name} refused: {exc.message}{hint}"
+                raise UserError(refusal) from None
             logger.info("migration_applied", migration=migration.name)
             applied_now.append(migration.name)
         await conn.execute(Q.migrations_unlock)
