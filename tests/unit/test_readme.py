@@ -27,3 +27,12 @@ def test_install_version_and_completion_are_documented() -> None:
     assert "pipx install" in text
     assert "leadrouter --version" in text
     assert "_LEADROUTER_COMPLETE=" in text
+
+
+def test_the_publisher_snippet_is_the_tested_example() -> None:
+    """The README's aio-pika snippet is a verbatim part of examples/aio_pika_publisher.py,
+    which tests/integration/test_publisher_example.py runs against the worker."""
+    text = README.read_text(encoding="utf-8")
+    [snippet] = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert "message_id=message_id" in snippet
+    assert snippet in (ROOT / "examples" / "aio_pika_publisher.py").read_text(encoding="utf-8")
