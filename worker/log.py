@@ -9,6 +9,7 @@ its own."""
 import logging
 import os
 import sys
+from types import TracebackType
 from typing import Literal, TextIO
 
 import structlog
@@ -24,16 +25,18 @@ def wants_color(stream: object) -> bool:
     return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
 
 
-def configure(level: str = "INFO", fmt: str = "auto") -> None:
+def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Log to `stream` (standard error by default) at `level`, as `fmt` says."""
+    stream = stream or sys.stderr
     level = level.upper()
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}")
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "console" if stream.isatty() else "json"
     if fmt not in ("json", "console"):
         raise ValueError(f"unknown log format {fmt!r}")
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=wants_color(sys.stderr))
+        structlog.dev.ConsoleRenderer(colors=wants_color(stream))
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
@@ -41,7 +44,6 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    stream = sys.stderr
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -73,6 +75,15 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     root.addHandler(handler)
     root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.captureWarnings(True)  # warnings.warn(...) as one line of logger py.warnings
+    # A crash (an exception nothing caught) is one line too, not a bare traceback.
+    sys.excepthook = _log_crash if fmt == "json" else sys.__excepthook__
+
+
+def _log_crash(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    get("leadrouter").critical("crashed", exc_info=(kind, error, tb))
 
 
 class _Handler(logging.StreamHandler):

@@ -4,6 +4,7 @@ honours NO_COLOR; invalid log settings are refused."""
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -85,6 +86,18 @@ def test_every_line_is_json_third_party_included() -> None:
     assert by_logger["py.warnings"]["level"] == "warning"
 
 
+def test_a_crash_is_one_json_line() -> None:
+    script = "from worker import log\nlog.configure('INFO', 'json')\nraise RuntimeError('boom')\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "crashed" and record["level"] == "critical"
+    assert "RuntimeError: boom" in record["exception"]
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -95,18 +108,19 @@ def test_console_colors_follow_no_color(
     monkeypatch: pytest.MonkeyPatch, no_color: str | None
 ) -> None:
     terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
     if no_color is None:
         monkeypatch.delenv("NO_COLOR", raising=False)
     else:
         monkeypatch.setenv("NO_COLOR", no_color)
     try:
-        log.configure("INFO", "auto")  # a terminal: the console renderer
+        log.configure("INFO", "auto", stream=terminal)  # a terminal: the console renderer
         log.get("worker.app").warning("consuming_paused", queue="q")
+        logging.getLogger("aiormq.connection").warning("theirs too")
     finally:
         log.configure("INFO", "json")
     output = terminal.getvalue()
-    assert "consuming_paused" in output and not output.lstrip().startswith("{")
+    assert "consuming_paused" in output and "theirs too" in output
+    assert not output.lstrip().startswith("{")
     assert ("\x1b[" in output) == (no_color is None)
 
 
