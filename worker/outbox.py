@@ -198,8 +198,9 @@ class OutboxRelay:
         died: list[BaseException] = []  # a helper that ends before stop ends the relay
 
         def helper_done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None and not stop.is_set():
-                died.append(task.exception())  # type: ignore[arg-type]
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not stop.is_set():
+                died.append(error)
                 self._wake.set()
 
         for helper in helpers:
