@@ -36,3 +36,9 @@ def test_the_publisher_snippet_is_the_tested_example() -> None:
     [snippet] = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert "message_id=message_id" in snippet
     assert snippet in (ROOT / "examples" / "aio_pika_publisher.py").read_text(encoding="utf-8")
+
+
+def test_code_fences_stand_on_lines_of_their_own() -> None:
+    fences = [line for line in README.read_text(encoding="utf-8").splitlines() if "```" in line]
+    assert all(re.fullmatch(r"```\w*", line) for line in fences), fences
+    assert len(fences) % 2 == 0
