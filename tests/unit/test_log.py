@@ -115,7 +115,7 @@ def test_console_colors_follow_no_color(
     try:
         log.configure("INFO", "auto", stream=terminal)  # a terminal: the console renderer
         log.get("worker.app").warning("consuming_paused", queue="q")
-        logging.getLogger("aiormq.connection").warning("theirs too")
+        logging.getLogger("asyncpg.pool").warning("theirs too")
     finally:
         log.configure("INFO", "json")
     output = terminal.getvalue()
