@@ -25,15 +25,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY schemas/ schemas/
+# Installed inside the package (worker/migrations), so the image needs no copy of its own.
+COPY migrations/ migrations/
 RUN pip install .
 
-# --- final: the venv, the migrations, a non-root user ------------------------------------
+# --- final: the venv and a non-root user -------------------------------------------------
 FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PATH="/opt/venv/bin:$PATH" \
-    LEADROUTER_MIGRATIONS_DIR=/app/migrations
+    PATH="/opt/venv/bin:$PATH"
 
 RUN groupadd --system --gid 10001 leadrouter \
     && useradd --system --uid 10001 --gid leadrouter --no-create-home \
@@ -41,7 +42,6 @@ RUN groupadd --system --gid 10001 leadrouter \
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY migrations/ /app/migrations/
 
 # /metrics, /healthz, /readyz (LEADROUTER_METRICS_PORT); reachable from outside the container.
 ENV LEADROUTER_METRICS_HOST=0.0.0.0

@@ -33,9 +33,10 @@ class ContactEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     specversion: Literal["1.0"] = "1.0"
-    id: str = Field(description="Stable across re-publishes: de-duplicate on it")
+    # CloudEvents requires id, source and subject (when present) to be non-empty strings.
+    id: str = Field(min_length=1, description="Stable across re-publishes: de-duplicate on it")
     source: str = Field(
-        description="URI reference of the leadrouter source, /leadrouter/sources/KEY"
+        min_length=1, description="URI reference of the leadrouter source, /leadrouter/sources/KEY"
     )
     type: Literal[
         "org.leadrouter.contact.assigned",
@@ -43,7 +44,7 @@ class ContactEvent(BaseModel):
         "org.leadrouter.contact.closed",
     ]
     time: datetime
-    subject: str = Field(description="contacts/ID")
+    subject: str = Field(min_length=1, description="contacts/ID")
     datacontenttype: Literal["application/json"] = "application/json"
     data: ContactEventData
 

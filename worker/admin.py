@@ -18,7 +18,10 @@ async def add_operator(pool: asyncpg.Pool, name: str, max_load: int, active: boo
     _check_name(name)
     if max_load < 0:
         raise UserError(f"max-load must be 0 or more, not {max_load}")
-    return dict(await pool.fetchrow(Q.insert_operator, name, active, max_load))
+    try:
+        return dict(await pool.fetchrow(Q.insert_operator, name, active, max_load))
+    except asyncpg.UniqueViolationError:
+        raise UserError(_name_taken(name)) from None
 
 
 async def list_operators(pool: asyncpg.Pool) -> list[Row]:
@@ -41,10 +44,15 @@ async def update_operator(
     async def update(conn: asyncpg.Connection) -> tuple[Row, int]:
         source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
         await distribution.lock_sources(conn, source_ids)
-        row = await conn.fetchrow(Q.update_operator, operator_id, name, max_load, active)
+        try:
+            row = await conn.fetchrow(Q.update_operator, operator_id, name, max_load, active)
+        except asyncpg.UniqueViolationError:
+            raise UserError(_name_taken(name or "")) from None
         if row is None:
             raise UserError(f"no operator with id {operator_id}")
         drained = await distribution.drain_sources(conn, source_ids)
+        if drained.total():  # its load as it is now, with the contacts it was just given
+            row = await conn.fetchrow(Q.operator_by_id, operator_id)
         return dict(row), drained.total()
 
     return await in_transaction(pool, update)
@@ -202,6 +210,10 @@ async def _source(conn: asyncpg.Connection, key: str) -> asyncpg.Record:
     if source is None:
         raise UserError(f"no source with key {key!r}")
     return source
+
+
+def _name_taken(name: str) -> str:
+    return f"an operator named {name!r} already exists (names are unique)"
 
 
 def _check_name(name: str) -> None:

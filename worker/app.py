@@ -4,6 +4,8 @@ sweeps the backlog, reports health, and shuts down gracefully."""
 import asyncio
 import contextlib
 import gc
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -44,6 +46,8 @@ class Worker:
         self._consumer_tag: str | None = None  # None: not consuming (paused, or cancelled)
         self._cancelled_by_broker = False
         self._consuming = asyncio.Lock()  # _consume and _pause
+        # The side task whose death stopped the worker (`leadrouter worker` then exits 1).
+        self.failure: str | None = None
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -89,7 +93,9 @@ class Worker:
         amqp_reads.install()  # a message with undecodable properties is dead-lettered
         self._connection = await connect_with_retry(
             "rabbitmq",
-            lambda: aio_pika.connect_robust(s.amqp_url),
+            lambda: aio_pika.connect_robust(
+                s.amqp_url, client_properties={"connection_name": connection_name()}
+            ),
             CONNECT_ATTEMPTS,
             s.retry_max_seconds,
         )
@@ -122,7 +128,24 @@ class Worker:
             asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._side_task_done)
         logger.info("worker_started", metrics_port=self.health_port)
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        """The side tasks run until stop; one that ends before (a bug got past its own
+        retries) would leave the worker running without it, still reporting ready. So
+        the worker stops instead, and exits non-zero for its supervisor to restart it."""
+        error = None if task.cancelled() else task.exception()
+        if self._stop.is_set() and error is None:
+            return  # stopping: cancelled, or returned as asked
+        self.failure = self.failure or task.get_name()
+        self.readiness.consuming = False
+        if error is not None:
+            logger.error("side_task_failed", task=task.get_name(), exc_info=error)
+        else:
+            logger.error("side_task_ended", task=task.get_name())
+        self._stop.set()
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, publish what they committed,
@@ -263,6 +286,8 @@ class Worker:
                     logger.warning("postgres_unreachable", error=type(exc).__name__)
             self.readiness.postgres = postgres
             self.readiness.rabbitmq = self._connection.connected.is_set()
+            if not self.readiness.rabbitmq:  # the consumer is gone with the connection;
+                self.readiness.consuming = False  # restored (and set) once it is back
             try:
                 if not postgres and self._consumer_tag is not None:
                     await self._pause()
@@ -315,6 +340,12 @@ class Worker:
                 logger.info("backlog_swept", assigned=assigned)
                 if self.relay is not None:  # at once, even if LISTEN is reconnecting
                     self.relay.wake()
+
+
+def connection_name() -> str:
+    """How the broker lists this worker's connection (`rabbitmqctl list_connections name
+    client_properties`, the management UI), so ops can tell which process holds it."""
+    return f"leadrouter worker {socket.gethostname()} pid {os.getpid()}"
 
 
 async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:

@@ -55,7 +55,7 @@ class Result:
     mode: str
     messages: int
     sources: int
-    workers: str  # "in-process" or the number of processes
+    workers: int  # worker processes; 0: a worker inside the bench's own process
     batch_size: int
     prefetch: int
     seconds: float = 0.0
@@ -225,7 +225,7 @@ async def _measure(
         mode=f"paced {rate:g}/s" if rate else "throughput",
         messages=messages,
         sources=sources,
-        workers=str(workers) if workers else "in-process",
+        workers=workers,
         batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
     )
@@ -343,6 +343,8 @@ async def _measure(
 
 def render(result: Result, console: Console) -> None:
     rows = {k: v for k, v in asdict(result).items() if v is not None}
+    if not result.workers:
+        rows["workers"] = "0 (in-process)"
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         console.print(f"{key:<{width}}  {value}")

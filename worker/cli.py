@@ -26,6 +26,7 @@ from yarl import URL
 from worker import admin, log
 from worker.errors import Reason, UserError
 from worker.settings import Settings, mask_url
+from worker.stats import parse_duration
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 from worker.terminal import cell, shown
 
@@ -140,6 +141,21 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _usage(check: Callable[[T], object]) -> Callable[[click.Context, click.Parameter, T], T]:
+    """A click callback that runs `check` on the value: what it refuses is a malformed
+    command line (exit 2, like a value out of range), not a failure of the command."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: T) -> T:
+        if value is not None and value != ():
+            try:
+                check(value)
+            except UserError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
 def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{c: r[c] for c in r} for r in rows], default=_json_default))
@@ -183,6 +199,7 @@ def _json_default(value: Any) -> Any:
 
 
 @click.group()
+@click.version_option(package_name="leadrouter", prog_name="leadrouter")
 def cli() -> None:
     """leadrouter: distributes inbound leads from RabbitMQ among operators."""
 
@@ -209,6 +226,8 @@ async def worker() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
     await app.run()
+    if app.failure:  # logged as side_task_failed; the supervisor restarts us
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
@@ -378,7 +397,7 @@ def weights() -> None:
 
 @weights.command("set")
 @click.argument("source_key")
-@click.argument("pairs", nargs=-1, metavar="OPERATOR_ID=WEIGHT...")
+@click.argument("pairs", nargs=-1, metavar="OPERATOR_ID=WEIGHT...", callback=_usage(_parse_weights))
 @run_async
 async def weights_set(source_key: str, pairs: tuple[str, ...]) -> None:
     """Replace the source's weights (none given: remove them all)."""
@@ -522,7 +541,7 @@ async def publish(
             message=message,
         )
     except ValidationError as exc:
-        raise UserError(f"invalid message: {describe(exc)}") from None
+        raise click.UsageError(f"invalid message: {describe(exc)}") from None
     from aio_pika.exceptions import PublishError
 
     message_id = message_id or str(uuid.uuid4())
@@ -546,14 +565,18 @@ async def publish(
 
 @cli.command()
 @click.option("--source", "source_key", help="Only this source.")
-@click.option("--since", help="Only contacts assigned in this window, e.g. 24h, 7d.")
+@click.option(
+    "--since",
+    help="Only contacts assigned in this window, e.g. 24h, 7d.",
+    callback=_usage(parse_duration),
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def stats(source_key: str | None, since: str | None, as_json: bool) -> None:
     """Who got what per source: observed share next to the configured weight."""
     from dataclasses import asdict
 
-    from worker.stats import collect, parse_duration, render
+    from worker.stats import collect, render
 
     window = parse_duration(since) if since else None
     async with await _pool(_settings()) as pool:
@@ -672,7 +695,7 @@ async def dlq_replay(
     from worker import dlq as dead
 
     if sum((everything, reason is not None, bool(ids))) != 1:
-        raise UserError("say which: --all, --reason R or --id ID (one of them)")
+        raise click.UsageError("say which: --all, --reason R or --id ID (one of them)")
     settings = _settings()
     incomplete = None
     try:

@@ -39,9 +39,14 @@ if set(EVENT_MEANINGS) != set(events.ROUTING_KEYS):  # a new event must be docum
 
 MESSAGE_ID = (
     "Every message needs an id: the body field `message_id` or else the AMQP `message_id` "
-    "property; the body field wins. Without either the message is dead-lettered as "
-    "missing_message_id. Redelivery is harmless: the same id never makes a second contact, "
-    "and closing a closed contact changes nothing."
+    "property; the body field wins. Redelivery and retries are harmless as long as the id "
+    "stays the same: the same id never makes a second contact, and closing a closed contact "
+    "changes nothing. Without either the message is dead-lettered as missing_message_id, "
+    "unless the client library fills the property in itself: aio-pika (through aiormq) "
+    "gives every message published without a `message_id` a new random one, so a Python "
+    "bot that retries a publish without a body `message_id` makes a new contact on every "
+    "retry. Derive the id from something the retry repeats (the bot's own update or "
+    "message id), and set it in the body (or as the property) on every attempt."
 )
 STRICTER = (
     "The worker may refuse a body that this schema allows (text with a NUL character, "
@@ -188,7 +193,8 @@ def _inbound(key: str, model: type[BaseModel], spec: Topology, settings: Setting
         key,
         spec.inbound,
         name,
-        f"Routing key `{key}` on exchange `{spec.inbound.name}`, consumed from quorum queue "
+        f"Routing key `{key}` on exchange `{spec.inbound.name}`, consumed from "
+        f"{_queue_kind(queue.arguments)} queue "
         f"`{queue.name}` (bound with `#`, delivery limit {queue.arguments['x-delivery-limit']}, "
         f"dead-letter exchange `{queue.arguments['x-dead-letter-exchange']}`).",
     )
@@ -245,13 +251,21 @@ def _event(key: str, spec: Topology) -> Part:
     return channel, message, operation
 
 
+def _queue_kind(arguments: dict[str, Any]) -> str:
+    """What the topology declares: "quorum", or "classic (lazy)" for the dead letters."""
+    kind = str(arguments.get("x-queue-type", "classic"))
+    mode = arguments.get("x-queue-mode")
+    return f"{kind} ({mode})" if mode else kind
+
+
 def _dead_letter(spec: Topology) -> Part:
     channel = {
         **_channel(
             "{routingKey}",
             spec.dead,
             "deadLetter",
-            f"Exchange `{spec.dead.name}`, bound with `#` to quorum queue "
+            f"Exchange `{spec.dead.name}`, bound with `#` to "
+            f"{_queue_kind(spec.dead_queue.arguments)} queue "
             f"`{spec.dead_queue.name}`: inbound messages that can never succeed, with their "
             "original routing key, body, message_id, content type and headers.",
         ),

@@ -1,31 +1,101 @@
-"""structlog setup: JSON lines in production, a console renderer on a terminal."""
+"""structlog setup: JSON lines in production, a console renderer on a terminal.
+
+Every line goes through the same renderer, ours and those of the libraries that log
+through the standard library (aiormq and aio-pika on reconnects, asyncio's "exception was
+never retrieved", asyncpg, Python warnings): in JSON mode each is one JSON object with
+`logger`, `level` and `timestamp`, and a traceback is one `exception` field, never lines of
+its own."""
 
 import logging
+import os
 import sys
+from types import TracebackType
+from typing import Literal, TextIO
 
 import structlog
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+Level = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+Format = Literal["auto", "json", "console"]
 
-def configure(level: str = "INFO", fmt: str = "auto") -> None:
+
+def wants_color(stream: object) -> bool:
+    """Colors on a terminal, unless NO_COLOR is set to anything (https://no-color.org)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+
+
+def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Log to `stream` (standard error by default) at `level`, as `fmt` says."""
+    stream = stream or sys.stderr
+    level = level.upper()
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "console" if stream.isatty() else "json"
+    if fmt not in ("json", "console"):
+        raise ValueError(f"unknown log format {fmt!r}")
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=wants_color(stream))
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
+    stamped: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.add_logger_name,
+            *stamped,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=lambda name="": _NamedPrintLogger(stream, name),
         cache_logger_on_first_use=False,
     )
-    # aio-pika and aiormq log reconnects through stdlib logging.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    # The libraries' own loggers: warnings and above (their info is every connection
+    # attempt), rendered as ours are.
+    handler = _Handler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)  # configured again (the demo and tests do)
+    root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.captureWarnings(True)  # warnings.warn(...) as one line of logger py.warnings
+    # A crash (an exception nothing caught) is one line too, not a bare traceback.
+    sys.excepthook = _log_crash if fmt == "json" else sys.__excepthook__
+
+
+def _log_crash(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    get("leadrouter").critical("crashed", exc_info=(kind, error, tb))
+
+
+class _Handler(logging.StreamHandler):
+    """Ours, to replace on a second configure() and leave others' handlers alone."""
+
+
+class _NamedPrintLogger(structlog.PrintLogger):
+    """structlog's fast printer, with the name add_logger_name reads."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:

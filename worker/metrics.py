@@ -1,13 +1,26 @@
 """Prometheus metrics of one worker process. Labels are bounded by configuration
 (sources, strategies, reasons, outcomes); no personal data ever goes into a label."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # What prometheus_client's default registry exports: process_* (CPU, memory, open
+        # files, start time), python_info and python_gc_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.messages = Counter(
             "leadrouter_messages", "Inbound messages settled, by outcome", ["outcome"], registry=r
         )

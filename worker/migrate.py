@@ -1,8 +1,10 @@
-"""Applies migrations/NNNN_name.sql files in order, each once, one process at a time."""
+"""Applies migrations/NNNN_name.sql files in order, each once, one process at a time.
+They ship inside the package (`worker.migrations`); LEADROUTER_MIGRATIONS_DIR overrides."""
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,16 +22,21 @@ logger = log.get(__name__)
 class Migration:
     version: int
     name: str
-    path: Path
+    path: Traversable
 
 
-def discover(directory: Path) -> list[Migration]:
+def packaged() -> Traversable:
+    """The migrations this install carries (the repository's migrations/ folder)."""
+    return files("worker.migrations")
+
+
+def discover(directory: Traversable) -> list[Migration]:
     """The migrations of a directory in order; refuses misnamed files and gaps."""
     if not directory.is_dir():
         raise UserError(f"migrations directory {directory} does not exist")
     found = []
-    for path in sorted(directory.iterdir()):
-        if path.suffix != ".sql":
+    for path in sorted(directory.iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".sql"):
             continue
         match = _FILE.match(path.name)
         if not match:
@@ -83,9 +90,10 @@ async def drop_database(url: str) -> None:
         await conn.close()
 
 
-async def migrate(url: str, directory: Path) -> list[str]:
-    """Apply pending migrations; returns the names of those applied now."""
-    migrations = discover(directory)
+async def migrate(url: str, directory: Traversable | None = None) -> list[str]:
+    """Apply pending migrations (by default those of the package); returns the names of
+    those applied now."""
+    migrations = discover(directory or packaged())
     await ensure_database(url)
     conn = await asyncpg.connect(url)
     applied_now = []
@@ -96,9 +104,14 @@ async def migrate(url: str, directory: Path) -> list[str]:
         for migration in migrations:
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.path.read_text(encoding="utf-8"))
-                await conn.execute(Q.record_migration, migration.version, migration.name)
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.path.read_text(encoding="utf-8"))
+                    await conn.execute(Q.record_migration, migration.version, migration.name)
+            except asyncpg.RaiseError as exc:  # the migration's own check of existing data
+                hint = f" ({exc.hint})" if exc.hint else ""
+                refusal = f"migration {migration.name} refused: {exc.message}{hint}"
+                raise UserError(refusal) from None
             logger.info("migration_applied", migration=migration.name)
             applied_now.append(migration.name)
         await conn.execute(Q.migrations_unlock)

@@ -195,9 +195,21 @@ class OutboxRelay:
             asyncio.create_task(self._publish_committed())
             for _ in range(self._settings.outbox_concurrency)
         ]
+        died: list[BaseException] = []  # a helper that ends before stop ends the relay
+
+        def helper_done(task: asyncio.Task[None]) -> None:
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not stop.is_set():
+                died.append(error)
+                self._wake.set()
+
+        for helper in helpers:
+            helper.add_done_callback(helper_done)
         attempt = 0
         try:
             while not stop.is_set():
+                if died:
+                    raise died[0]
                 self._wake.clear()
                 try:
                     # One claim first; when it comes back full, several at once (SKIP

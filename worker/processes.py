@@ -21,7 +21,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """This environment with every LEADROUTER_* variable taken from `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEADROUTER_")}
     for name, value in settings.model_dump().items():
-        env[f"LEADROUTER_{name.upper()}"] = str(value)
+        if value is not None:  # None: the default (e.g. the package's migrations)
+            env[f"LEADROUTER_{name.upper()}"] = str(value)
     return env
 
 

@@ -58,6 +58,10 @@ RETURNING id, name, is_active, max_load, open_load AS load;
 -- Every operator with its current load.
 SELECT id, name, is_active, max_load, open_load AS load FROM operators ORDER BY id;
 
+-- name: operator_by_id
+-- One operator with its current load ($1 id).
+SELECT id, name, is_active, max_load, open_load AS load FROM operators WHERE id = $1;
+
 -- name: update_operator
 -- Change an operator; NULL keeps a field ($1 id, $2 name, $3 max_load, $4 is_active).
 UPDATE operators

@@ -34,9 +34,8 @@ Semantics:
   its default (so `active` left out re-activates an operator). One the database lacks is
   created. Operators and sources the file does not name are left alone (nothing is ever
   deleted).
-- Operators are matched by exact name. Names must be unique within the file, and a name the
-  file uses (as an operator or in weights) must not belong to several operators in the
-  database: that is an error, to be fixed by renaming one (`leadrouter operators update`).
+- Operators are matched by exact name. Names are unique, within the file and in the
+  database (which refuses a second operator of a name since migration 0011).
 - A source's `weights` replace all of its weights (like `leadrouter weights set`); `{}`
   removes them all; no `weights` leaves them alone. Weights may name operators of the file
   or of the database.
@@ -372,14 +371,19 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
     say what that would change. Returns the diff (every entity of the file, in order)."""
 
     async def run(conn: asyncpg.Connection) -> list[Change]:
-        # One apply at a time, so two applies of a file cannot both create an operator
-        # (names are not unique in the database). Dry runs wait too: they show the diff
-        # against the state any running apply leaves.
+        # One apply at a time: a second one sees what the first created. Dry runs wait
+        # too: they show the diff against the state any running apply leaves.
         await conn.execute(Q.lock_apply)
         current = await _read_state(conn, routing)
         changes = plan(current, routing)
         if not dry_run:
-            await _execute(conn, current, routing, changes)
+            try:
+                await _execute(conn, current, routing, changes)
+            except asyncpg.UniqueViolationError:  # `operators add` of the same name, meanwhile
+                raise UserError(
+                    "an operator or source of the file was created by someone else meanwhile; "
+                    "nothing was changed, run apply again"
+                ) from None
         return changes
 
     return await in_transaction(pool, run, readonly=dry_run)

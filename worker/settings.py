@@ -2,15 +2,20 @@
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+from worker.log import Format, Level
+
 # Docker/Kubernetes secrets: a file per setting, e.g. /run/secrets/leadrouter_amqp_url.
 _SECRETS_DIR = Path("/run/secrets")
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -69,17 +74,20 @@ class Settings(BaseSettings):
     # with `leadrouter bench` (README, Performance).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
-    log_level: str = "INFO"
-    log_format: str = "auto"  # auto | json | console
+    log_level: Annotated[Level, BeforeValidator(_upper)] = "INFO"
+    # auto: console on a terminal, JSON lines otherwise.
+    log_format: Format = "auto"
 
-    migrations_dir: Path = _REPO_MIGRATIONS
+    # None: the migrations the package carries; a directory of NNNN_name.sql files overrides.
+    migrations_dir: Path | None = None
 
     def masked(self) -> dict[str, object]:
         """The settings as they may be logged: URLs without passwords."""
         data = self.model_dump()
         data["database_url"] = mask_url(self.database_url)
         data["amqp_url"] = mask_url(self.amqp_url)
-        data["migrations_dir"] = str(self.migrations_dir)
+        if self.migrations_dir is not None:
+            data["migrations_dir"] = str(self.migrations_dir)
         return data
 
 

@@ -136,16 +136,20 @@ async def test_a_failure_while_applying_rolls_everything_back(
     assert await snapshot(pool) == before
 
 
-async def test_an_ambiguous_operator_name_is_an_error(pool: asyncpg.Pool) -> None:
-    first = await admin.add_operator(pool, "Bob", 1, True)
-    second = await admin.add_operator(pool, "Bob", 2, True)
-    before = await snapshot(pool)
-    with pytest.raises(UserError) as raised:
-        await apply(pool, example(), dry_run=False)
-    assert str(raised.value).startswith(
-        f"operators[1].name: 2 operators are named 'Bob' (ids {first['id']}, {second['id']})"
-    )
-    assert await snapshot(pool) == before
+async def test_operator_names_are_unique_so_apply_always_resolves_them(
+    pool: asyncpg.Pool,
+) -> None:
+    """Once, two operators could share a name, and apply then refused to run; the
+    database now refuses the second one, so a name in a file always means one operator."""
+    bob = await admin.add_operator(pool, "Bob", 1, True)
+    with pytest.raises(UserError, match="an operator named 'Bob' already exists"):
+        await admin.add_operator(pool, "Bob", 2, True)
+    other = await admin.add_operator(pool, "Robert", 2, True)
+    with pytest.raises(UserError, match="an operator named 'Bob' already exists"):
+        await admin.update_operator(pool, other["id"], name="Bob")
+    await apply(pool, example(), dry_run=False)
+    named_bob = await pool.fetch("SELECT id FROM operators WHERE name = 'Bob'")
+    assert [r["id"] for r in named_bob] == [bob["id"]]
 
 
 async def test_new_weights_drain_the_backlog(pool: asyncpg.Pool) -> None:

@@ -1,6 +1,9 @@
 """`leadrouter bench` end to end on a small load: it reports what it promises, runs the
 reference pipeline when asked, and leaves no database, exchange or queue behind."""
 
+import json
+import re
+from dataclasses import asdict
 from typing import Any
 
 import aio_pika
@@ -59,12 +62,16 @@ async def test_throughput_against_the_reference(settings: Settings, made: list[S
     assert result.reference is not None and result.reference["messages_per_second"] > 0
     assert result.ratio_to_reference is not None and result.ratio_to_reference > 0
     assert len(made) == 2  # the reference's run, then leadrouter's
+    assert json.loads(json.dumps(asdict(result)))["workers"] == 1  # `bench --json`: a number
     assert await _left_behind(made) == []
 
 
 async def test_paced_latency_in_process(settings: Settings, made: list[Settings]) -> None:
     result = await bench.run_bench(settings, 100, 2, 0, 200, Console(quiet=True))
-    assert result.workers == "in-process" and result.mode == "paced 200/s"
+    assert result.workers == 0 and result.mode == "paced 200/s"
+    out = Console(record=True, width=120)
+    bench.render(result, out)
+    assert re.search(r"^workers +0 \(in-process\)$", out.export_text(), re.MULTILINE)
     assert result.latency_p50_ms is not None and result.latency_p99_ms is not None
     assert 0 < result.latency_p50_ms <= result.latency_p99_ms
     assert result.reference is None and result.ratio_to_reference is None

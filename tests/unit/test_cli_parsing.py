@@ -88,7 +88,7 @@ def test_weights_set_rejects_bad_pairs_before_connecting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("LEADROUTER_DATABASE_URL", "postgresql://u:pw@127.0.0.1:1/none")
-    assert main(["weights", "set", "web", "1=10", "1=0"]) == 1
+    assert main(["weights", "set", "web", "1=10", "1=0"]) == 2
     line = one_error_line(capsys)
     assert "cannot reach" not in line
 
@@ -122,3 +122,35 @@ def test_an_invalid_setting_is_one_line_naming_the_variable(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: invalid setting: LEADROUTER_PREFETCH:")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"leadrouter, version {version('leadrouter')}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats", "--since", "5x"],
+        ["stats", "--since", "99999999w"],
+        ["operators", "add", "X", "--max-load", "-1"],
+        ["operators", "update", "1", "--max-load", "-1"],
+        ["weights", "set", "web", "1=0"],
+        ["weights", "set", "web", "x"],
+        ["dlq", "replay"],
+        ["dlq", "replay", "--all", "--reason", "invalid_json"],
+        ["publish", "--source", "Not A Slug", "--external-id", "x"],
+    ],
+)
+def test_a_malformed_command_line_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """README: 2 for a malformed command line, whether click or our own check finds it."""
+    monkeypatch.setenv("LEADROUTER_DATABASE_URL", "postgresql://u:pw@127.0.0.1:1/none")
+    monkeypatch.setenv("LEADROUTER_AMQP_URL", "amqp://u:pw@127.0.0.1:1/")
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "cannot reach" not in line

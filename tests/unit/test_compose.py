@@ -268,23 +268,26 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert user and user not in ROOT_USERS, f"the final stage runs as {users[-1]!r}"
 
 
-def test_dockerfile_ships_migrations_where_settings_look() -> None:
-    final = final_stage(dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8")))
-    env: dict[str, str] = {}
-    for keyword, args in final:
-        if keyword == "ENV":
-            env.update(env_assignments(args))
-    migrations_dir = env.get("LEADROUTER_MIGRATIONS_DIR")
-    assert migrations_dir, "the final stage does not set LEADROUTER_MIGRATIONS_DIR"
-    copies = [shlex.split(args) for keyword, args in final if keyword == "COPY"]
-    targets = {
-        words[-1].rstrip("/")
-        for words in copies
-        if any(word.rstrip("/") == "migrations" for word in words[:-1])
-    }
-    assert migrations_dir.rstrip("/") in targets, (
-        f"migrations/ is not copied to {migrations_dir} (copied to {sorted(targets)})"
+def test_dockerfile_installs_the_migrations_with_the_package() -> None:
+    """The image's `leadrouter migrate` uses the migrations the package carries: they are
+    in the build context of `pip install .`, and no setting points elsewhere."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+    install = next(
+        i
+        for i, (keyword, args) in enumerate(instructions)
+        if keyword == "RUN" and re.search(r"pip install \.(\s|$)", args)
     )
+    copied = {
+        word.rstrip("/")
+        for keyword, args in instructions[:install]
+        if keyword == "COPY"
+        for word in shlex.split(args)[:-1]
+    }
+    assert "migrations" in copied, "migrations/ is not copied before `pip install .`"
+    names = {
+        var for keyword, args in instructions if keyword == "ENV" for var in env_assignments(args)
+    }
+    assert "LEADROUTER_MIGRATIONS_DIR" not in names
 
 
 def test_dockerfile_env_vars_are_settings_fields() -> None:

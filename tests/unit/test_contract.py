@@ -272,6 +272,49 @@ def test_asyncapi_messages(asyncapi: dict[str, Any]) -> None:
             assert event.type == EVENT_TYPE_PREFIX + key
 
 
+def test_asyncapi_names_each_queue_as_declared(asyncapi: dict[str, Any]) -> None:
+    """The inbound queue is a quorum queue; the dead letters' is classic and lazy."""
+    dead = channel_of(asyncapi, "{routingKey}")["description"]
+    assert f"classic (lazy) queue `{DEFAULTS.dead_queue}`" in dead and "quorum" not in dead
+    for key in INBOUND_KEYS:
+        assert (
+            f"quorum queue `{DEFAULTS.inbound_queue}`" in channel_of(asyncapi, key)["description"]
+        )
+
+
+def test_asyncapi_warns_of_clients_that_invent_message_ids(asyncapi: dict[str, Any]) -> None:
+    """aiormq gives a message published without a message_id a random one: the contract
+    must not promise such a message is dead-lettered, and must say what to do."""
+    for key in INBOUND_KEYS:
+        [message] = channel_of(asyncapi, key)["messages"].values()
+        text = " ".join(resolve(asyncapi, message["$ref"])["description"].split())
+        assert "aio-pika" in text and "new random one" in text
+        assert "makes a new contact on every retry" in text
+
+
+@pytest.mark.parametrize("field", ["id", "source", "subject"])
+def test_event_refuses_an_empty_id_source_or_subject(docs: dict[str, str], field: str) -> None:
+    """CloudEvents: id and source are non-empty strings, subject too when present."""
+    schema = load(docs, "contact.event.schema.json")
+    assert schema["properties"][field]["minLength"] == 1
+    event = build_event(
+        "e-1",
+        "contact.closed",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        ContactEventData(
+            contact_id=1,
+            status="closed",
+            lead_id=1,
+            lead_external_id="x",
+            source="tg",
+            operator_id=None,
+            inbound_message_id="m",
+        ),
+    )
+    with pytest.raises(ValueError, match="at least 1 character"):
+        ContactEvent.model_validate({**event.model_dump(), field: ""})
+
+
 def test_dead_letter_headers(asyncapi: dict[str, Any]) -> None:
     [message] = channel_of(asyncapi, "{routingKey}")["messages"].values()
     headers = resolve(asyncapi, resolve(asyncapi, message["$ref"])["headers"]["$ref"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import UserError
-from worker.migrate import Migration, discover
+from worker.migrate import Migration, discover, packaged
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -100,3 +100,9 @@ def test_a_file_is_not_a_directory(tmp_path: Path) -> None:
     path.write_text("SELECT 1;", encoding="utf-8")
     with pytest.raises(UserError):
         discover(path)
+
+
+def test_the_package_carries_the_repository_migrations() -> None:
+    """`leadrouter migrate` without LEADROUTER_MIGRATIONS_DIR uses worker.migrations, which
+    is this folder (installed into the package by pyproject.toml's package-dir)."""
+    assert [m.name for m in discover(packaged())] == [m.name for m in discover(MIGRATIONS)]

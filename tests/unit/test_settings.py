@@ -101,6 +101,7 @@ def test_masked_hides_env_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     clear_env(monkeypatch)
     monkeypatch.setenv("LEADROUTER_DATABASE_URL", "postgresql://lr:pg-pa55word@db:5432/leadrouter")
     monkeypatch.setenv("LEADROUTER_AMQP_URL", "amqp://lr:mq-pa55word@[::1]:5672/prod")
+    monkeypatch.setenv("LEADROUTER_MIGRATIONS_DIR", "/srv/migrations")
     loaded = Settings()
     assert loaded.database_url == "postgresql://lr:pg-pa55word@db:5432/leadrouter"
     assert loaded.amqp_url == "amqp://lr:mq-pa55word@[::1]:5672/prod"
@@ -111,7 +112,13 @@ def test_masked_hides_env_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     assert masked["database_url"] == "postgresql://lr:***@db:5432/leadrouter"
     assert masked["amqp_url"] == "amqp://lr:***@[::1]:5672/prod"
     assert set(masked) == set(Settings.model_fields)
-    assert isinstance(masked["migrations_dir"], str)
+    assert masked["migrations_dir"] == "/srv/migrations"
+
+
+def test_migrations_default_to_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_env(monkeypatch)
+    assert Settings().migrations_dir is None
+    assert Settings().masked()["migrations_dir"] is None
 
 
 def test_masked_keeps_other_settings(monkeypatch: pytest.MonkeyPatch) -> None:
