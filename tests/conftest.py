@@ -1,5 +1,3 @@
-import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,7 +9,6 @@ from tests import services
 from tests.helpers import EventCollector
 from worker import topology
 from worker.app import Worker
-from worker.migrate import migrate
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +23,7 @@ def found_services() -> Iterator[services.Services]:
 @pytest.fixture(scope="session")
 def service_urls(found_services: services.Services) -> tuple[str, str]:
     if found_services.problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs real services: {found_services.problem}")
-        pytest.skip(found_services.problem)
+        services.cannot_run(found_services.problem)
     assert found_services.pg_url and found_services.amqp_url
     return found_services.pg_url, found_services.amqp_url
 
@@ -36,11 +31,8 @@ def service_urls(found_services: services.Services) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def template_database(service_urls: tuple[str, str]) -> Iterator[str]:
     """One migrated database per session, cloned for each test."""
-    pg_url, _ = service_urls
-    name = services.unique("lrtest_tpl")
-    asyncio.run(migrate(services.with_database(pg_url, name), ROOT / "migrations"))
-    yield name
-    asyncio.run(services.drop_database(pg_url, name))
+    with services.template_database(service_urls[0], str(ROOT / "migrations")) as name:
+        yield name
 
 
 @pytest.fixture

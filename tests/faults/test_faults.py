@@ -6,16 +6,15 @@ reason the worker gives), a CRM closes contacts all along, a worker is SIGKILLed
 restarted every few seconds, RabbitMQ restarts once and PostgreSQL once. Then every
 guarantee is checked and one summary line printed.
 
-Run it alone: pytest tests/faults -m faults -p no:randomly (about two minutes). It needs
-root and the services on this machine (rabbitmqctl, pg_ctlcluster); elsewhere it skips.
+It restarts and kills servers of its own, never the machine's: a PostgreSQL instance and a
+RabbitMQ node started on free loopback ports for the run and removed afterwards
+(tests/faults/conftest.py). Run it alone: pytest tests/faults -s (about a minute).
 """
 
 import asyncio
 import contextlib
 import json
-import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
@@ -35,6 +34,7 @@ from tests.faults.conftest import SUMMARIES
 from tests.helpers import lead, wait_until
 from tests.integration.test_routing import PEAK_LOADS
 from tests.integration.test_worker_processes import spawn
+from tests.servers import OwnServers
 from worker import admin
 from worker.errors import REASON_HEADER
 from worker.settings import Settings
@@ -57,41 +57,6 @@ BAD_KINDS = [  # (reason, routing key, body, has a message id)
     ("too_large", "lead.contact", b" " * (MAX_MESSAGE_BYTES + 1), True),
 ]
 SOURCES = ["tg", "web", "wa"]
-
-
-def cannot_restart(settings: Settings) -> str | None:
-    """Why this machine cannot run the suite, or None."""
-    if os.geteuid() != 0:
-        return "restarting RabbitMQ and PostgreSQL needs root"
-    for tool in ("rabbitmqctl", "rabbitmq-diagnostics", "pg_ctlcluster", "pg_isready"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not on PATH"
-    for url in (settings.database_url, settings.amqp_url):
-        if urlsplit(url).hostname not in {"127.0.0.1", "localhost"}:
-            return f"{urlsplit(url).hostname} is not this machine: cannot restart it"
-    if not Path("/etc/postgresql").is_dir():
-        return "no /etc/postgresql cluster to restart"
-    return None
-
-
-def restart_rabbitmq() -> None:
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
-
-
-def restart_postgres() -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
-        check=True,
-        timeout=120,
-    )
-    for _ in range(60):
-        if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError("PostgreSQL did not come back")
 
 
 class Publisher:
@@ -150,10 +115,11 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     settings: Settings,
     pool: asyncpg.Pool,
     tmp_path: Path,
+    own_servers: OwnServers,
 ) -> None:
-    problem = cannot_restart(settings)
-    if problem:
-        pytest.skip(f"fault suite: {problem}")
+    # The fixtures' database and broker are the suite's own servers: those restart.
+    assert settings.amqp_url == own_servers.rabbitmq.url
+    assert urlsplit(settings.database_url).port == own_servers.postgres.port
     settings = settings.model_copy(
         update={
             "max_message_bytes": MAX_MESSAGE_BYTES,
@@ -235,10 +201,10 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
             now = time.monotonic() - started
             if "rabbitmq" not in restarts and now > RABBITMQ_RESTART_AT:
                 restarts.append("rabbitmq")
-                await asyncio.to_thread(restart_rabbitmq)
+                await asyncio.to_thread(own_servers.rabbitmq.restart)
             if "postgres" not in restarts and now > POSTGRES_RESTART_AT:
                 restarts.append("postgres")
-                await asyncio.to_thread(restart_postgres)
+                await asyncio.to_thread(own_servers.postgres.restart)
             if time.monotonic() > next_kill:
                 victim = rng.randrange(len(workers))
                 workers[victim].send_signal(signal.SIGKILL)
