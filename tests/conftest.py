@@ -1,12 +1,14 @@
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 
 from tests import services
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, Expected, assert_clean_end
 from worker import topology
 from worker.app import Worker
 from worker.settings import Settings
@@ -104,11 +106,45 @@ async def events(
 
 
 @pytest.fixture
-async def worker(settings: Settings, broker: aio_pika.abc.AbstractChannel) -> AsyncIterator[Worker]:
+def worker_log() -> Iterator[list[dict[str, Any]]]:
+    """Every log entry of the in-process workers of this test (structlog's capture)."""
+    with structlog.testing.capture_logs() as entries:
+        yield entries
+
+
+@pytest.fixture
+def expected() -> Expected:
+    """What the test's worker must leave behind (see assert_clean_end); tests that leave
+    dead letters or crash routing on purpose say so here."""
+    return Expected()
+
+
+@pytest.fixture
+async def worker(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    worker_log: list[dict[str, Any]],
+    expected: Expected,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Worker]:
+    """A worker in this process; once stopped, it must have left everything clean."""
     app = Worker(settings)
     await app.start()
     yield app
     await app.stop()
+    if not request.node.stash.get(CALL_FAILED, False):  # else the test's own failure says it
+        await assert_clean_end(settings, worker_log, expected)
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
