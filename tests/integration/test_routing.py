@@ -21,7 +21,13 @@ from tests.helpers import (
     settled,
     wait_until,
 )
-from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
+from tests.integration.test_worker_processes import (
+    logs_of,
+    spawn,
+    stop_gracefully,
+    wait_ready,
+    worker_processes,
+)
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
@@ -312,6 +318,8 @@ async def test_capacity_is_never_exceeded_across_sources(
             timeout=60,
             what="every contact closed",
         )
+        await asyncio.to_thread(stop_gracefully, procs)
+    await assert_clean_end(settings, logs_of(tmp_path))
     peaks = [dict(r) for r in await pool.fetch(PEAK_LOADS)]
     assert len(peaks) == 5 and all(p["peak"] <= p["max_load"] for p in peaks), peaks
     assert sum(p["commits"] for p in peaks) == 2 * total  # each assigned once, closed once
