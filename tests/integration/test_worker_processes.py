@@ -65,9 +65,9 @@ def stop_gracefully(procs: list[subprocess.Popen[bytes]], timeout: float = 30) -
         assert proc.wait(timeout) == 0, f"worker {proc.pid} exited {proc.returncode}"
 
 
-def logs_of(log_dir: Path) -> list[dict[str, Any]]:
-    """The log entries of every worker process started in `log_dir`."""
-    return json_logs(*sorted(log_dir.glob("worker-*.log")))
+def logs_of(log_dir: Path, restarts: bool = False) -> list[dict[str, Any]]:
+    """The log entries of every worker process started in `log_dir` (see json_logs)."""
+    return json_logs(*sorted(log_dir.glob("worker-*.log")), restarts=restarts)
 
 
 def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
