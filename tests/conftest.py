@@ -1,3 +1,4 @@
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,20 @@ async def events(
 
 @pytest.fixture
 def worker_log() -> Iterator[list[dict[str, Any]]]:
-    """Every log entry of the in-process workers of this test (structlog's capture)."""
-    with structlog.testing.capture_logs() as entries:
-        yield entries
+    """Every log entry (info and up) of the in-process workers of this test. The whole
+    configuration is set, and put back after: an earlier test may have configured
+    structlog for a command (the bench logs warnings only)."""
+    before = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**before)
 
 
 @pytest.fixture
