@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BASE = Path(tempfile.gettempdir()) / "leadrouter-test-servers"
+BASE = Path(tempfile.gettempdir()) / f"leadrouter-test-servers-{os.getuid()}"
 START_SECONDS = 120
 
 

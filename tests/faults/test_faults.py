@@ -8,7 +8,7 @@ guarantee is checked and one summary line printed.
 
 It restarts and kills servers of its own, never the machine's: a PostgreSQL instance and a
 RabbitMQ node started on free loopback ports for the run and removed afterwards
-(tests/faults/conftest.py). Run it alone: pytest tests/faults -s (about a minute).
+(tests/faults/conftest.py). Run it alone: pytest tests/faults -s (under two minutes).
 """
 
 import asyncio
