@@ -1,17 +1,17 @@
-import asyncio
-import os
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 
 from tests import services
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, Expected, assert_clean_end
 from worker import topology
 from worker.app import Worker
-from worker.migrate import migrate
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +26,7 @@ def found_services() -> Iterator[services.Services]:
 @pytest.fixture(scope="session")
 def service_urls(found_services: services.Services) -> tuple[str, str]:
     if found_services.problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs real services: {found_services.problem}")
-        pytest.skip(found_services.problem)
+        services.cannot_run(found_services.problem)
     assert found_services.pg_url and found_services.amqp_url
     return found_services.pg_url, found_services.amqp_url
 
@@ -36,11 +34,8 @@ def service_urls(found_services: services.Services) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def template_database(service_urls: tuple[str, str]) -> Iterator[str]:
     """One migrated database per session, cloned for each test."""
-    pg_url, _ = service_urls
-    name = services.unique("lrtest_tpl")
-    asyncio.run(migrate(services.with_database(pg_url, name), ROOT / "migrations"))
-    yield name
-    asyncio.run(services.drop_database(pg_url, name))
+    with services.template_database(service_urls[0], str(ROOT / "migrations")) as name:
+        yield name
 
 
 @pytest.fixture
@@ -112,11 +107,56 @@ async def events(
 
 
 @pytest.fixture
-async def worker(settings: Settings, broker: aio_pika.abc.AbstractChannel) -> AsyncIterator[Worker]:
+def worker_log() -> Iterator[list[dict[str, Any]]]:
+    """Every log entry (info and up) of the in-process workers of this test. The whole
+    configuration is set, and put back after: an earlier test may have configured
+    structlog for a command (the bench logs warnings only)."""
+    before = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**before)
+
+
+@pytest.fixture
+def expected() -> Expected:
+    """What the test's worker must leave behind (see assert_clean_end); tests that leave
+    dead letters or crash routing on purpose say so here."""
+    return Expected()
+
+
+@pytest.fixture
+async def worker(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    worker_log: list[dict[str, Any]],
+    expected: Expected,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Worker]:
+    """A worker in this process; once stopped, it must have left everything clean."""
     app = Worker(settings)
     await app.start()
     yield app
     await app.stop()
+    if not request.node.stash.get(CALL_FAILED, False):  # else the test's own failure says it
+        await assert_clean_end(settings, worker_log, expected)
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

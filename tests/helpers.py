@@ -2,7 +2,10 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -139,3 +142,97 @@ async def queue_consumers(amqp_url: str, name: str) -> int | None:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         return queue.declaration_result.consumer_count
+
+
+HANDLER_ERRORS = ("message_failed", "batch_crashed")  # a message's handling raised a bug
+
+
+@dataclass
+class Expected:
+    """What a test's worker must have left behind when it stopped, for `assert_clean_end`:
+    the dead letters still in the dead-letter queue, by reason (those the test took off
+    itself are not counted), and the error events it may have logged (a test that makes
+    routing crash on purpose)."""
+
+    dead: Counter[str] = field(default_factory=Counter)
+    errors: set[str] = field(default_factory=set)
+
+
+# Client libraries whose tracebacks (through stdlib logging) report a lost connection:
+# expected while the fault suite restarts the servers, and retried by the worker.
+CLIENT_LIBRARIES = ("aiormq.", "aio_pika.", "asyncpg.")
+
+
+def json_logs(*paths: Path, restarts: bool = False) -> list[dict[str, Any]]:
+    """Worker processes' JSON log lines as `capture_logs` entries (`log_level`, `event`).
+    A traceback printed past structlog counts as an error, unless `restarts` (servers were
+    restarted on purpose) and a client library's connection report printed it; so does a
+    garbled JSON line, except the last one, cut short by SIGKILL."""
+    entries: list[dict[str, Any]] = []
+    for path in paths:
+        lines = path.read_text(errors="replace").splitlines()
+        reporter = ""  # the stdlib logger whose record a traceback continues
+        for n, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict) and "event" in entry:
+                entries.append({**entry, "log_level": entry.get("level", "info")})
+                reporter = ""
+                continue
+            if line[:1].isalpha() and not line.startswith("Traceback"):
+                reporter = line.split(" ", 1)[0]  # "%(name)s %(message)s" (worker.log)
+            expected = restarts and reporter.startswith(CLIENT_LIBRARIES)
+            cut_short = n == len(lines) - 1 and line.startswith("{")
+            if ("Traceback" in line and not expected) or (line.startswith("{") and not cut_short):
+                entries.append({"event": f"{path.name}: {line[:200]}", "log_level": "error"})
+    return entries
+
+
+async def inbound_left(settings: Any) -> int:
+    """Messages in the inbound queue once no worker consumes it: with their channels gone,
+    what the workers left unacknowledged is ready again (a quorum queue returns a
+    consumer's messages in the same step that removes it)."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+
+        async def no_consumer() -> Any:
+            queue = await channel.declare_queue(settings.inbound_queue, passive=True)
+            result = queue.declaration_result
+            return result if result.consumer_count == 0 else None
+
+        result = await wait_until(no_consumer, timeout=15, what="no consumer left")
+        return int(result.message_count)
+
+
+async def assert_clean_end(
+    settings: Any, logs: Sequence[Mapping[str, Any]], expected: Expected | None = None
+) -> None:
+    """What every test that ran a worker checks once its workers have stopped: the inbound
+    queue is empty with nothing unacknowledged (a delivery a worker left unacked is ready
+    again once its channel is gone), the dead-letter queue holds exactly what the test
+    expects, and no worker logged a handler error (or any error) it did not expect."""
+    from worker.dlq import reason_of
+
+    expected = expected or Expected()
+    left = await inbound_left(settings)
+    assert left == 0, (
+        f"{left} message(s) left in the inbound queue: unacknowledged by the stopped worker,"
+        " or never taken"
+    )
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        dead: Counter[str] = Counter()
+        queue = await channel.get_queue(settings.dead_queue)
+        while (message := await queue.get(fail=False)) is not None:
+            dead[reason_of(message.headers or {})] += 1
+        # Not acked: they go back when this channel closes.
+        assert dead == expected.dead, f"dead letters {dict(dead)}, expected {dict(expected.dead)}"
+    errors = [
+        dict(e)
+        for e in logs
+        if e.get("log_level") in {"error", "critical"} and e.get("event") not in expected.errors
+    ]
+    assert errors == [], f"the worker logged errors: {errors[:5]}"
+    assert any(e.get("event") == "worker_started" for e in logs), "no worker's log was captured"

@@ -4,6 +4,7 @@ Order: LEADROUTER_TEST_DATABASE_URL / LEADROUTER_TEST_AMQP_URL; else the standar
 on localhost if they answer; else testcontainers where Docker runs; else skip with a
 message naming what is missing. Under CI=true a missing service fails instead."""
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -12,9 +13,11 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from worker import migrate
 
@@ -74,6 +77,25 @@ def find_services() -> Iterator[Services]:
                 "LEADROUTER_TEST_AMQP_URL, run them on localhost's standard ports, or run Docker"
             )
         yield Services(pg, amqp, problem)
+
+
+def cannot_run(reason: str) -> None:
+    """Skip the test saying why, or under CI=true fail it: a runner that lacks something
+    must not pass by running nothing."""
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def template_database(server_url: str, migrations: str) -> Iterator[str]:
+    """One migrated database, cloned for each test, dropped on exit."""
+    name = unique("lrtest_tpl")
+    asyncio.run(migrate.migrate(with_database(server_url, name), Path(migrations)))
+    try:
+        yield name
+    finally:
+        asyncio.run(drop_database(server_url, name))
 
 
 def with_database(url: str, name: str) -> str:

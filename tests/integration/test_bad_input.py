@@ -11,7 +11,16 @@ import asyncpg
 import pika
 import pytest
 
-from tests.helpers import EventCollector, crash_route_on, lead, settled, setup_source, wait_until
+from tests.helpers import (
+    EventCollector,
+    Expected,
+    assert_clean_end,
+    crash_route_on,
+    lead,
+    settled,
+    setup_source,
+    wait_until,
+)
 from worker.app import Worker
 from worker.decode import message_id_of
 from worker.errors import ERROR_HEADER, REASON_HEADER
@@ -175,6 +184,7 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     settings: Settings,
     events: EventCollector,
     monkeypatch: pytest.MonkeyPatch,
+    worker_log: list[dict[str, Any]],
 ) -> None:
     """A bug is retried through the quorum queue's delivery limit, then the broker
     dead-letters the message with x-death; other messages are not blocked."""
@@ -198,6 +208,7 @@ async def test_a_crashing_handler_is_dead_lettered_by_the_delivery_limit(
     assert death["reason"] == b"delivery_limit" or death["reason"] == "delivery_limit"  # type: ignore[index]
     assert app.outcomes["error"] >= 2
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
+    await assert_clean_end(settings, worker_log, Expected(errors={"message_failed"}))
 
 
 async def test_a_deleted_dead_letter_queue_is_declared_again(

@@ -3,13 +3,22 @@ exactly what they select and leave the rest in order."""
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, crash_route_on, lead, setup_source, wait_until
+from tests.helpers import (
+    EventCollector,
+    Expected,
+    assert_clean_end,
+    crash_route_on,
+    lead,
+    setup_source,
+    wait_until,
+)
 from tests.integration.test_bad_input import publish_raw
 from worker import admin, dlq
 from worker.app import Worker
@@ -135,6 +144,7 @@ async def test_a_broker_dead_letter_is_listed_as_delivery_limit(
     settings: Settings,
     broker: aio_pika.abc.AbstractChannel,
     monkeypatch: pytest.MonkeyPatch,
+    worker_log: list[dict[str, Any]],
 ) -> None:
     await setup_source(pool, "tg", [("a", 100, 1)])
     crash_route_on(monkeypatch, "boom")
@@ -170,6 +180,9 @@ async def test_a_broker_dead_letter_is_listed_as_delivery_limit(
 
     assert await dlq.purge(settings, reason="delivery_limit") == 1
     assert [e.id for e in await dlq.list_entries(settings)] == [entries[0].id, entries[2].id]
+    await assert_clean_end(
+        settings, worker_log, Expected(Counter(unknown_source=2), errors={"message_failed"})
+    )
 
 
 async def publish_dead(

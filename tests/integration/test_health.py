@@ -7,13 +7,24 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from collections import Counter
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, settled, setup_source, wait_until
+from tests.helpers import (
+    EventCollector,
+    Expected,
+    assert_clean_end,
+    lead,
+    raw_message,
+    settled,
+    setup_source,
+    wait_until,
+)
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -83,6 +94,7 @@ async def test_metrics_move_while_the_worker_works(
     settings: Settings,
     broker: aio_pika.abc.AbstractChannel,
     events: EventCollector,
+    worker_log: list[dict[str, Any]],
 ) -> None:
     await setup(pool)
     app = Worker(settings.model_copy(update={"metrics_port": free_port()}))
@@ -111,6 +123,7 @@ async def test_metrics_move_while_the_worker_works(
     assert sample(metrics, "leadrouter_processing_seconds_count") == 21
     assert "leadrouter_queued_contacts " in metrics and "leadrouter_outbox_pending " in metrics
     assert "m:1" not in metrics  # no personal data in labels
+    await assert_clean_end(settings, worker_log, Expected(Counter(unknown_source=1)))
 
 
 @pytest.mark.settings(health_interval_seconds=0.2)
@@ -119,6 +132,7 @@ async def test_readiness_follows_postgres_and_consuming_pauses(
     settings: Settings,
     broker: aio_pika.abc.AbstractChannel,
     events: EventCollector,
+    worker_log: list[dict[str, Any]],
 ) -> None:
     await setup(pool)
     url = urlsplit(settings.database_url)
@@ -169,3 +183,4 @@ async def test_readiness_follows_postgres_and_consuming_pauses(
         await app.stop()
         with contextlib.suppress(Exception):
             await proxy.stop()
+    await assert_clean_end(settings, worker_log)

@@ -6,15 +6,26 @@ import re
 import shutil
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
+from tests.helpers import (
+    EventCollector,
+    Expected,
+    assert_clean_end,
+    lead,
+    raw_message,
+    setup_source,
+    wait_until,
+)
+from tests.services import cannot_run
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -37,15 +48,15 @@ def rabbitmqctl(*args: str) -> None:
 @pytest.fixture
 def restricted_vhost(settings: Settings) -> Iterator[str]:
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not on PATH: cannot create a restricted user")
+        cannot_run("rabbitmqctl is not on PATH: cannot create a restricted user")
     if urlsplit(settings.amqp_url).hostname not in {"127.0.0.1", "localhost"}:
-        pytest.skip("the broker is not local: rabbitmqctl cannot manage it")
+        cannot_run("the broker is not local: rabbitmqctl cannot manage it")
     name = f"lrtest_{uuid.uuid4().hex[:12]}"
     try:
         rabbitmqctl("add_vhost", name)
         rabbitmqctl("add_user", name, "pw-" + name)
     except (subprocess.CalledProcessError, PermissionError) as exc:
-        pytest.skip(f"cannot manage RabbitMQ users here: {exc}")
+        cannot_run(f"cannot manage RabbitMQ users here: {exc}")
     try:
         rabbitmqctl("set_permissions", "-p", name, name, *readme_permissions())
         yield name
@@ -55,7 +66,10 @@ def restricted_vhost(settings: Settings) -> Iterator[str]:
 
 
 async def test_worker_runs_with_the_readme_permissions(
-    pool: asyncpg.Pool, settings: Settings, restricted_vhost: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    restricted_vhost: str,
+    worker_log: list[dict[str, Any]],
 ) -> None:
     host = urlsplit(settings.amqp_url)
     user = f"{restricted_vhost}:pw-{restricted_vhost}"
@@ -64,11 +78,11 @@ async def test_worker_runs_with_the_readme_permissions(
     defaults = Settings(database_url=settings.database_url, amqp_url=url, log_format="json")
     await setup_source(pool, "tg", [("a", 10, 1)])
 
+    # An admin (guest) publishes as a bot would and listens to the events.
+    admin_url = settings.amqp_url.rstrip("/") + "/" + quote(restricted_vhost)
     app = Worker(defaults)
     await app.start()
     try:
-        # An admin (guest) publishes as a bot would and listens to the events.
-        admin_url = settings.amqp_url.rstrip("/") + "/" + quote(restricted_vhost)
         rabbitmqctl("set_permissions", "-p", restricted_vhost, "guest", ".*", ".*", ".*")
         connection = await aio_pika.connect(admin_url)
         async with connection:
@@ -91,3 +105,5 @@ async def test_worker_runs_with_the_readme_permissions(
     finally:
         await app.stop()
     assert app.outcomes == {"ok": 1, "invalid_json": 1}
+    as_admin = defaults.model_copy(update={"amqp_url": admin_url})
+    await assert_clean_end(as_admin, worker_log, Expected(Counter(invalid_json=1)))

@@ -5,13 +5,29 @@ import asyncio
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, lead, raw_message, send, wait_until
-from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
+from tests.helpers import (
+    EventCollector,
+    assert_clean_end,
+    lead,
+    raw_message,
+    route_new,
+    send,
+    settled,
+    wait_until,
+)
+from tests.integration.test_worker_processes import (
+    logs_of,
+    spawn,
+    stop_gracefully,
+    wait_ready,
+    worker_processes,
+)
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
@@ -119,40 +135,67 @@ async def test_queued_contact_is_assigned_within_a_second_of_a_close(
     assert late.data.queued_seconds is not None and late.data.queued_seconds > 0
 
 
-@pytest.mark.settings(backlog_sweep_seconds=3600)
+@pytest.mark.settings(backlog_sweep_seconds=3600, batch_linger_seconds=0.5)
 async def test_a_flood_never_overtakes_the_backlog(
     pool: asyncpg.Pool,
     broker: aio_pika.abc.AbstractChannel,
     settings: Settings,
     events: EventCollector,
-    worker: Worker,
+    worker_log: list[dict[str, Any]],
 ) -> None:
-    [op] = await operators(pool, 0)
+    """Capacity opens (ten closes) in the very transaction that brings a flood of new
+    leads: the five waiting contacts get it first, oldest first, then the newcomers the
+    rest, in the order they came."""
+    [op] = await operators(pool, 10)
     await make_source(pool, "tg", {op: 1})
+    async with pool.acquire() as conn, conn.transaction():
+        outcome = await route_new(conn, "tg", *(f"old:{n}" for n in range(15)))
+    busy = sorted(outcome.assigned)  # old:0-9 took the capacity; old:10-14 wait
+    backlog = sorted(set(outcome.contacts.values()) - set(busy))
+    assert (len(busy), len(backlog)) == (10, 5)
+    # Published before any worker runs, the closes among the newcomers, so that they
+    # reach the worker together (it lingers for a full batch).
     exchange = await broker.get_exchange(settings.inbound_exchange)
-    for n in range(5):
-        await send(broker, settings, "lead.contact", lead("tg", f"old:{n}"), f"old-{n}")
-    await events.wait_for("contact.queued", 5)
-    flood = asyncio.gather(
-        *(
-            exchange.publish(raw_message(lead("tg", f"new:{n}"), f"new-{n}"), "lead.contact")
-            for n in range(100)
+    for n in range(100):
+        await exchange.publish(raw_message(lead("tg", f"new:{n}"), f"new-{n}"), "lead.contact")
+        if n % 10 == 5:
+            contact_id = busy[n // 10]
+            await exchange.publish(
+                raw_message({"contact_id": contact_id}, f"close-{contact_id}"), "contact.close"
+            )
+    app = Worker(settings)
+    await app.start()
+    try:
+        await events.wait_for("contact.closed", 10)
+        # Those of the first routing too (the relay publishes them at start), and ten more.
+        await events.wait_for("contact.assigned", 20)
+        await wait_until(lambda: settled(app, 110), what="every message settled")
+    finally:
+        await app.stop()
+    # They really competed: one transaction freed the capacity and brought the newcomers.
+    assert any(
+        e["event"] == "batch_handled" and e["closed"] == 10 and e["contacts"] for e in worker_log
+    ), "no transaction held all the closes and new leads together"
+    # Assignment order is outbox order: the backlog oldest first, then the first five
+    # newcomers; the other 95 queue.
+    late = await pool.fetch(
+        "SELECT o.contact_id, l.external_id FROM outbox o"
+        " JOIN contacts c ON c.id = o.contact_id JOIN leads l ON l.id = c.lead_id"
+        " WHERE o.routing_key = 'contact.assigned' AND NOT o.contact_id = ANY($1::bigint[])"
+        " ORDER BY o.id",
+        busy,
+    )
+    assert [r["contact_id"] for r in late][:5] == backlog
+    newcomers = [r["external_id"] for r in late][5:]
+    assert len(newcomers) == 5 and all(e.startswith("new:") for e in newcomers), newcomers
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM contacts c JOIN leads l ON l.id = c.lead_id"
+            " WHERE l.external_id LIKE 'new:%' AND c.operator_id IS NULL"
         )
+        == 95
     )
-    await admin.update_operator(pool, op, max_load=5)
-    await flood
-    await events.wait_for("contact.assigned", 5)
-    # Assignment order is outbox order (events of one batch may arrive in any order).
-    order = await pool.fetch(
-        "SELECT payload -> 'data' ->> 'lead_external_id' AS lead FROM outbox"
-        " WHERE routing_key = 'contact.assigned' ORDER BY id"
-    )
-    # Oldest contact first (handled concurrently, contacts need not follow publish order).
-    oldest = await pool.fetch(
-        "SELECT l.external_id FROM contacts c JOIN leads l ON l.id = c.lead_id"
-        " WHERE l.external_id LIKE 'old:%' ORDER BY c.id"
-    )
-    assert [r["lead"] for r in order] == [r["external_id"] for r in oldest]
+    await assert_clean_end(settings, worker_log)
 
 
 async def test_returning_lead_goes_back_to_the_same_operator(
@@ -275,6 +318,8 @@ async def test_capacity_is_never_exceeded_across_sources(
             timeout=60,
             what="every contact closed",
         )
+        await asyncio.to_thread(stop_gracefully, procs)
+    await assert_clean_end(settings, logs_of(tmp_path))
     peaks = [dict(r) for r in await pool.fetch(PEAK_LOADS)]
     assert len(peaks) == 5 and all(p["peak"] <= p["max_load"] for p in peaks), peaks
     assert sum(p["commits"] for p in peaks) == 2 * total  # each assigned once, closed once
