@@ -371,6 +371,8 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
     """Bring the database in line with the file in one transaction, or with dry_run only
     say what that would change. Returns the diff (every entity of the file, in order)."""
 
+    undrained: set[int] = set()
+
     async def run(conn: asyncpg.Connection) -> list[Change]:
         # One apply at a time, so two applies of a file cannot both create an operator
         # (names are not unique in the database). Dry runs wait too: they show the diff
@@ -378,11 +380,15 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
         await conn.execute(Q.lock_apply)
         current = await _read_state(conn, routing)
         changes = plan(current, routing)
+        undrained.clear()
         if not dry_run:
-            await _execute(conn, current, routing, changes)
+            undrained.update(await _execute(conn, current, routing, changes))
         return changes
 
-    return await in_transaction(pool, run, readonly=dry_run)
+    changes = await in_transaction(pool, run, readonly=dry_run)
+    if undrained:
+        await distribution.drain_after_commit(pool, undrained)
+    return changes
 
 
 async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
@@ -412,10 +418,12 @@ async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
 
 async def _execute(
     conn: asyncpg.Connection, current: State, routing: RoutingFile, changes: list[Change]
-) -> None:
+) -> set[int]:
+    """Make the changes; returns the sources given capacity whose locks were not held
+    (the caller routes them after commit)."""
     todo = {(c.entity, c.name): c.kind for c in changes if c.kind != "unchanged"}
     if not todo:
-        return
+        return set()
     # plan() made sure every name the file uses is unique in the database.
     operator_ids = {op.name: op.id for op in current.operators}
     source_ids = {s.key: s.id for s in current.sources}
@@ -470,3 +478,11 @@ async def _execute(
             )
 
     await distribution.drain_sources(conn, affected)
+    # Sources the changed operators were weighted for since they were read before the
+    # locks (a concurrent `weights set`).
+    now: set[int] = set()
+    for entity, name in todo:
+        if entity == "operator" and name in operator_ids:
+            rows = await conn.fetch(Q.operator_source_ids, operator_ids[name])
+            now.update(r["source_id"] for r in rows)
+    return now - affected
