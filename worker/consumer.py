@@ -49,7 +49,6 @@ class _Delivery:
     inbound: Inbound | None = None
     failure: BaseException | None = None  # None once handled: ack
     decided: bool = False  # acked, held or handed back: nothing more to do
-    refreshed: bool = False  # a fresh copy of it was published: ack it, nothing else
 
 
 @dataclass
@@ -84,11 +83,12 @@ class _AckWindow:
         state.busy.discard(self._tag(d))
         state.held.discard(self._tag(d))
 
-    async def ack_held(self, d: _Delivery) -> None:
-        """Ack, alone, a delivery that was held (a dead letter the broker refused at
-        first, see Consumer._retry_dead_letters)."""
+    async def ack_alone(self, d: _Delivery) -> None:
+        """Ack this one delivery now, whatever is still in flight before it (a message
+        replaced by its copy, a held dead letter the broker took at last)."""
         state = self._channels.get(d.channel)
         if state is not None:
+            state.busy.discard(self._tag(d))
             state.held.discard(self._tag(d))
         if d.channel.is_closed:  # it went back to the queue with the channel
             return
@@ -188,6 +188,9 @@ class Consumer:
         rest of the intake (measured with py-spy under `leadrouter bench`)."""
         d = _Delivery(message, message.channel, time.perf_counter())
         self._acks.delivered(d)
+        if self._worn(d):
+            self._spawn(self._refresh(d))
+            return
         self._buffer.append(d)
         self._arrived.set()
 
@@ -243,12 +246,7 @@ class Consumer:
                 self._in_flight -= len(batch)
 
     async def _handle(self, batch: list[_Delivery]) -> None:
-        worn = [d for d in batch if self._worn(d)]
-        if worn:
-            await asyncio.gather(*(self._refresh(d) for d in worn))
         for d in batch:
-            if d.refreshed:
-                continue
             try:
                 d.inbound = decode(
                     d.message.body,
@@ -380,10 +378,6 @@ class Consumer:
         message, failure = d.message, d.failure
         message_id = message.header.properties.message_id
         try:
-            if d.refreshed:  # its copy, published and confirmed, takes its place
-                self._count("refreshed")
-                d.decided = True
-                return True
             if failure is None:
                 self._count("ok")
                 d.decided = True
@@ -461,14 +455,18 @@ class Consumer:
         waited: a held lock, PostgreSQL away) by a fresh copy whose delivery count starts
         at 0, so that waiting out a transient stall never wears out its delivery limit.
         The copy is confirmed before the original is acked; if the ack is lost the
-        worker sees both, and is idempotent on the message id. Done on arrival, because
-        a worker that is killed gets no chance to do it later."""
+        worker sees both, and is idempotent on the message id. Done on arrival, before
+        the message waits for a batch: a worker that is stopped or killed while the
+        message waits gets no chance to do it later."""
         try:
             await self._publish_copy(d.message, self._failures(d))
         except Exception as exc:  # handled as it is; the broker's count goes on
             logger.warning("message_copy_failed", error=type(exc).__name__)
+            self._buffer.append(d)
+            self._arrived.set()
             return
-        d.refreshed = True
+        self._count("refreshed")
+        await self._acks.ack_alone(d)
         logger.info(
             "delivery_count_reset",
             message_id=d.message.header.properties.message_id,
@@ -573,7 +571,7 @@ class Consumer:
             attempt = 0
             self._refused.popleft()
             self._dead_lettered(failure)
-            await self._acks.ack_held(d)
+            await self._acks.ack_alone(d)
         if not self._readiness.dead_letters:
             logger.info("dead_letters_accepted", queue=self._settings.dead_queue)
         self._readiness.dead_letters = True
