@@ -498,6 +498,7 @@ class Consumer:
             reply_to=properties.reply_to,
             message_id=properties.message_id,
             timestamp=properties.timestamp,
+            expiration=_seconds(properties.expiration),  # a copy's time to live starts anew
             type=properties.message_type,
             app_id=properties.app_id,
             user_id=self._user,  # checked by the broker: what makes FAILURES_HEADER ours
@@ -645,3 +646,10 @@ class Consumer:
 def _count_header(headers: dict[str, Any] | None, name: str) -> int:
     value = (headers or {}).get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _seconds(milliseconds: str | None) -> float | None:
+    """The expiration property (milliseconds, as text) in seconds, as aio-pika takes it."""
+    if not milliseconds or not milliseconds.isdigit():
+        return None
+    return int(milliseconds) / 1000

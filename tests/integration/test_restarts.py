@@ -10,8 +10,15 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.helpers import EventCollector, crash_route_on, lead, raw_message, setup_source
-from tests.helpers import settled, wait_until
+from tests.helpers import (
+    EventCollector,
+    crash_route_on,
+    lead,
+    raw_message,
+    settled,
+    setup_source,
+    wait_until,
+)
 from tests.integration.test_bad_input import dead_letters
 from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
 from worker.app import Worker
@@ -57,7 +64,8 @@ async def test_restarts_while_a_source_is_locked_dead_letter_nothing(
             await wait_ready(pool, settings, tmp_path, restarts)
             await holder.execute("SELECT pg_advisory_unlock(1280, $1)", source_id)
             await events.wait_for("contact.assigned", total, timeout=30)
-            log = "".join(p.read_text() for p in sorted(tmp_path.glob("worker-*.log")))
+            logs = [tmp_path / f"worker-{n}.log" for n in range(restarts + 1)]
+            log = "".join([await asyncio.to_thread(p.read_text) for p in logs])
     assert await dead_letters(settings, 0) == []
     assert await pool.fetchval("SELECT count(DISTINCT inbound_message_id) FROM contacts") == total
     assert await pool.fetchval("SELECT count(*) FROM contacts") == total
