@@ -68,3 +68,26 @@ async def test_capacity_freed_while_another_source_is_locked_is_used_within_a_se
     assert waited < 1.0, f"assigned {waited:.3f}s after the locks were released"
     assert await pool.fetchval(OPERATOR_OF, "m-w:2") == op
     assert await pool.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1
+
+
+@pytest.mark.settings(backlog_sweep_seconds=3600)
+async def test_a_max_load_raised_serves_a_source_weighted_while_it_waited_for_locks(
+    pool: asyncpg.Pool,
+) -> None:
+    """`operators update` reads the operator's sources, then waits for their locks; a
+    weight given meanwhile for another source is served by the capacity it creates."""
+    [op] = await setup_source(pool, "tg", [("a", 0, 1)])
+    await admin.add_source(pool, "web", None, "", None)
+    async with pool.acquire() as conn, conn.transaction():
+        await route_new(conn, "web", "w:1")  # nobody can take it
+    tg = await pool.fetchval("SELECT id FROM sources WHERE key = 'tg'")
+
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock(1280, $1)", tg)
+        raising = asyncio.ensure_future(admin.update_operator(pool, op, max_load=1))
+        await wait_until(lambda: pool.fetchval(WAITING_FOR_A_LOCK), what="the update waits")
+        assert await admin.set_weights(pool, "web", {op: 1}) == 0  # still max-load 0
+        await holder.execute("SELECT pg_advisory_unlock(1280, $1)", tg)
+    _row, assigned = await raising
+    assert assigned == 1
+    assert await pool.fetchval(OPERATOR_OF, "m-w:1") == op
