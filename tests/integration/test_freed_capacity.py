@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import route_new, send, setup_source, wait_until
 from worker import admin, distribution
 from worker.app import Worker
+from worker.routing_file import apply, parse
 from worker.settings import Settings
 
 WAITING_FOR_A_LOCK = "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
@@ -70,12 +71,14 @@ async def test_capacity_freed_while_another_source_is_locked_is_used_within_a_se
     assert await pool.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1
 
 
+@pytest.mark.parametrize("how", ["operators update", "apply"])
 @pytest.mark.settings(backlog_sweep_seconds=3600)
 async def test_a_max_load_raised_serves_a_source_weighted_while_it_waited_for_locks(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, how: str
 ) -> None:
-    """`operators update` reads the operator's sources, then waits for their locks; a
-    weight given meanwhile for another source is served by the capacity it creates."""
+    """`operators update` and `apply` read the operator's sources, then wait for their
+    locks; a weight given meanwhile for another source is served by the capacity they
+    create, before they return."""
     [op] = await setup_source(pool, "tg", [("a", 0, 1)])
     await admin.add_source(pool, "web", None, "", None)
     async with pool.acquire() as conn, conn.transaction():
@@ -84,10 +87,15 @@ async def test_a_max_load_raised_serves_a_source_weighted_while_it_waited_for_lo
 
     async with pool.acquire() as holder:
         await holder.execute("SELECT pg_advisory_lock(1280, $1)", tg)
-        raising = asyncio.ensure_future(admin.update_operator(pool, op, max_load=1))
+        raising = asyncio.ensure_future(
+            admin.update_operator(pool, op, max_load=1)
+            if how == "operators update"
+            else apply(pool, parse('[[operators]]\nname = "a"\nmax_load = 1\n', "toml"), False)
+        )
         await wait_until(lambda: pool.fetchval(WAITING_FOR_A_LOCK), what="the update waits")
         assert await admin.set_weights(pool, "web", {op: 1}) == 0  # still max-load 0
         await holder.execute("SELECT pg_advisory_unlock(1280, $1)", tg)
-    _row, assigned = await raising
-    assert assigned == 1
+    result = await raising
+    if how == "operators update":
+        assert result[1] == 1  # "assigned 1 queued contact(s)"
     assert await pool.fetchval(OPERATOR_OF, "m-w:1") == op
