@@ -560,6 +560,8 @@ class Consumer:
             except Exception as exc:
                 attempt += 1
                 self._dead_letter_failed(exc)
+                if not is_transient(exc):  # this one's own problem: let the others by
+                    self._refused.rotate(-1)
                 delay = max(backoff(attempt, self._settings.retry_max_seconds), 0.05)
                 logger.warning(
                     "dead_letter_retrying",

@@ -146,3 +146,39 @@ async def test_refused_dead_letters_never_fill_the_prefetch_window(
 
 async def _outcome(app: Worker, outcome: str, count: int) -> bool:
     return app.outcomes[outcome] >= count
+
+
+@pytest.mark.settings(retry_max_seconds=0.2)
+async def test_a_dead_letter_that_cannot_be_published_does_not_hold_up_the_others(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure of its own (not the broker's): it waits, unacked and retried, with the
+    worker not ready and saying why, while later dead letters go by."""
+    from worker.consumer import Consumer
+
+    real = Consumer._publish_dead
+
+    async def broken_for_one(self: Consumer, message: Any, failure: Any) -> None:
+        if message.header.properties.message_id == "bad-1":
+            raise ValueError("cannot encode")
+        await real(self, message, failure)
+
+    monkeypatch.setattr(Consumer, "_publish_dead", broken_for_one)
+    app = Worker(settings)
+    await app.start()
+    try:
+        exchange = await broker.get_exchange(settings.inbound_exchange)
+        await exchange.publish(raw_message(b"{not json", "bad-1"), "lead.contact")
+        await wait_until(lambda: asyncio.sleep(0, not app.readiness.dead_letters), what="failing")
+        await exchange.publish(raw_message(b"{not json", "bad-2"), "lead.contact")
+        [dead] = await dead_letters(settings, 1)
+        assert dead.message_id == "bad-2"
+        assert app.readiness.dead_letters is False
+        assert app.readiness.dead_letter_problem == "ValueError"
+    finally:
+        await app.stop()
+    queue = await broker.declare_queue(settings.inbound_queue, passive=True)
+    assert queue.declaration_result.message_count == 1, "bad-1 went back to the queue"
