@@ -41,7 +41,7 @@ async def update_operator(
     if max_load is not None and max_load < 0:
         raise UserError(f"max-load must be 0 or more, not {max_load}")
 
-    async def update(conn: asyncpg.Connection) -> tuple[Row, int]:
+    async def update(conn: asyncpg.Connection) -> tuple[Row, int, set[int]]:
         source_ids = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
         await distribution.lock_sources(conn, source_ids)
         try:
@@ -53,9 +53,16 @@ async def update_operator(
         drained = await distribution.drain_sources(conn, source_ids)
         if drained.total():  # its load as it is now, with the contacts it was just given
             row = await conn.fetchrow(Q.operator_by_id, operator_id)
-        return dict(row), drained.total()
+        # Weighted for more sources since they were read before the locks: those are
+        # routed right after commit.
+        now = {r["source_id"] for r in await conn.fetch(Q.operator_source_ids, operator_id)}
+        return dict(row), drained.total(), now - source_ids
 
-    return await in_transaction(pool, update)
+    row, drained, undrained = await in_transaction(pool, update)
+    late = await _drain_after_commit(pool, undrained)
+    if late:  # its load after those too
+        row = dict(await pool.fetchrow(Q.operator_by_id, operator_id))
+    return row, drained + late
 
 
 def max_load_warning(row: Row) -> str | None:
@@ -202,7 +209,17 @@ async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Out
             raise UserError(f"no contact with id {contact_id}")
         return await distribution.route(conn, plan, close_ids=[contact_id])
 
-    return await in_transaction(pool, close)
+    outcome = await in_transaction(pool, close)
+    await _drain_after_commit(pool, outcome.undrained)
+    return outcome
+
+
+async def _drain_after_commit(pool: asyncpg.Pool, source_ids: set[int]) -> int:
+    """Capacity an action freed for sources it did not hold the locks of: used now, not
+    at the next backlog sweep (see distribution.Outcome.undrained)."""
+    if not source_ids:
+        return 0
+    return (await distribution.drain_after_commit(pool, source_ids)).total()
 
 
 async def _source(conn: asyncpg.Connection, key: str) -> asyncpg.Record:

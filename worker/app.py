@@ -119,6 +119,8 @@ class Worker:
             self.metrics,
             self.relay,
             self._declare_topology,
+            inbound_exchange=declared.exchanges[s.inbound_exchange],
+            readiness=self.readiness,
         )
         self.consumer.start()
         await self._consume()

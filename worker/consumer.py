@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -24,6 +25,7 @@ from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_k
 from worker.dlq import replay_headers
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.failures import backoff, is_transient
+from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.settings import Settings
@@ -31,6 +33,13 @@ from worker.settings import Settings
 logger = log.get(__name__)
 T = TypeVar("T")
 PARALLEL_BELOW = 10  # messages in flight or waiting (see Consumer._batcher)
+# The quorum queue's count of a message's earlier deliveries (returned unacked, by a
+# nack or because the channel or worker went away).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+# How often the handler failed on a message (a bug), carried on the copies the worker
+# publishes itself (see Consumer._settle); trusted only on messages published under the
+# worker's own RabbitMQ user, which the broker checks (the user-id property).
+FAILURES_HEADER = "x-leadrouter-failures"
 
 
 @dataclass
@@ -47,7 +56,7 @@ class _Delivery:
 class _ChannelAcks:
     busy: set[int] = field(default_factory=set)  # delivered, not decided yet
     done: set[int] = field(default_factory=set)  # to ack
-    held: set[int] = field(default_factory=set)  # left unacked on purpose: never ack
+    held: set[int] = field(default_factory=set)  # left unacked on purpose: not acked here
 
 
 class _AckWindow:
@@ -71,7 +80,23 @@ class _AckWindow:
 
     def released(self, d: _Delivery) -> None:
         """A nack was sent: the broker no longer counts it as ours."""
-        self._of(d).busy.discard(self._tag(d))
+        state = self._of(d)
+        state.busy.discard(self._tag(d))
+        state.held.discard(self._tag(d))
+
+    async def ack_alone(self, d: _Delivery) -> None:
+        """Ack this one delivery now, whatever is still in flight before it (a message
+        replaced by its copy, a held dead letter the broker took at last)."""
+        state = self._channels.get(d.channel)
+        if state is not None:
+            state.busy.discard(self._tag(d))
+            state.held.discard(self._tag(d))
+        if d.channel.is_closed:  # it went back to the queue with the channel
+            return
+        try:
+            await d.channel.basic_ack(self._tag(d), wait=False)
+        except Exception as exc:
+            logger.warning("ack_failed", error=type(exc).__name__, count=1)
 
     async def ack(self, deliveries: Sequence[_Delivery]) -> None:
         for d in deliveries:
@@ -121,7 +146,12 @@ class Consumer:
         metrics: Metrics,
         relay: OutboxRelay,
         declare_topology: Callable[[], Awaitable[object]],
+        inbound_exchange: AbstractExchange | None = None,
+        readiness: Readiness | None = None,
     ):
+        # Where fresh copies of a message go (same routing key): see _refresh and _settle.
+        self._inbound = inbound_exchange
+        self._readiness = readiness or Readiness()
         self._relay = relay  # publishes the events each batch commits
         self._declare_topology = declare_topology  # again, when something was deleted
         self._pool = pool
@@ -135,6 +165,17 @@ class Consumer:
         self._in_flight = 0  # messages in the batches being handled
         self._batchers: list[asyncio.Task[None]] = []
         self._acks = _AckWindow()
+        # Dead letters the broker refused (the dead-letter queue full, with
+        # reject-publish, or gone), oldest first: held unacked and retried by
+        # _retry_dead_letters while the batches go on. At most half the prefetch window:
+        # beyond it, refused ones are handed back to the queue after a pause.
+        self._refused: deque[tuple[_Delivery, DeadLetter]] = deque()
+        self._max_refused = max(1, settings.prefetch // 2)
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._retrier: asyncio.Task[None] | None = None
+        # A copy is published before a message's delivery count reaches the limit.
+        self._refresh_at = max(1, settings.delivery_limit // 2)
+        self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
 
     def start(self) -> None:
         self._batchers = [
@@ -148,6 +189,9 @@ class Consumer:
         rest of the intake (measured with py-spy under `leadrouter bench`)."""
         d = _Delivery(message, message.channel, time.perf_counter())
         self._acks.delivered(d)
+        if self._worn(d):
+            self._spawn(self._refresh(d))
+            return
         self._buffer.append(d)
         self._arrived.set()
 
@@ -160,12 +204,16 @@ class Consumer:
         while (self._buffer or self._in_flight) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         self.stopping = True
-        abandoned = len(self._buffer) + self._in_flight
-        for task in self._batchers:
+        abandoned = len(self._buffer) + self._in_flight + len(self._refused)
+        side = [*self._side_tasks, *([self._retrier] if self._retrier else [])]
+        for task in [*self._batchers, *side]:
             task.cancel()
-        if self._batchers:
-            await asyncio.wait(self._batchers, timeout=max(deadline - time.monotonic(), 1))
+        if self._batchers or side:
+            await asyncio.wait(
+                [*self._batchers, *side], timeout=max(deadline - time.monotonic(), 1)
+            )
         self._buffer.clear()
+        self._refused.clear()  # unacked: the broker redelivers them
         return abandoned
 
     async def _batcher(self) -> None:
@@ -278,6 +326,8 @@ class Consumer:
                 conn, plan, new, closes, lease=self._settings.outbox_lease_seconds
             )
         self._relay.committed(outcome.events)
+        if outcome.undrained:
+            self._spawn(self._drain_after_commit(outcome.undrained))
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
@@ -343,31 +393,218 @@ class Consumer:
                     reason=str(failure.reason),
                     error=failure.detail,
                 )
-                try:
-                    await self._retrying(lambda: self._publish_dead(message, failure))
-                except Exception:
-                    # Stopping while the broker is away: unacked, it comes back.
-                    self._hold(d, "dead_letter_deferred")
+                if self._refused:  # the broker refuses dead letters: join the queue
+                    self._defer_dead_letter(d, failure)
                     return False
-                self._count(str(failure.reason))
-                self._metrics.dead_letters.labels(str(failure.reason)).inc()
+                try:
+                    await self._publish_dead(message, failure)
+                except Exception as exc:
+                    # Never retried here: a dead-letter queue that refuses for hours
+                    # must not stall the valid messages of this batch and the next.
+                    self._dead_letter_failed(exc)
+                    self._defer_dead_letter(d, failure)
+                    return False
+                self._dead_lettered(failure)
                 d.decided = True
                 return True
             if is_transient(failure):
                 # Shutting down: unacked, the broker redelivers it; nothing was committed.
                 self._hold(d, "deferred")
                 return False
-            # A bug. The broker counts the redeliveries and dead-letters the message at
-            # the queue's delivery limit, so it neither loops forever nor is lost.
+            # A bug. We count the failures ourselves, on a copy (see _refresh: the
+            # broker's count also grows with every worker restart, so it cannot tell a
+            # bug from a valid message waiting out a stall). Below the limit the copy
+            # replaces the message; at the limit it is handed back and the quorum
+            # queue's own delivery limit dead-letters it (`delivery_limit`, x-death).
             self._count("error")
             logger.error("message_failed", message_id=message_id, exc_info=failure)
             # Not at once: a failure that hits every message must not burn the whole
             # queue's delivery limits in milliseconds.
             await asyncio.sleep(backoff(3, self._settings.retry_max_seconds))
+            failures = self._failures(d) + 1
+            if failures < self._settings.delivery_limit:
+                try:
+                    await self._publish_copy(message, failures)
+                except Exception as exc:
+                    logger.warning("message_copy_failed", error=type(exc).__name__)
+                else:
+                    d.decided = True
+                    return True
             await self._hand_back(d)
             return False
         finally:
             self._metrics.processing.observe(time.perf_counter() - d.arrived)
+
+    def _failures(self, d: _Delivery) -> int:
+        """Handler failures counted on our copies; 0 on anyone else's message."""
+        properties = d.message.header.properties
+        if properties.user_id != self._user:
+            return 0
+        return _count_header(properties.headers, FAILURES_HEADER)
+
+    def _worn(self, d: _Delivery) -> bool:
+        """Whether the broker's delivery count of this message is halfway to the limit
+        and the count is not ours to finish (a message that failed on a bug at every
+        copy is left to it, see _settle)."""
+        return (
+            self._inbound is not None
+            and _count_header(d.message.header.properties.headers, DELIVERY_COUNT_HEADER)
+            >= self._refresh_at
+            and self._failures(d) < self._settings.delivery_limit - 1
+        )
+
+    async def _refresh(self, d: _Delivery) -> None:
+        """Replace a message the broker redelivered often (workers restarted while it
+        waited: a held lock, PostgreSQL away) by a fresh copy whose delivery count starts
+        at 0, so that waiting out a transient stall never wears out its delivery limit.
+        The copy is confirmed before the original is acked; if the ack is lost the
+        worker sees both, and is idempotent on the message id. Done on arrival, before
+        the message waits for a batch: a worker that is stopped or killed while the
+        message waits gets no chance to do it later."""
+        try:
+            await self._publish_copy(d.message, self._failures(d))
+        except Exception as exc:  # handled as it is; the broker's count goes on
+            logger.warning("message_copy_failed", error=type(exc).__name__)
+            self._buffer.append(d)
+            self._arrived.set()
+            return
+        self._count("refreshed")
+        await self._acks.ack_alone(d)
+        logger.info(
+            "delivery_count_reset",
+            message_id=d.message.header.properties.message_id,
+            delivery_count=_count_header(
+                d.message.header.properties.headers, DELIVERY_COUNT_HEADER
+            ),
+        )
+
+    async def _publish_copy(self, message: DeliveredMessage, failures: int) -> None:
+        """The same message (body, id, routing key, properties) back into the inbound
+        exchange, with publisher confirm, carrying `failures`."""
+        assert self._inbound is not None
+        properties = message.header.properties
+        headers = {
+            k: v
+            for k, v in (properties.headers or {}).items()
+            if k not in (DELIVERY_COUNT_HEADER, FAILURES_HEADER)
+        }
+        if failures:
+            headers[FAILURES_HEADER] = failures
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=properties.content_type,
+            content_encoding=properties.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=properties.priority,
+            correlation_id=properties.correlation_id,
+            reply_to=properties.reply_to,
+            message_id=properties.message_id,
+            timestamp=properties.timestamp,
+            expiration=_seconds(properties.expiration),  # a copy's time to live starts anew
+            type=properties.message_type,
+            app_id=properties.app_id,
+            user_id=self._user,  # checked by the broker: what makes FAILURES_HEADER ours
+        )
+        # Mandatory: a copy that reaches no queue must not replace the message.
+        await self._inbound.publish(copy, message.routing_key or "", mandatory=True)
+
+    def _dead_lettered(self, failure: DeadLetter) -> None:
+        self._count(str(failure.reason))
+        self._metrics.dead_letters.labels(str(failure.reason)).inc()
+
+    def _dead_letter_failed(self, exc: BaseException) -> None:
+        """The broker did not take a dead letter: not ready, and say why."""
+        if isinstance(exc, aiormq.exceptions.DeliveryError):
+            cause = "refused"  # nacked: the dead-letter queue is full (reject-publish)
+        elif isinstance(exc, aiormq.exceptions.PublishError):
+            cause = "unroutable"  # returned: the queue or its binding is gone
+        else:
+            cause = type(exc).__name__
+        if self._readiness.dead_letters or self._readiness.dead_letter_problem != cause:
+            logger.error(
+                "dead_letters_failing",
+                exchange=self._settings.dead_exchange,
+                queue=self._settings.dead_queue,
+                cause=cause,
+                error=type(exc).__name__,
+                waiting=len(self._refused) + 1,
+            )
+        self._readiness.dead_letter_problem = cause
+        self._readiness.dead_letters = False
+
+    def _defer_dead_letter(self, d: _Delivery, failure: DeadLetter) -> None:
+        """Keep a dead letter the broker did not take unacked, for _retry_dead_letters."""
+        if self.stopping:  # unacked, it comes back after the restart
+            self._hold(d, "dead_letter_deferred")
+            return
+        if len(self._refused) >= self._max_refused:
+            # Held ones would fill the prefetch window and stop valid messages: hand
+            # this one back (after a pause, so it does not spin); it comes again.
+            self._hold(d, "dead_letter_handed_back")
+            self._spawn(self._hand_back_later(d))
+            return
+        self._hold(d, "dead_letter_deferred")
+        self._refused.append((d, failure))
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.create_task(self._retry_dead_letters(), name="dead-letters")
+
+    async def _retry_dead_letters(self) -> None:
+        """Publish the refused dead letters, oldest first, with backoff, acking each once
+        the broker confirmed it; ready again when none is left."""
+        attempt = 0
+        while self._refused:
+            d, failure = self._refused[0]
+            if d.channel.is_closed:  # it went back to the queue with the channel
+                self._refused.popleft()
+                continue
+            try:
+                await self._publish_dead(d.message, failure)
+            except Exception as exc:
+                attempt += 1
+                self._dead_letter_failed(exc)
+                if not is_transient(exc):  # this one's own problem: let the others by
+                    self._refused.rotate(-1)
+                delay = max(backoff(attempt, self._settings.retry_max_seconds), 0.05)
+                logger.warning(
+                    "dead_letter_retrying",
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
+                    waiting=len(self._refused),
+                )
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            self._refused.popleft()
+            self._dead_lettered(failure)
+            await self._acks.ack_alone(d)
+        if not self._readiness.dead_letters:
+            logger.info("dead_letters_accepted", queue=self._settings.dead_queue)
+        self._readiness.dead_letters = True
+        self._readiness.dead_letter_problem = None
+
+    async def _hand_back_later(self, d: _Delivery) -> None:
+        await asyncio.sleep(self._settings.retry_max_seconds)
+        await self._hand_back(d)
+
+    async def _drain_after_commit(self, source_ids: set[int]) -> None:
+        """Route sources a committed batch freed capacity for without holding their locks
+        (distribution.Outcome.undrained), now rather than at the backlog sweep."""
+        try:
+            assigned = await self._retrying(
+                lambda: distribution.drain_after_commit(self._pool, source_ids)
+            )
+        except Exception:  # a bug: the sweep remains the safety net
+            logger.exception("freed_capacity_routing_failed", sources=len(source_ids))
+            return
+        logger.info("freed_capacity_routed", sources=len(source_ids), assigned=assigned.total())
+        for (source, strategy), count in assigned.items():
+            self._metrics.assignments.labels(source, strategy).inc(count)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     def _hold(self, d: _Delivery, outcome: str) -> None:
         """Leave it unacked: the broker redelivers it when our channel closes."""
@@ -424,3 +661,15 @@ class Consumer:
             except Exception as exc:  # say why, and retry the publish all the same
                 logger.warning("topology_declare_failed", error=type(exc).__name__)
             raise
+
+
+def _count_header(headers: dict[str, Any] | None, name: str) -> int:
+    value = (headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _seconds(milliseconds: str | None) -> float | None:
+    """The expiration property (milliseconds, as text) in seconds, as aio-pika takes it."""
+    if not milliseconds or not milliseconds.isdigit():
+        return None
+    return int(milliseconds) / 1000

@@ -24,6 +24,7 @@ import asyncpg
 from schemas.events import envelope
 from schemas.inbound import LeadContact
 from worker.assignment import Assignment, Queued, assign
+from worker.failures import in_transaction
 from worker.sql import Q
 from worker.strategies import Candidate
 
@@ -76,6 +77,10 @@ class Outcome:
     already_closed: set[int] = field(default_factory=set)
     assignments: Assignments = field(default_factory=Counter)
     events: list[Event] = field(default_factory=list)  # leased: the caller publishes them
+    # Sources that closes gave capacity to but whose locks this transaction did not hold
+    # (the contact's operator or their weights changed between plan and lock): the
+    # caller routes them right after commit with `drain_after_commit`.
+    undrained: set[int] = field(default_factory=set)
 
     @property
     def late_assignments(self) -> int:
@@ -178,9 +183,11 @@ async def route(
         if freed:
             # Read again under the locks: a contact queued when planned may have been
             # given to an operator since. Only sources whose lock we hold may be routed
-            # now; the sweep covers the rare others.
+            # now (taking more locks here, after operator rows, could deadlock); the
+            # others are left to the caller, after commit, not to the sweep.
             rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
             drain.update({r["source_id"] for r in rows} & locked)
+            outcome.undrained = {r["source_id"] for r in rows} - locked
     drain.update(plan.sources[n.body.source].id for n in new)
     routes = [r for r in plan.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
@@ -200,6 +207,19 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     await _drain(conn, routes, outcome, events)
     await events.write(conn, lease=None)
     return outcome.assignments
+
+
+async def drain_after_commit(pool: asyncpg.Pool, source_ids: set[int]) -> Assignments:
+    """Route the backlog of sources that a committed transaction gave capacity to
+    without holding their locks, in a transaction of its own that takes them (waiting
+    for whoever holds them: their transaction's queued contacts are then visible too).
+    Its events go to the outbox, and the relays are notified."""
+
+    async def drain(conn: asyncpg.Connection) -> Assignments:
+        await lock_sources(conn, source_ids)
+        return await drain_sources(conn, source_ids)
+
+    return await in_transaction(pool, drain)
 
 
 async def _close(

@@ -24,10 +24,14 @@ class Readiness:
     postgres: bool = False
     rabbitmq: bool = False
     consuming: bool = False
+    # False while the broker refuses or returns dead letters (they wait unacked and are
+    # retried); dead_letter_problem says why: refused, unroutable or an error's name.
+    dead_letters: bool = True
+    dead_letter_problem: str | None = None
     heartbeat: float = 0.0  # monotonic time of the loop's last probe
 
     def ready(self) -> bool:
-        return self.postgres and self.rabbitmq and self.consuming
+        return self.postgres and self.rabbitmq and self.consuming and self.dead_letters
 
     def alive(self, stale_after: float) -> bool:
         return time.monotonic() - self.heartbeat < stale_after

@@ -370,15 +370,18 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
     """Bring the database in line with the file in one transaction, or with dry_run only
     say what that would change. Returns the diff (every entity of the file, in order)."""
 
+    undrained: set[int] = set()
+
     async def run(conn: asyncpg.Connection) -> list[Change]:
         # One apply at a time: a second one sees what the first created. Dry runs wait
         # too: they show the diff against the state any running apply leaves.
         await conn.execute(Q.lock_apply)
         current = await _read_state(conn, routing)
         changes = plan(current, routing)
+        undrained.clear()
         if not dry_run:
             try:
-                await _execute(conn, current, routing, changes)
+                undrained.update(await _execute(conn, current, routing, changes))
             except asyncpg.UniqueViolationError:  # `operators add` of the same name, meanwhile
                 raise UserError(
                     "an operator or source of the file was created by someone else meanwhile; "
@@ -386,7 +389,10 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
                 ) from None
         return changes
 
-    return await in_transaction(pool, run, readonly=dry_run)
+    changes = await in_transaction(pool, run, readonly=dry_run)
+    if undrained:
+        await distribution.drain_after_commit(pool, undrained)
+    return changes
 
 
 async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
@@ -416,10 +422,12 @@ async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
 
 async def _execute(
     conn: asyncpg.Connection, current: State, routing: RoutingFile, changes: list[Change]
-) -> None:
+) -> set[int]:
+    """Make the changes; returns the sources given capacity whose locks were not held
+    (the caller routes them after commit)."""
     todo = {(c.entity, c.name): c.kind for c in changes if c.kind != "unchanged"}
     if not todo:
-        return
+        return set()
     # plan() made sure every name the file uses is unique in the database.
     operator_ids = {op.name: op.id for op in current.operators}
     source_ids = {s.key: s.id for s in current.sources}
@@ -474,3 +482,11 @@ async def _execute(
             )
 
     await distribution.drain_sources(conn, affected)
+    # Sources the changed operators were weighted for since they were read before the
+    # locks (a concurrent `weights set`).
+    now: set[int] = set()
+    for entity, name in todo:
+        if entity == "operator" and name in operator_ids:
+            rows = await conn.fetch(Q.operator_source_ids, operator_ids[name])
+            now.update(r["source_id"] for r in rows)
+    return now - affected

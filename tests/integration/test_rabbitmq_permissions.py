@@ -20,6 +20,7 @@ from tests.helpers import (
     EventCollector,
     Expected,
     assert_clean_end,
+    crash_route_on,
     lead,
     raw_message,
     setup_source,
@@ -107,3 +108,51 @@ async def test_worker_runs_with_the_readme_permissions(
     assert app.outcomes == {"ok": 1, "invalid_json": 1}
     as_admin = defaults.model_copy(update={"amqp_url": admin_url})
     await assert_clean_end(as_admin, worker_log, Expected(Counter(invalid_json=1)))
+
+
+async def test_worker_copies_messages_with_the_readme_permissions(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    restricted_vhost: str,
+    monkeypatch: pytest.MonkeyPatch,
+    worker_log: list[dict[str, Any]],
+) -> None:
+    """A crashing message is replaced by a copy that counts the failure (published to
+    the inbound exchange under the worker's user): with the limit at 2 it fails twice as
+    often as the broker's count alone allows (2 x 2 against 2 + 1)."""
+    host = urlsplit(settings.amqp_url)
+    user = f"{restricted_vhost}:pw-{restricted_vhost}"
+    url = f"amqp://{user}@{host.hostname}:{host.port or 5672}/{quote(restricted_vhost)}"
+    limited = Settings(
+        database_url=settings.database_url,
+        amqp_url=url,
+        log_format="json",
+        delivery_limit=2,
+        retry_max_seconds=0.2,
+    )
+    await setup_source(pool, "tg", [("a", 10, 1)])
+    crash_route_on(monkeypatch, "boom")
+    app = Worker(limited)
+    await app.start()
+    try:
+        admin_url = settings.amqp_url.rstrip("/") + "/" + quote(restricted_vhost)
+        rabbitmqctl("set_permissions", "-p", restricted_vhost, "guest", ".*", ".*", ".*")
+        connection = await aio_pika.connect(admin_url)
+        async with connection:
+            channel = await connection.channel()
+            inbound = await channel.get_exchange(limited.inbound_exchange)
+            await inbound.publish(raw_message(lead("tg", "boom"), "crash-1"), "lead.contact")
+            dead = await channel.get_queue(limited.dead_queue, ensure=False)
+
+            async def dead_lettered() -> bool:
+                message = await dead.get(fail=False)
+                return message is not None and message.message_id == "crash-1"
+
+            await wait_until(dead_lettered, what="the crashing message dead-lettered")
+    finally:
+        await app.stop()
+    assert app.outcomes == {"error": 4}
+    as_admin = limited.model_copy(update={"amqp_url": admin_url})
+    await assert_clean_end(
+        as_admin, worker_log, Expected(Counter(delivery_limit=1), errors={"message_failed"})
+    )

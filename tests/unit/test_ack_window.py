@@ -71,3 +71,19 @@ async def test_a_closed_channel_is_forgotten_quietly() -> None:
     old.is_closed = True
     await window.ack([stale, fresh])
     assert old.acks == [] and new.acks == [(1, True)]
+
+
+async def test_one_acked_alone_ahead_of_busy_ones_and_a_held_one_acked_at_last() -> None:
+    """A message replaced by its copy is acked at once, ahead of older ones still in a
+    batch; a held dead letter the broker finally took is acked alone, and later runs may
+    then reach over it."""
+    window, channel = _AckWindow(), FakeChannel()
+    one, two, three, four = deliveries(window, channel, 1, 2, 3, 4)
+    await window.ack_alone(three)  # 1 and 2 still busy
+    assert channel.acks == [(3, False)]
+    window.hold(two)  # a refused dead letter
+    await window.ack([one])
+    assert channel.acks == [(3, False), (1, True)]
+    await window.ack_alone(two)
+    await window.ack([four])
+    assert channel.acks == [(3, False), (1, True), (2, False), (4, True)]

@@ -1,0 +1,184 @@
+"""A dead-letter queue that refuses messages (`x-max-length` with `reject-publish`, so
+the broker nacks the worker's confirmed publish) makes the worker not ready and says
+why, while valid messages go on; the refused dead letter waits unacked and is
+dead-lettered once the queue takes messages again."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from tests.helpers import EventCollector, lead, raw_message, settled, setup_source, wait_until
+from tests.integration.test_bad_input import dead_letters
+from tests.integration.test_health import free_port, get
+from worker.app import Worker
+from worker.errors import REASON_HEADER
+from worker.settings import Settings
+
+
+@asynccontextmanager
+async def refusing_dead_letters(
+    channel: aio_pika.abc.AbstractChannel, settings: Settings
+) -> AsyncIterator[None]:
+    """Dead letters route only to a queue that holds nothing and refuses the rest (the
+    worker's own dead-letter queue is declared with fixed arguments, so a full one is
+    made of another queue); on exit the worker's queue takes them again."""
+    dead_queue = await channel.get_queue(settings.dead_queue)
+    full = await channel.declare_queue(
+        f"{settings.dead_queue}.full",
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    await full.bind(settings.dead_exchange, "#")
+    await dead_queue.unbind(settings.dead_exchange, "#")
+    try:
+        yield
+    finally:
+        await full.unbind(settings.dead_exchange, "#")
+        await full.delete(if_unused=False, if_empty=False)
+        await dead_queue.bind(settings.dead_exchange, "#")
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    status, body = await asyncio.to_thread(get, port, "/readyz")
+    return status, json.loads(body)
+
+
+@pytest.mark.settings(health_interval_seconds=0.2, retry_max_seconds=0.5, prefetch=50)
+async def test_refused_dead_letters_make_the_worker_not_ready_and_valid_messages_go_on(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+) -> None:
+    await setup_source(pool, "tg", [("a", 1000, 1)])
+    app = Worker(settings.model_copy(update={"metrics_port": free_port()}))
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    with capture_logs() as logs:
+        await app.start()
+        try:
+            port = app.health_port
+            assert port is not None
+            await wait_until(lambda: _ready(port, True), what="ready")
+            async with refusing_dead_letters(broker, settings):
+                await exchange.publish(raw_message(b"{not json", "bad-1"), "lead.contact")
+                await wait_until(lambda: _ready(port, False), timeout=10, what="not ready")
+                status, body = await readyz(port)
+                assert status == 503
+                assert body["dead_letters"] is False and body["dead_letter_problem"] == "refused"
+                assert body["postgres"] and body["rabbitmq"] and body["consuming"]
+
+                # Sent after the refused one, and more than half the prefetch window:
+                # none waits behind it.
+                for start in range(0, 60, 20):
+                    await asyncio.gather(
+                        *(
+                            exchange.publish(
+                                raw_message(lead("tg", f"v:{n}"), f"v-{n}"), "lead.contact"
+                            )
+                            for n in range(start, start + 20)
+                        )
+                    )
+                await events.wait_for("contact.assigned", 60, timeout=20)
+                await wait_until(lambda: settled(app, 60), what="60 acked")
+                assert app.outcomes["ok"] == 60 and app.outcomes["invalid_json"] == 0
+                assert (await readyz(port))[0] == 503, "still refused: still not ready"
+
+            # The queue takes messages again: the held dead letter goes there, once.
+            await wait_until(lambda: _ready(port, True), timeout=10, what="ready again")
+            [dead] = await dead_letters(settings, 1)
+            assert dead.message_id == "bad-1" and dead.body == b"{not json"
+            assert (dead.headers or {}).get(REASON_HEADER) == "invalid_json"
+            await wait_until(lambda: settled(app, 61), what="61 settled")
+            assert app.outcomes["invalid_json"] == 1
+        finally:
+            await app.stop()
+
+    # Acked: nothing went back to the queue when the worker's channel closed.
+    queue = await broker.declare_queue(settings.inbound_queue, passive=True)
+    assert queue.declaration_result.message_count == 0
+    assert await dead_letters(settings, 0) == []
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 60
+    failing = [e for e in logs if e["event"] == "dead_letters_failing"]
+    assert failing and failing[0]["cause"] == "refused" and failing[0]["log_level"] == "error"
+
+
+async def _ready(port: int, expected: bool) -> bool:
+    status, body = await readyz(port)
+    return (status == 200) is expected and body["ready"] is expected
+
+
+@pytest.mark.settings(health_interval_seconds=0.2, retry_max_seconds=0.3, prefetch=4)
+async def test_refused_dead_letters_never_fill_the_prefetch_window(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+) -> None:
+    """At most half the window is held; further refused ones go back to the queue after a
+    pause and come again, so valid messages keep a way through."""
+    await setup_source(pool, "tg", [("a", 1000, 1)])
+    app = Worker(settings)
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    await app.start()
+    try:
+        async with refusing_dead_letters(broker, settings):
+            for n in range(6):
+                await exchange.publish(raw_message(b"{not json", f"bad-{n}"), "lead.contact")
+            for n in range(20):
+                await exchange.publish(raw_message(lead("tg", f"v:{n}"), f"v-{n}"), "lead.contact")
+            await events.wait_for("contact.assigned", 20, timeout=20)
+            assert app.outcomes["ok"] == 20 and app.outcomes["dead_letter_handed_back"] > 0
+            assert app.readiness.ready() is False
+        await wait_until(lambda: _outcome(app, "invalid_json", 6), what="6 dead-lettered")
+        await wait_until(lambda: asyncio.sleep(0, app.readiness.ready()), what="ready again")
+    finally:
+        await app.stop()
+    dead = await dead_letters(settings, 6)
+    assert sorted(d.message_id or "" for d in dead) == [f"bad-{n}" for n in range(6)]
+    assert await dead_letters(settings, 0) == []
+
+
+async def _outcome(app: Worker, outcome: str, count: int) -> bool:
+    return app.outcomes[outcome] >= count
+
+
+@pytest.mark.settings(retry_max_seconds=0.2)
+async def test_a_dead_letter_that_cannot_be_published_does_not_hold_up_the_others(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure of its own (not the broker's): it waits, unacked and retried, with the
+    worker not ready and saying why, while later dead letters go by."""
+    from worker.consumer import Consumer
+
+    real = Consumer._publish_dead
+
+    async def broken_for_one(self: Consumer, message: Any, failure: Any) -> None:
+        if message.header.properties.message_id == "bad-1":
+            raise ValueError("cannot encode")
+        await real(self, message, failure)
+
+    monkeypatch.setattr(Consumer, "_publish_dead", broken_for_one)
+    app = Worker(settings)
+    await app.start()
+    try:
+        exchange = await broker.get_exchange(settings.inbound_exchange)
+        await exchange.publish(raw_message(b"{not json", "bad-1"), "lead.contact")
+        await wait_until(lambda: asyncio.sleep(0, not app.readiness.dead_letters), what="failing")
+        await exchange.publish(raw_message(b"{not json", "bad-2"), "lead.contact")
+        [dead] = await dead_letters(settings, 1)
+        assert dead.message_id == "bad-2"
+        assert app.readiness.dead_letters is False
+        assert app.readiness.dead_letter_problem == "ValueError"
+    finally:
+        await app.stop()
+    queue = await broker.declare_queue(settings.inbound_queue, passive=True)
+    assert queue.declaration_result.message_count == 1, "bad-1 went back to the queue"
