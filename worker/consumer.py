@@ -515,10 +515,11 @@ class Consumer:
 
     def _dead_letter_failed(self, exc: BaseException) -> None:
         """The broker did not take a dead letter: not ready, and say why."""
-        if isinstance(exc, aiormq.exceptions.DeliveryError):
-            cause = "refused"  # nacked: the dead-letter queue is full (reject-publish)
-        elif isinstance(exc, aiormq.exceptions.PublishError):
+        # PublishError first: it is a DeliveryError too.
+        if isinstance(exc, aiormq.exceptions.PublishError):
             cause = "unroutable"  # returned: the queue or its binding is gone
+        elif isinstance(exc, aiormq.exceptions.DeliveryError):
+            cause = "refused"  # nacked: the dead-letter queue is full (reject-publish)
         else:
             cause = type(exc).__name__
         if self._readiness.dead_letters or self._readiness.dead_letter_problem != cause:

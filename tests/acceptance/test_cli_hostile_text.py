@@ -10,7 +10,7 @@ import aio_pika
 import asyncpg
 
 from tests.acceptance.test_cli import as_json, leadrouter
-from tests.helpers import EventCollector, lead, raw_message, setup_source, wait_until
+from tests.helpers import EventCollector, Expected, lead, raw_message, setup_source, wait_until
 from worker.app import Worker
 from worker.processes import worker_env
 from worker.settings import Settings
@@ -31,7 +31,9 @@ async def test_markup_and_control_characters_are_shown_as_text(
     broker: aio_pika.abc.AbstractChannel,
     events: EventCollector,
     worker: Worker,
+    expected: Expected,
 ) -> None:
+    expected.dead["invalid_schema"] = 1  # the lead published with a hostile routing key
     await setup_source(pool, "tg", [(MARKUP + ESC, 5, 1)])
     await pool.execute("UPDATE sources SET name = $1, description = $2", LINK, BIDI + "desc")
     exchange = await broker.get_exchange(settings.inbound_exchange)

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import EventCollector, lead, settled, setup_source, wait_until
+from tests.helpers import EventCollector, Expected, lead, settled, setup_source, wait_until
 from tests.integration.test_bad_input import dead_letters, publish_raw
 from tests.integration.test_bad_properties import Raw, Watch, long_string, publish, timestamp
 from worker import dlq
@@ -231,6 +231,7 @@ async def test_property_and_header_junk_is_dead_lettered_alone(
     settings: Settings,
     events: EventCollector,
     worker: Worker,
+    expected: Expected,
 ) -> None:
     await setup_source(pool, "tg", [("a", 10_000, 1)])
     watch = await Watch.start(worker)
@@ -269,4 +270,5 @@ async def test_property_and_header_junk_is_dead_lettered_alone(
         lambda: settled(worker, len(messages) + bad), timeout=60, what="every replay settled"
     )
     assert worker.outcomes["invalid_schema"] == mangled
+    expected.dead["invalid_schema"] = mangled
     assert await pool.fetchval("SELECT count(*) FROM contacts") == len(messages) - mangled

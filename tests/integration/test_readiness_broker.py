@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import CLIENT_LIBRARIES, assert_clean_end, wait_until
 from tests.integration.test_health import Proxy, free_port, get, sample
 from worker.app import Worker
 from worker.settings import Settings
@@ -19,7 +20,7 @@ from worker.settings import Settings
 
 @pytest.mark.settings(health_interval_seconds=0.2)
 async def test_not_consuming_while_rabbitmq_is_unreachable(
-    settings: Settings, broker: aio_pika.abc.AbstractChannel
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, worker_log: list[dict[str, Any]]
 ) -> None:
     url = urlsplit(settings.amqp_url)
     proxy = Proxy(url.hostname or "127.0.0.1", url.port or 5672)
@@ -47,7 +48,14 @@ async def test_not_consuming_while_rabbitmq_is_unreachable(
 
         await proxy.stop()  # RabbitMQ is gone, as far as the worker can tell
         state = await wait_until(lambda: _is(readyz, rabbitmq=False), timeout=10, what="down")
-        assert state == {"ready": False, "postgres": True, "rabbitmq": False, "consuming": False}
+        assert state == {
+            "ready": False,
+            "postgres": True,
+            "rabbitmq": False,
+            "consuming": False,
+            "dead_letters": True,
+            "dead_letter_problem": None,
+        }
         await asyncio.sleep(0.5)  # a few probes later: still not claiming to consume
         assert (await readyz())["consuming"] is False
 
@@ -57,6 +65,9 @@ async def test_not_consuming_while_rabbitmq_is_unreachable(
         await app.stop()
         with contextlib.suppress(Exception):
             await proxy.stop()
+    # The client libraries report the lost connection at error; nothing else may.
+    reports = [e for e in worker_log if str(e.get("logger", "")).startswith(CLIENT_LIBRARIES)]
+    await assert_clean_end(settings, [e for e in worker_log if e not in reports])
 
 
 async def _is(
