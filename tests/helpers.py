@@ -166,8 +166,9 @@ CLIENT_LIBRARIES = ("aiormq.", "aio_pika.", "asyncpg.")
 def json_logs(*paths: Path, restarts: bool = False) -> list[dict[str, Any]]:
     """Worker processes' JSON log lines as `capture_logs` entries (`log_level`, `event`).
     A traceback printed past structlog counts as an error, unless `restarts` (servers were
-    restarted on purpose) and a client library's connection report printed it; so does a
-    garbled JSON line, except the last one, cut short by SIGKILL."""
+    restarted on purpose) and a client library's connection report printed it (the same
+    for a client library's own JSON error line then); so does a garbled JSON line, except
+    the last one, cut short by SIGKILL."""
     entries: list[dict[str, Any]] = []
     for path in paths:
         lines = path.read_text(errors="replace").splitlines()
@@ -178,7 +179,10 @@ def json_logs(*paths: Path, restarts: bool = False) -> list[dict[str, Any]]:
             except ValueError:
                 entry = None
             if isinstance(entry, dict) and "event" in entry:
-                entries.append({**entry, "log_level": entry.get("level", "info")})
+                level = entry.get("level", "info")
+                if restarts and str(entry.get("logger", "")).startswith(CLIENT_LIBRARIES):
+                    level = "expected"  # a client library reporting the restart
+                entries.append({**entry, "log_level": level})
                 reporter = ""
                 continue
             if line[:1].isalpha() and not line.startswith("Traceback"):
