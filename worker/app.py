@@ -17,10 +17,10 @@ from aiormq import spec
 
 from worker import amqp_reads, amqp_writes, distribution, log, topology
 from worker.consumer import Consumer
-from worker.failures import backoff, connect_with_retry, is_transient
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
+from worker.retry import backoff, connect_with_retry, is_transient
 from worker.settings import Settings, mask_url
 from worker.sql import Q
 

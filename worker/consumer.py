@@ -24,10 +24,10 @@ from worker import amqp_reads, distribution, log
 from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_key
 from worker.dlq import replay_headers
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
-from worker.failures import backoff, is_transient
 from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
+from worker.retry import backoff, is_transient
 from worker.settings import Settings
 
 logger = log.get(__name__)

@@ -24,7 +24,7 @@ import asyncpg
 from schemas.events import envelope
 from schemas.inbound import LeadContact
 from worker.assignment import Assignment, Queued, assign
-from worker.failures import in_transaction
+from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import Candidate
 

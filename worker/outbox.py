@@ -22,8 +22,8 @@ from aiormq import spec
 
 from worker import log
 from worker.distribution import Event
-from worker.failures import backoff, is_transient
 from worker.metrics import Metrics
+from worker.retry import backoff, is_transient
 from worker.settings import Settings
 from worker.sql import Q
 
