@@ -303,27 +303,27 @@ class Consumer:
         keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
         ids = {i.body.contact_id for _, i in items if isinstance(i.body, ContactClose)}
         async with self._pool.acquire() as conn, conn.transaction():
-            plan = await distribution.plan(conn, keys, ids)
+            scope = await distribution.read_scope(conn, keys, ids)
             new, closes = [], []
             for d, inbound in items:
                 d.failure = None
                 body = inbound.body
                 if isinstance(body, LeadContact):
-                    if body.source in plan.unknown_sources:
+                    if body.source in scope.unknown_sources:
                         # Not the key itself: the body holds it, and `dlq list` shows it.
                         d.failure = DeadLetter(
                             Reason.UNKNOWN_SOURCE, "no source with the body's source key"
                         )
                     else:
                         new.append(distribution.NewContact(inbound.message_id, body))
-                elif body.contact_id in plan.unknown_contacts:
+                elif body.contact_id in scope.unknown_contacts:
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
                 else:
                     closes.append(body.contact_id)
             outcome = await distribution.route(
-                conn, plan, new, closes, lease=self._settings.outbox_lease_seconds
+                conn, scope, new, closes, lease=self._settings.outbox_lease_seconds
             )
         self._relay.committed(outcome.events)
         if outcome.undrained:

@@ -78,7 +78,7 @@ class Outcome:
     assignments: Assignments = field(default_factory=Counter)
     events: list[Event] = field(default_factory=list)  # leased: the caller publishes them
     # Sources that closes gave capacity to but whose locks this transaction did not hold
-    # (the contact's operator or their weights changed between plan and lock): the
+    # (the contact's operator or their weights changed between reading the scope and locking): the
     # caller routes them right after commit with `drain_after_commit`.
     undrained: set[int] = field(default_factory=set)
 
@@ -89,7 +89,7 @@ class Outcome:
 
 
 @dataclass
-class Plan:
+class BatchScope:
     """What a batch will touch, read before its locks (sources and contacts are never
     deleted, so nothing read here can disappear); a batch of new contacts only reads its
     sources and takes their locks in one statement."""
@@ -109,9 +109,9 @@ class Plan:
         return ids
 
 
-async def plan(
+async def read_scope(
     conn: asyncpg.Connection, source_keys: Iterable[str], close_ids: Iterable[int]
-) -> Plan:
+) -> BatchScope:
     keys, ids = set(source_keys), set(close_ids)
     sources: dict[str, Route] = {}
     if keys:
@@ -120,7 +120,7 @@ async def plan(
     closes: dict[int, asyncpg.Record] = {}
     if ids:
         closes = {r["id"]: r for r in await conn.fetch(Q.contacts_for_close, list(ids))}
-    return Plan(sources, closes, keys - set(sources), ids - set(closes), locked=not ids)
+    return BatchScope(sources, closes, keys - set(sources), ids - set(closes), locked=not ids)
 
 
 # The statements of the worker's transactions, each with arguments that touch nothing.
@@ -162,7 +162,7 @@ async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
 
 async def route(
     conn: asyncpg.Connection,
-    plan: Plan,
+    scope: BatchScope,
     new: Sequence[NewContact] = (),
     close_ids: Sequence[int] = (),
     lease: float | None = None,
@@ -172,8 +172,8 @@ async def route(
     With a `lease` (seconds) the caller publishes `Outcome.events` itself after commit;
     without, the workers' relays are notified."""
     outcome = Outcome()
-    locked = plan.locks
-    if not plan.locked:
+    locked = scope.locks
+    if not scope.locked:
         await lock_sources(conn, locked)
     events = _Events()
 
@@ -181,15 +181,15 @@ async def route(
     if close_ids:
         freed = await _close(conn, close_ids, outcome, events)
         if freed:
-            # Read again under the locks: a contact queued when planned may have been
+            # Read again under the locks: a contact queued when its scope was read may have been
             # given to an operator since. Only sources whose lock we hold may be routed
             # now (taking more locks here, after operator rows, could deadlock); the
             # others are left to the caller, after commit, not to the sweep.
             rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
             drain.update({r["source_id"] for r in rows} & locked)
             outcome.undrained = {r["source_id"] for r in rows} - locked
-    drain.update(plan.sources[n.body.source].id for n in new)
-    routes = [r for r in plan.sources.values() if r.id in drain]
+    drain.update(scope.sources[n.body.source].id for n in new)
+    routes = [r for r in scope.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]

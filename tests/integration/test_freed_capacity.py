@@ -54,8 +54,8 @@ async def test_capacity_freed_while_another_source_is_locked_is_used_within_a_se
         await wait_until(lambda: pool.fetchval(WAITING_FOR_A_LOCK), what="the close waits")
         # Meanwhile this session closes the first contact: the freed operator takes the
         # queued tg contact; then a web contact queues behind the operator.
-        plan = await distribution.plan(holder, (), [first])
-        await distribution.route(holder, plan, close_ids=[first])
+        scope = await distribution.read_scope(holder, (), [first])
+        await distribution.route(holder, scope, close_ids=[first])
         assert await holder.fetchval(OPERATOR_OF, "m-t:1") == op
         await route_new(holder, "web", "w:2")
         assert await holder.fetchval(OPERATOR_OF, "m-w:2") is None
