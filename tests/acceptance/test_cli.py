@@ -11,8 +11,8 @@ import pytest
 
 from tests import services
 from tests.helpers import setup_source
-from worker.processes import worker_env
 from worker.settings import Settings
+from worker.tools.processes import worker_env
 
 
 def leadrouter(

@@ -24,8 +24,8 @@ from tests.helpers import (
     wait_until,
 )
 from worker import admin
-from worker.processes import spawn_worker
 from worker.settings import Settings
+from worker.tools.processes import spawn_worker
 
 pytestmark = pytest.mark.slow
 
