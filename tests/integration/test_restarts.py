@@ -19,8 +19,8 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
-from tests.integration.test_bad_input import dead_letters
-from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
+from tests.raw_amqp import dead_letters
+from tests.worker_processes import spawn, wait_ready, worker_processes
 from worker.app import Worker
 from worker.settings import Settings
 

@@ -1,5 +1,6 @@
 """The house: the worker's runtime never imports the tools (worker/tools/), which only
-the CLI's commands load."""
+the CLI's commands load; test modules share helpers through helper modules, never
+through each other."""
 
 import ast
 from pathlib import Path
@@ -40,3 +41,15 @@ def test_the_cli_loads_the_tools_only_inside_its_commands() -> None:
             top_level.update(a.name for a in node.names)
     assert any(m.startswith("worker.tools") for m in imported_modules(ENTRY_POINT))
     assert not {m for m in top_level if m.startswith("worker.tools")}
+
+
+def test_test_modules_import_helpers_not_other_test_modules() -> None:
+    tests = WORKER.parent / "tests"
+    offenders = {
+        str(p.relative_to(tests)): sorted(
+            m for m in imported_modules(p) if m.rsplit(".", 1)[-1].startswith("test_")
+        )
+        for p in sorted(tests.rglob("test_*.py"))
+    }
+    assert len(offenders) > 40
+    assert not {k: v for k, v in offenders.items() if v}
