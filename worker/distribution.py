@@ -10,20 +10,17 @@ transactions never wait on each other in a cycle in the usual case; the rare cyc
 releasing and claiming operators is a deadlock that PostgreSQL breaks and the caller
 retries."""
 
-import json
 import random
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from schemas.events import envelope
 from schemas.inbound import LeadContact
 from worker.assignment import Assignment, Queued, assign
+from worker.outbox import Event, EventWriter
 from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import Candidate
@@ -54,16 +51,6 @@ class NewContact:
 
     message_id: str
     body: LeadContact
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An outbox row as written, for its writer to publish after commit."""
-
-    id: int  # the outbox row
-    event_id: str
-    routing_key: str
-    payload: str
 
 
 @dataclass
@@ -175,7 +162,7 @@ async def route(
     locked = scope.locks
     if not scope.locked:
         await lock_sources(conn, locked)
-    events = _Events()
+    events = EventWriter()
 
     drain: set[int] = set()
     if close_ids:
@@ -203,7 +190,7 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     queued contacts were assigned, per source and strategy."""
     outcome = Outcome()
     routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
-    events = _Events()
+    events = EventWriter()
     await _drain(conn, routes, outcome, events)
     await events.write(conn, lease=None)
     return outcome.assignments
@@ -223,7 +210,7 @@ async def drain_after_commit(pool: asyncpg.Pool, source_ids: set[int]) -> Assign
 
 
 async def _close(
-    conn: asyncpg.Connection, close_ids: Sequence[int], outcome: Outcome, events: "_Events"
+    conn: asyncpg.Connection, close_ids: Sequence[int], outcome: Outcome, events: EventWriter
 ) -> set[int]:
     rows = await conn.fetch(Q.close_contacts, sorted(set(close_ids)))
     freed: Counter[int] = Counter()
@@ -255,7 +242,7 @@ async def _drain(
     conn: asyncpg.Connection,
     routes: Sequence[Route],
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     new: Sequence[NewContact] = (),
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
@@ -337,7 +324,7 @@ async def _assign_queued(
     assignments: Sequence[Assignment],
     routes: dict[int, Route],
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     lags: list[list[Any]] | None,
 ) -> None:
     rows = {
@@ -367,7 +354,7 @@ async def _insert(
     routes: dict[int, Route],
     source_ids: dict[str, int],  # by key
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     lags: list[list[Any]],
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
@@ -429,81 +416,3 @@ async def _previous_operators(
         [routes[q.source_id].affinity_hours for q in wanted],
     )
     return {r["contact_id"]: r["operator_id"] for r in rows}
-
-
-def _data(
-    row: asyncpg.Record,
-    status: str,
-    lead_external_id: str,
-    source_key: str,
-    operator_id: int | None,
-    queued_seconds: float | None = None,
-    affinity: bool = False,
-) -> dict[str, Any]:
-    """An event's `data` (schemas.events.ContactEventData) from a contact row."""
-    return {
-        "contact_id": row["id"],
-        "status": status,
-        "lead_id": row["lead_id"],
-        "lead_external_id": lead_external_id,
-        "source": source_key,
-        "operator_id": operator_id,
-        "inbound_message_id": row["inbound_message_id"],
-        "queued_seconds": queued_seconds,
-        "affinity": affinity,
-    }
-
-
-class _Events:
-    """The outbox rows of one transaction, in the order their state changes happened
-    (closes before the assignments they made room for), written in one statement after
-    every operator row is locked: outbox order is then commit order per operator."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[uuid.UUID, int, str, str]] = []
-
-    def closed(self, row: asyncpg.Record) -> None:
-        self._add(
-            "contact.closed",
-            row["closed_at"],
-            _data(row, "closed", row["lead_external_id"], row["source_key"], row["operator_id"]),
-        )
-
-    def assigned(
-        self, row: asyncpg.Record, lead_external_id: str, source_key: str, a: Assignment
-    ) -> None:
-        waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
-        self._add(
-            "contact.assigned",
-            row["assigned_at"],
-            _data(
-                row,
-                "open",
-                lead_external_id,
-                source_key,
-                a.operator_id,
-                queued_seconds=round(waited, 3),
-                affinity=a.affinity,
-            ),
-        )
-
-    def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
-        self._add(
-            "contact.queued",
-            row["created_at"],
-            _data(row, "open", lead_external_id, source_key, None),
-        )
-
-    def _add(self, key: str, time: datetime, data: dict[str, Any]) -> None:
-        event_id = uuid.uuid4()
-        payload = json.dumps(envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, data["contact_id"], key, payload))
-
-    async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
-        if not self.rows:
-            return []
-        written = await conn.fetch(Q.insert_events, *map(list, zip(*self.rows, strict=True)), lease)
-        if lease is None:
-            await conn.execute(Q.notify_outbox)
-        ids = {str(r["event_id"]): r["id"] for r in written}
-        return [Event(ids[str(e)], str(e), key, payload) for e, _, key, payload in self.rows]
