@@ -1,5 +1,8 @@
 -- All SQL of leadrouter. Each query is headed by `-- name: NAME` and a line that
 -- says what it does and lists its asyncpg parameters.
+--
+-- Advisory locks are (namespace, id), the namespaces named in worker/locks.py
+-- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`.
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
