@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from schemas.inbound import LeadContact
-from worker.assignment import Assignment, Queued, assign
+from worker.assignment import Assignment, Plan, Queued, assign
 from worker.outbox import Event, EventWriter
 from worker.retry import in_transaction
 from worker.sql import Q
@@ -253,6 +253,28 @@ async def _drain(
     if not routes:
         return
     by_id = {r.id: r for r in routes}
+    state = await _read_state(conn, by_id, new)
+    fresh = _fresh(new, state.known, outcome)
+    takes = _takes(state.weights)
+    sources = [s for s in sorted(takes) if takes[s] > 0]
+    source_ids = {r.key: r.id for r in routes}
+    newcomers = _placeable_newcomers(fresh, state.queued, takes, sources, source_ids)
+    decided = await _decide(conn, state, newcomers, sources, by_id)
+    await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events)
+
+
+@dataclass
+class _State:
+    """What routing reads of its sources, in one statement, under their locks."""
+
+    weights: dict[int, list[Candidate]]  # per source, its weighted active operators
+    queued: list[Queued]  # its queued contacts, oldest first per source
+    known: set[str]  # message ids of the batch's new contacts already recorded
+
+
+async def _read_state(
+    conn: asyncpg.Connection, by_id: dict[int, Route], new: Sequence[NewContact]
+) -> _State:
     weights: dict[int, list[Candidate]] = defaultdict(list)
     queued: list[Queued] = []
     known: set[str] = set()
@@ -274,30 +296,64 @@ async def _drain(
         else:
             known.add(r["message_id"])
     queued.sort(key=lambda q: (q.source_id, q.id))
-    fresh = _fresh(new, known, outcome)
+    return _State(weights, queued, known)
+
+
+def _takes(weights: dict[int, list[Candidate]]) -> dict[int, int]:
+    """Per source, how many contacts its operators have room for (at most MAX_DRAIN)."""
     free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
-    takes = {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
-    sources = [s for s in sorted(takes) if takes[s] > 0]
-    # Fresh contacts get ids below zero until inserted. Where the heads filled a source's
-    # take, older contacts may wait beyond them: its fresh ones must queue behind.
+    return {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
+
+
+def _placeable_newcomers(
+    fresh: Sequence[NewContact],
+    queued: Sequence[Queued],
+    takes: dict[int, int],
+    sources: Sequence[int],
+    source_ids: dict[str, int],
+) -> list[Queued]:
+    """The fresh contacts that may be assigned now, as queued contacts with ids below
+    zero until inserted. Where the heads filled a source's take, older contacts may wait
+    beyond them: its fresh ones must queue behind."""
     heads = Counter(q.source_id for q in queued)
     placeable = {s for s in sources if heads[s] < takes[s]}
-    source_ids = {r.key: r.id for r in routes}
-    newcomers = [
+    return [
         Queued(-i, source_ids[n.body.source], n.body.lead.external_id)
         for i, n in enumerate(fresh, 1)
         if source_ids[n.body.source] in placeable
     ]
-    wanted = queued + newcomers
+
+
+async def _decide(
+    conn: asyncpg.Connection,
+    state: _State,
+    newcomers: list[Queued],
+    sources: Sequence[int],
+    by_id: dict[int, Route],
+) -> Plan:
+    """Who takes which contact: the backlog first, then the newcomers behind it."""
+    wanted = state.queued + newcomers
     preferred = await _previous_operators(conn, wanted, by_id)
-    decided = assign(
+    return assign(
         wanted,
-        weights,
+        state.weights,
         {s: by_id[s].strategy for s in sources},
         preferred,
         _rng,
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
     )
+
+
+async def _write_decisions(
+    conn: asyncpg.Connection,
+    decided: Plan,
+    fresh: Sequence[NewContact],
+    by_id: dict[int, Route],
+    source_ids: dict[str, int],
+    outcome: Outcome,
+    events: EventWriter,
+) -> None:
+    """Assign the queued contacts given an operator, then insert the fresh ones."""
     earlier = [a for a in decided.assignments if a.contact_id > 0]
     # The smooth strategy's state goes with the last write: the insert, if there is one.
     lags = _lag_arrays(decided.lags)
