@@ -83,10 +83,10 @@ def crash_route_on(monkeypatch: Any, external_id: str) -> None:
 
     real = distribution.route
 
-    async def buggy(conn: Any, plan: Any, new: Any = (), *args: Any, **kwargs: Any) -> Any:
+    async def buggy(conn: Any, scope: Any, new: Any = (), *args: Any, **kwargs: Any) -> Any:
         if any(n.body.lead.external_id == external_id for n in new):
             raise RuntimeError("a bug")
-        return await real(conn, plan, new, *args, **kwargs)
+        return await real(conn, scope, new, *args, **kwargs)
 
     monkeypatch.setattr(distribution, "route", buggy)
 
@@ -118,8 +118,8 @@ async def route_new(conn: Any, source: str, *external_ids: str, lease: float | N
         )
         for e in external_ids
     ]
-    plan = await distribution.plan(conn, {source}, ())
-    return await distribution.route(conn, plan, new, lease=lease)
+    scope = await distribution.read_scope(conn, {source}, ())
+    return await distribution.route(conn, scope, new, lease=lease)
 
 
 async def send(

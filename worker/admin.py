@@ -7,7 +7,7 @@ import asyncpg
 
 from worker import distribution
 from worker.errors import UserError
-from worker.failures import in_transaction
+from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -204,10 +204,10 @@ async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Out
     was already closed and how many queued contacts its freed capacity went to."""
 
     async def close(conn: asyncpg.Connection) -> distribution.Outcome:
-        plan = await distribution.plan(conn, (), [contact_id])
-        if plan.unknown_contacts:
+        scope = await distribution.read_scope(conn, (), [contact_id])
+        if scope.unknown_contacts:
             raise UserError(f"no contact with id {contact_id}")
-        return await distribution.route(conn, plan, close_ids=[contact_id])
+        return await distribution.route(conn, scope, close_ids=[contact_id])
 
     outcome = await in_transaction(pool, close)
     await _drain_after_commit(pool, outcome.undrained)

@@ -17,17 +17,16 @@ from aiormq import spec
 
 from worker import amqp_reads, amqp_writes, distribution, log, topology
 from worker.consumer import Consumer
-from worker.failures import backoff, connect_with_retry, is_transient
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
-from worker.outbox import OutboxRelay
+from worker.outbox import OutboxRelay, prune_outbox
+from worker.retry import backoff, connect_with_retry, is_transient
 from worker.settings import Settings, mask_url
 from worker.sql import Q
 
 logger = log.get(__name__)
 CONNECT_ATTEMPTS = 20
 PRUNE_INTERVAL_SECONDS = 60
-PRUNE_BATCH = 5000  # rows looked at per statement
 
 
 class Worker:
@@ -348,17 +347,6 @@ def connection_name() -> str:
     """How the broker lists this worker's connection (`rabbitmqctl list_connections name
     client_properties`, the management UI), so ops can tell which process holds it."""
     return f"leadrouter worker {socket.gethostname()} pid {os.getpid()}"
-
-
-async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:
-    """Delete published events older than the retention; returns how many."""
-    total = 0
-    while True:
-        status = await pool.execute(Q.prune_published_events, retention_hours, PRUNE_BATCH)
-        deleted = int(status.split()[-1])  # "DELETE n"
-        total += deleted
-        if deleted < PRUNE_BATCH:
-            return total
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -235,7 +235,7 @@ async def worker() -> None:
 @run_async
 async def demo(leads: int) -> None:
     """Run the whole job end to end in a database and topology of its own."""
-    from worker.demo import run_demo
+    from worker.tools.demo import run_demo
 
     await run_demo(_settings(), leads)
 
@@ -763,7 +763,7 @@ async def bench(
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
     from dataclasses import asdict
 
-    from worker.bench import render, run_bench
+    from worker.tools.bench import render, run_bench
 
     console = _console()
     result = await run_bench(_settings(), messages, sources, workers, rate, console, reference)
@@ -834,7 +834,7 @@ async def apply(file: Path, dry_run: bool, as_json: bool) -> None:
 @click.option("--check", is_flag=True, help="Only report stale files; exit 1 if any.")
 def contract(directory: Path | None, check: bool) -> None:
     """Generate the JSON Schemas and the AsyncAPI document from the pydantic models."""
-    from worker import contract as generator
+    from worker.tools import contract as generator
 
     directory = directory or generator.DEFAULT_DIRECTORY
     if check:

@@ -24,10 +24,10 @@ from worker import amqp_reads, distribution, log
 from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_key
 from worker.dlq import replay_headers
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
-from worker.failures import backoff, is_transient
 from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
+from worker.retry import backoff, is_transient
 from worker.settings import Settings
 
 logger = log.get(__name__)
@@ -247,6 +247,22 @@ class Consumer:
                 self._in_flight -= len(batch)
 
     async def _handle(self, batch: list[_Delivery]) -> None:
+        """One batch: decode each message, route the valid ones, then settle each (ack,
+        dead-letter, or hand back), acking only after the routing committed."""
+        self._decode(batch)
+        valid = [d for d in batch if d.inbound is not None]
+        cancelled = await self._route_valid(valid)
+        if cancelled:
+            # Shutting down past the grace: leave everything unacked for redelivery
+            # (what committed is found done), publish nothing more.
+            for d in batch:
+                self._hold(d, "deferred")
+            raise asyncio.CancelledError
+        to_ack = await asyncio.gather(*(self._settle(d) for d in batch))
+        await self._acks.ack([d for d, ack in zip(batch, to_ack, strict=True) if ack])
+
+    def _decode(self, batch: Sequence[_Delivery]) -> None:
+        """Each message's inbound, or the dead letter that says why it has none."""
         for d in batch:
             try:
                 d.inbound = decode(
@@ -258,43 +274,39 @@ class Consumer:
                 )
             except DeadLetter as exc:
                 d.failure = exc
-        valid = [d for d in batch if d.inbound is not None]
-        cancelled = False
-        if valid:
+
+    async def _route_valid(self, valid: list[_Delivery]) -> bool:
+        """Route the decoded messages in one transaction, retrying transient failures;
+        each message's failure is left on it. Returns whether we were cancelled."""
+        if not valid:
+            return False
+        try:
+            await self._retrying(lambda: self._route(valid))
+        except asyncio.CancelledError as exc:
+            for d in valid:
+                d.failure = exc
+            return True
+        except Exception as exc:
+            if len(valid) > 1 and not is_transient(exc):
+                logger.warning("batch_failed_isolating", size=len(valid), error=type(exc).__name__)
+                return await self._route_one_by_one(valid)
+            for d in valid:
+                d.failure = exc
+        return False
+
+    async def _route_one_by_one(self, valid: list[_Delivery]) -> bool:
+        """A bug somewhere in the batch: one by one, so it cannot take the others down
+        with it. Returns whether we were cancelled."""
+        for n, d in enumerate(valid):
             try:
-                await self._retrying(lambda: self._route(valid))
-            except asyncio.CancelledError as exc:
-                cancelled = True
-                for d in valid:
-                    d.failure = exc
-            except Exception as exc:
-                if len(valid) > 1 and not is_transient(exc):
-                    # A bug somewhere in the batch: one by one, so it cannot take the
-                    # others down with it.
-                    logger.warning(
-                        "batch_failed_isolating", size=len(valid), error=type(exc).__name__
-                    )
-                    for n, d in enumerate(valid):
-                        try:
-                            await self._retrying(lambda d=d: self._route([d]))  # type: ignore[misc]
-                        except asyncio.CancelledError as stop:
-                            cancelled = True
-                            for rest in valid[n:]:
-                                rest.failure = stop
-                            break
-                        except Exception as single:
-                            d.failure = single
-                else:
-                    for d in valid:
-                        d.failure = exc
-        if cancelled:
-            # Shutting down past the grace: leave everything unacked for redelivery
-            # (what committed is found done), publish nothing more.
-            for d in batch:
-                self._hold(d, "deferred")
-            raise asyncio.CancelledError
-        to_ack = await asyncio.gather(*(self._settle(d) for d in batch))
-        await self._acks.ack([d for d, ack in zip(batch, to_ack, strict=True) if ack])
+                await self._retrying(lambda d=d: self._route([d]))  # type: ignore[misc]
+            except asyncio.CancelledError as stop:
+                for rest in valid[n:]:
+                    rest.failure = stop
+                return True
+            except Exception as single:
+                d.failure = single
+        return False
 
     async def _route(self, deliveries: Sequence[_Delivery]) -> None:
         """One transaction for the whole batch; marks unknown sources and contacts as
@@ -303,27 +315,27 @@ class Consumer:
         keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
         ids = {i.body.contact_id for _, i in items if isinstance(i.body, ContactClose)}
         async with self._pool.acquire() as conn, conn.transaction():
-            plan = await distribution.plan(conn, keys, ids)
+            scope = await distribution.read_scope(conn, keys, ids)
             new, closes = [], []
             for d, inbound in items:
                 d.failure = None
                 body = inbound.body
                 if isinstance(body, LeadContact):
-                    if body.source in plan.unknown_sources:
+                    if body.source in scope.unknown_sources:
                         # Not the key itself: the body holds it, and `dlq list` shows it.
                         d.failure = DeadLetter(
                             Reason.UNKNOWN_SOURCE, "no source with the body's source key"
                         )
                     else:
                         new.append(distribution.NewContact(inbound.message_id, body))
-                elif body.contact_id in plan.unknown_contacts:
+                elif body.contact_id in scope.unknown_contacts:
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
                 else:
                     closes.append(body.contact_id)
             outcome = await distribution.route(
-                conn, plan, new, closes, lease=self._settings.outbox_lease_seconds
+                conn, scope, new, closes, lease=self._settings.outbox_lease_seconds
             )
         self._relay.committed(outcome.events)
         if outcome.undrained:

@@ -10,21 +10,18 @@ transactions never wait on each other in a cycle in the usual case; the rare cyc
 releasing and claiming operators is a deadlock that PostgreSQL breaks and the caller
 retries."""
 
-import json
 import random
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from schemas.events import envelope
 from schemas.inbound import LeadContact
-from worker.assignment import Assignment, Queued, assign
-from worker.failures import in_transaction
+from worker.assignment import Assignment, Plan, Queued, assign
+from worker.outbox import Event, EventWriter
+from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import Candidate
 
@@ -56,16 +53,6 @@ class NewContact:
     body: LeadContact
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An outbox row as written, for its writer to publish after commit."""
-
-    id: int  # the outbox row
-    event_id: str
-    routing_key: str
-    payload: str
-
-
 @dataclass
 class Outcome:
     """What a routing transaction did, for acks, logs and metrics."""
@@ -78,7 +65,7 @@ class Outcome:
     assignments: Assignments = field(default_factory=Counter)
     events: list[Event] = field(default_factory=list)  # leased: the caller publishes them
     # Sources that closes gave capacity to but whose locks this transaction did not hold
-    # (the contact's operator or their weights changed between plan and lock): the
+    # (the contact's operator or their weights changed between reading the scope and locking): the
     # caller routes them right after commit with `drain_after_commit`.
     undrained: set[int] = field(default_factory=set)
 
@@ -89,7 +76,7 @@ class Outcome:
 
 
 @dataclass
-class Plan:
+class BatchScope:
     """What a batch will touch, read before its locks (sources and contacts are never
     deleted, so nothing read here can disappear); a batch of new contacts only reads its
     sources and takes their locks in one statement."""
@@ -109,9 +96,9 @@ class Plan:
         return ids
 
 
-async def plan(
+async def read_scope(
     conn: asyncpg.Connection, source_keys: Iterable[str], close_ids: Iterable[int]
-) -> Plan:
+) -> BatchScope:
     keys, ids = set(source_keys), set(close_ids)
     sources: dict[str, Route] = {}
     if keys:
@@ -120,7 +107,7 @@ async def plan(
     closes: dict[int, asyncpg.Record] = {}
     if ids:
         closes = {r["id"]: r for r in await conn.fetch(Q.contacts_for_close, list(ids))}
-    return Plan(sources, closes, keys - set(sources), ids - set(closes), locked=not ids)
+    return BatchScope(sources, closes, keys - set(sources), ids - set(closes), locked=not ids)
 
 
 # The statements of the worker's transactions, each with arguments that touch nothing.
@@ -162,7 +149,7 @@ async def lock_sources(conn: asyncpg.Connection, source_ids: set[int]) -> None:
 
 async def route(
     conn: asyncpg.Connection,
-    plan: Plan,
+    scope: BatchScope,
     new: Sequence[NewContact] = (),
     close_ids: Sequence[int] = (),
     lease: float | None = None,
@@ -172,24 +159,24 @@ async def route(
     With a `lease` (seconds) the caller publishes `Outcome.events` itself after commit;
     without, the workers' relays are notified."""
     outcome = Outcome()
-    locked = plan.locks
-    if not plan.locked:
+    locked = scope.locks
+    if not scope.locked:
         await lock_sources(conn, locked)
-    events = _Events()
+    events = EventWriter()
 
     drain: set[int] = set()
     if close_ids:
         freed = await _close(conn, close_ids, outcome, events)
         if freed:
-            # Read again under the locks: a contact queued when planned may have been
+            # Read again under the locks: a contact queued when its scope was read may have been
             # given to an operator since. Only sources whose lock we hold may be routed
             # now (taking more locks here, after operator rows, could deadlock); the
             # others are left to the caller, after commit, not to the sweep.
             rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
             drain.update({r["source_id"] for r in rows} & locked)
             outcome.undrained = {r["source_id"] for r in rows} - locked
-    drain.update(plan.sources[n.body.source].id for n in new)
-    routes = [r for r in plan.sources.values() if r.id in drain]
+    drain.update(scope.sources[n.body.source].id for n in new)
+    routes = [r for r in scope.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
@@ -203,7 +190,7 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     queued contacts were assigned, per source and strategy."""
     outcome = Outcome()
     routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
-    events = _Events()
+    events = EventWriter()
     await _drain(conn, routes, outcome, events)
     await events.write(conn, lease=None)
     return outcome.assignments
@@ -223,7 +210,7 @@ async def drain_after_commit(pool: asyncpg.Pool, source_ids: set[int]) -> Assign
 
 
 async def _close(
-    conn: asyncpg.Connection, close_ids: Sequence[int], outcome: Outcome, events: "_Events"
+    conn: asyncpg.Connection, close_ids: Sequence[int], outcome: Outcome, events: EventWriter
 ) -> set[int]:
     rows = await conn.fetch(Q.close_contacts, sorted(set(close_ids)))
     freed: Counter[int] = Counter()
@@ -255,7 +242,7 @@ async def _drain(
     conn: asyncpg.Connection,
     routes: Sequence[Route],
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     new: Sequence[NewContact] = (),
 ) -> None:
     """Assign the queued contacts of these sources, oldest first per source, while
@@ -266,6 +253,28 @@ async def _drain(
     if not routes:
         return
     by_id = {r.id: r for r in routes}
+    state = await _read_state(conn, by_id, new)
+    fresh = _fresh(new, state.known, outcome)
+    takes = _takes(state.weights)
+    sources = [s for s in sorted(takes) if takes[s] > 0]
+    source_ids = {r.key: r.id for r in routes}
+    newcomers = _placeable_newcomers(fresh, state.queued, takes, sources, source_ids)
+    decided = await _decide(conn, state, newcomers, sources, by_id)
+    await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events)
+
+
+@dataclass
+class _State:
+    """What routing reads of its sources, in one statement, under their locks."""
+
+    weights: dict[int, list[Candidate]]  # per source, its weighted active operators
+    queued: list[Queued]  # its queued contacts, oldest first per source
+    known: set[str]  # message ids of the batch's new contacts already recorded
+
+
+async def _read_state(
+    conn: asyncpg.Connection, by_id: dict[int, Route], new: Sequence[NewContact]
+) -> _State:
     weights: dict[int, list[Candidate]] = defaultdict(list)
     queued: list[Queued] = []
     known: set[str] = set()
@@ -287,30 +296,64 @@ async def _drain(
         else:
             known.add(r["message_id"])
     queued.sort(key=lambda q: (q.source_id, q.id))
-    fresh = _fresh(new, known, outcome)
+    return _State(weights, queued, known)
+
+
+def _takes(weights: dict[int, list[Candidate]]) -> dict[int, int]:
+    """Per source, how many contacts its operators have room for (at most MAX_DRAIN)."""
     free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
-    takes = {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
-    sources = [s for s in sorted(takes) if takes[s] > 0]
-    # Fresh contacts get ids below zero until inserted. Where the heads filled a source's
-    # take, older contacts may wait beyond them: its fresh ones must queue behind.
+    return {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
+
+
+def _placeable_newcomers(
+    fresh: Sequence[NewContact],
+    queued: Sequence[Queued],
+    takes: dict[int, int],
+    sources: Sequence[int],
+    source_ids: dict[str, int],
+) -> list[Queued]:
+    """The fresh contacts that may be assigned now, as queued contacts with ids below
+    zero until inserted. Where the heads filled a source's take, older contacts may wait
+    beyond them: its fresh ones must queue behind."""
     heads = Counter(q.source_id for q in queued)
     placeable = {s for s in sources if heads[s] < takes[s]}
-    source_ids = {r.key: r.id for r in routes}
-    newcomers = [
+    return [
         Queued(-i, source_ids[n.body.source], n.body.lead.external_id)
         for i, n in enumerate(fresh, 1)
         if source_ids[n.body.source] in placeable
     ]
-    wanted = queued + newcomers
+
+
+async def _decide(
+    conn: asyncpg.Connection,
+    state: _State,
+    newcomers: list[Queued],
+    sources: Sequence[int],
+    by_id: dict[int, Route],
+) -> Plan:
+    """Who takes which contact: the backlog first, then the newcomers behind it."""
+    wanted = state.queued + newcomers
     preferred = await _previous_operators(conn, wanted, by_id)
-    decided = assign(
+    return assign(
         wanted,
-        weights,
+        state.weights,
         {s: by_id[s].strategy for s in sources},
         preferred,
         _rng,
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
     )
+
+
+async def _write_decisions(
+    conn: asyncpg.Connection,
+    decided: Plan,
+    fresh: Sequence[NewContact],
+    by_id: dict[int, Route],
+    source_ids: dict[str, int],
+    outcome: Outcome,
+    events: EventWriter,
+) -> None:
+    """Assign the queued contacts given an operator, then insert the fresh ones."""
     earlier = [a for a in decided.assignments if a.contact_id > 0]
     # The smooth strategy's state goes with the last write: the insert, if there is one.
     lags = _lag_arrays(decided.lags)
@@ -337,7 +380,7 @@ async def _assign_queued(
     assignments: Sequence[Assignment],
     routes: dict[int, Route],
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     lags: list[list[Any]] | None,
 ) -> None:
     rows = {
@@ -367,7 +410,7 @@ async def _insert(
     routes: dict[int, Route],
     source_ids: dict[str, int],  # by key
     outcome: Outcome,
-    events: "_Events",
+    events: EventWriter,
     lags: list[list[Any]],
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
@@ -429,81 +472,3 @@ async def _previous_operators(
         [routes[q.source_id].affinity_hours for q in wanted],
     )
     return {r["contact_id"]: r["operator_id"] for r in rows}
-
-
-def _data(
-    row: asyncpg.Record,
-    status: str,
-    lead_external_id: str,
-    source_key: str,
-    operator_id: int | None,
-    queued_seconds: float | None = None,
-    affinity: bool = False,
-) -> dict[str, Any]:
-    """An event's `data` (schemas.events.ContactEventData) from a contact row."""
-    return {
-        "contact_id": row["id"],
-        "status": status,
-        "lead_id": row["lead_id"],
-        "lead_external_id": lead_external_id,
-        "source": source_key,
-        "operator_id": operator_id,
-        "inbound_message_id": row["inbound_message_id"],
-        "queued_seconds": queued_seconds,
-        "affinity": affinity,
-    }
-
-
-class _Events:
-    """The outbox rows of one transaction, in the order their state changes happened
-    (closes before the assignments they made room for), written in one statement after
-    every operator row is locked: outbox order is then commit order per operator."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[uuid.UUID, int, str, str]] = []
-
-    def closed(self, row: asyncpg.Record) -> None:
-        self._add(
-            "contact.closed",
-            row["closed_at"],
-            _data(row, "closed", row["lead_external_id"], row["source_key"], row["operator_id"]),
-        )
-
-    def assigned(
-        self, row: asyncpg.Record, lead_external_id: str, source_key: str, a: Assignment
-    ) -> None:
-        waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
-        self._add(
-            "contact.assigned",
-            row["assigned_at"],
-            _data(
-                row,
-                "open",
-                lead_external_id,
-                source_key,
-                a.operator_id,
-                queued_seconds=round(waited, 3),
-                affinity=a.affinity,
-            ),
-        )
-
-    def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
-        self._add(
-            "contact.queued",
-            row["created_at"],
-            _data(row, "open", lead_external_id, source_key, None),
-        )
-
-    def _add(self, key: str, time: datetime, data: dict[str, Any]) -> None:
-        event_id = uuid.uuid4()
-        payload = json.dumps(envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, data["contact_id"], key, payload))
-
-    async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
-        if not self.rows:
-            return []
-        written = await conn.fetch(Q.insert_events, *map(list, zip(*self.rows, strict=True)), lease)
-        if lease is None:
-            await conn.execute(Q.notify_outbox)
-        ids = {str(r["event_id"]): r["id"] for r in written}
-        return [Event(ids[str(e)], str(e), key, payload) for e, _, key, payload in self.rows]

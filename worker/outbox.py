@@ -1,5 +1,8 @@
-"""The outbox relay: publishes committed events with publisher confirms, and marks them
-published only after the broker confirmed them.
+"""The outbox, its one owner: writing events in the routing transaction (EventWriter),
+publishing and claiming them (OutboxRelay), and pruning the published ones.
+
+The relay publishes committed events with publisher confirms, and marks them published
+only after the broker confirmed them.
 
 Two ways in. The worker hands over the events it has just committed (leased, so no other
 relay takes them meanwhile): they are published at once, without a claim round trip.
@@ -10,9 +13,13 @@ events to be claimed again."""
 
 import asyncio
 import contextlib
+import json
+import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
 
 import aiormq
 import aiormq.abc
@@ -20,10 +27,11 @@ import asyncpg
 from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
+from schemas.events import envelope
 from worker import log
-from worker.distribution import Event
-from worker.failures import backoff, is_transient
+from worker.assignment import Assignment
 from worker.metrics import Metrics
+from worker.retry import backoff, is_transient
 from worker.settings import Settings
 from worker.sql import Q
 
@@ -32,6 +40,96 @@ CHANNEL = "leadrouter_outbox"
 # Events published from memory are marked published together, at most this long after
 # their confirm: at low load one UPDATE per event would cost more than its publish.
 MARK_DELAY_SECONDS = 0.05
+PRUNE_BATCH = 5000  # rows looked at per statement
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An outbox row as written, for its writer to publish after commit."""
+
+    id: int  # the outbox row
+    event_id: str
+    routing_key: str
+    payload: str
+
+
+class EventWriter:
+    """Writes the outbox rows of one transaction: the routing transaction reports each
+    state change here. The rows are kept in the order their state changes happened
+    (closes before the assignments they made room for), written in one statement after
+    every operator row is locked: outbox order is then commit order per operator."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[uuid.UUID, int, str, str]] = []
+
+    def closed(self, row: asyncpg.Record) -> None:
+        self._add(
+            "contact.closed",
+            row["closed_at"],
+            _data(row, "closed", row["lead_external_id"], row["source_key"], row["operator_id"]),
+        )
+
+    def assigned(
+        self, row: asyncpg.Record, lead_external_id: str, source_key: str, a: Assignment
+    ) -> None:
+        waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
+        self._add(
+            "contact.assigned",
+            row["assigned_at"],
+            _data(
+                row,
+                "open",
+                lead_external_id,
+                source_key,
+                a.operator_id,
+                queued_seconds=round(waited, 3),
+                affinity=a.affinity,
+            ),
+        )
+
+    def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
+        self._add(
+            "contact.queued",
+            row["created_at"],
+            _data(row, "open", lead_external_id, source_key, None),
+        )
+
+    def _add(self, key: str, time: datetime, data: dict[str, Any]) -> None:
+        event_id = uuid.uuid4()
+        payload = json.dumps(envelope(str(event_id), key, time, data))
+        self.rows.append((event_id, data["contact_id"], key, payload))
+
+    async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
+        if not self.rows:
+            return []
+        written = await conn.fetch(Q.insert_events, *map(list, zip(*self.rows, strict=True)), lease)
+        if lease is None:
+            await conn.execute(Q.notify_outbox)
+        ids = {str(r["event_id"]): r["id"] for r in written}
+        return [Event(ids[str(e)], str(e), key, payload) for e, _, key, payload in self.rows]
+
+
+def _data(
+    row: asyncpg.Record,
+    status: str,
+    lead_external_id: str,
+    source_key: str,
+    operator_id: int | None,
+    queued_seconds: float | None = None,
+    affinity: bool = False,
+) -> dict[str, Any]:
+    """An event's `data` (schemas.events.ContactEventData) from a contact row."""
+    return {
+        "contact_id": row["id"],
+        "status": status,
+        "lead_id": row["lead_id"],
+        "lead_external_id": lead_external_id,
+        "source": source_key,
+        "operator_id": operator_id,
+        "inbound_message_id": row["inbound_message_id"],
+        "queued_seconds": queued_seconds,
+        "affinity": affinity,
+    }
 
 
 class OutboxRelay:
@@ -269,3 +367,14 @@ class OutboxRelay:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(conn.close(timeout=2))
+
+
+async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:
+    """Delete published events older than the retention; returns how many."""
+    total = 0
+    while True:
+        status = await pool.execute(Q.prune_published_events, retention_hours, PRUNE_BATCH)
+        deleted = int(status.split()[-1])  # "DELETE n"
+        total += deleted
+        if deleted < PRUNE_BATCH:
+            return total

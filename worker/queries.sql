@@ -1,5 +1,8 @@
 -- All SQL of leadrouter. Each query is headed by `-- name: NAME` and a line that
 -- says what it does and lists its asyncpg parameters.
+--
+-- Advisory locks are (namespace, id), the namespaces named in worker/locks.py
+-- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`.
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
@@ -441,50 +444,3 @@ RETURNING id, event_id;
 -- name: notify_outbox
 -- Wake the workers' relays at commit: events were written for them to claim.
 SELECT pg_notify('leadrouter_outbox', '');
-
--- The bench's reference pipeline (worker/bench_reference.py), not leadrouter's: the
--- minimal distribution transaction issue 6 measures leadrouter against.
-
--- name: reference_schema
--- Its tables, in the bench's throwaway database.
-CREATE TABLE reference_operators (
-    id        bigint PRIMARY KEY,
-    source    text NOT NULL,
-    open_load integer NOT NULL DEFAULT 0
-);
-CREATE INDEX ON reference_operators (source);
-CREATE TABLE reference_contacts (
-    message_id  text PRIMARY KEY,
-    source      text NOT NULL,
-    operator_id bigint REFERENCES reference_operators,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-
--- name: reference_add_operators
--- Operators, each working one source ($1 ids, $2 source keys).
-INSERT INTO reference_operators (id, source) SELECT * FROM unnest($1::bigint[], $2::text[]);
-
--- name: reference_lock_sources
--- Serialise the batch's sources until commit, in ascending order ($1 keys, sorted).
-SELECT pg_advisory_xact_lock(hashtext(key)) FROM unnest($1::text[]) AS key;
-
--- name: reference_lock_operators
--- The operators of these sources, locked in id order ($1 keys).
-SELECT id, source, open_load FROM reference_operators
-WHERE source = ANY($1::text[])
-ORDER BY id
-FOR UPDATE;
-
--- name: reference_insert_contacts
--- The batch's contacts; nothing for a known message id ($1 message ids, $2 sources,
--- $3 operator ids).
-INSERT INTO reference_contacts (message_id, source, operator_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
-ON CONFLICT (message_id) DO NOTHING
-RETURNING message_id, operator_id;
-
--- name: reference_claim_operators
--- Count the new contacts against their operators ($1 operator ids, $2 counts).
-UPDATE reference_operators o SET open_load = o.open_load + c.n
-FROM unnest($1::bigint[], $2::integer[]) AS c(id, n)
-WHERE o.id = c.id;

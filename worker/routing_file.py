@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker import distribution
 from worker.errors import UserError
-from worker.failures import in_transaction
+from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 

@@ -1,4 +1,5 @@
-"""Loads the named queries of queries.sql: `-- name: NAME` heads each one."""
+"""Loads files of named queries (`-- name: NAME` heads each one): the runtime's
+queries.sql as `Q`, and any other such file (the bench's reference.sql) the same way."""
 
 import re
 from functools import cache
@@ -24,21 +25,26 @@ def parse(text: str) -> dict[str, str]:
 
 
 @cache
-def queries() -> dict[str, str]:
-    return parse(files("worker").joinpath("queries.sql").read_text(encoding="utf-8"))
+def queries(package: str = "worker", resource: str = "queries.sql") -> dict[str, str]:
+    """The named queries of `resource`, a file of the package `package`."""
+    return parse(files(package).joinpath(resource).read_text(encoding="utf-8"))
 
 
-class _Queries:
-    """Attribute access to the queries: `Q.assign_contacts`."""
+class Queries:
+    """Attribute access to a file's queries: `Q.assign_contacts`."""
+
+    def __init__(self, package: str, resource: str) -> None:
+        self._package = package
+        self._resource = resource
 
     def __getattr__(self, name: str) -> str:
         try:
-            return queries()[name]
+            return queries(self._package, self._resource)[name]
         except KeyError:
-            raise AttributeError(f"no query named {name!r} in queries.sql") from None
+            raise AttributeError(f"no query named {name!r} in {self._resource}") from None
 
 
-Q = _Queries()
+Q = Queries("worker", "queries.sql")
 
 
 def quote_identifier(name: str) -> str:

@@ -9,11 +9,11 @@ import sys
 import aio_pika
 import asyncpg
 
-from tests.acceptance.test_cli import as_json, leadrouter
+from tests.commands import as_json, leadrouter
 from tests.helpers import EventCollector, Expected, lead, raw_message, setup_source, wait_until
 from worker.app import Worker
-from worker.processes import worker_env
 from worker.settings import Settings
+from worker.tools.processes import worker_env
 
 MARKUP = "[/]"
 LINK = "[link=http://e.x]x[/]"

@@ -8,7 +8,7 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 
-from tests.acceptance.test_cli import leadrouter
+from tests.commands import leadrouter
 from tests.helpers import EventCollector, lead, raw_message, setup_source
 from worker.app import Worker
 from worker.settings import Settings

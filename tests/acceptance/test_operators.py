@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from tests import services
-from tests.acceptance.test_cli import as_json, fails_cleanly, leadrouter
+from tests.commands import as_json, fails_cleanly, leadrouter
 from tests.helpers import setup_source
 from worker.migrate import packaged
 from worker.settings import Settings

@@ -9,7 +9,7 @@ import json
 import aio_pika
 import asyncpg
 
-from tests.acceptance.test_cli import as_json, leadrouter
+from tests.commands import as_json, leadrouter
 from tests.helpers import EventCollector, lead, raw_message, settled, wait_until
 from worker.app import Worker
 from worker.settings import Settings

@@ -32,9 +32,8 @@ import pytest
 
 from tests.faults.conftest import SUMMARIES
 from tests.helpers import assert_clean_end, lead, wait_until
-from tests.integration.test_routing import PEAK_LOADS
-from tests.integration.test_worker_processes import logs_of, spawn
 from tests.servers import OwnServers
+from tests.worker_processes import PEAK_LOADS, logs_of, spawn
 from worker import admin
 from worker.errors import REASON_HEADER
 from worker.settings import Settings

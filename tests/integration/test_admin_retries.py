@@ -5,7 +5,7 @@ import asyncio
 
 import asyncpg
 
-from worker.failures import in_transaction
+from worker.retry import in_transaction
 
 
 async def test_a_transaction_aborted_by_a_deadlock_runs_again(pool: asyncpg.Pool) -> None:

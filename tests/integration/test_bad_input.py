@@ -8,7 +8,6 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import pika
 import pytest
 
 from tests.helpers import (
@@ -21,51 +20,13 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
+from tests.raw_amqp import dead_letters, publish_raw
 from worker.app import Worker
 from worker.decode import message_id_of
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
 
 ONE_MIB = 1024 * 1024
-
-
-def publish_raw(
-    settings: Settings, routing_key: str, body: bytes | dict[str, Any], message_id: str | None
-) -> None:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            settings.inbound_exchange,
-            routing_key,
-            data,
-            pika.BasicProperties(message_id=message_id, delivery_mode=2),
-            mandatory=True,
-        )
-    finally:
-        connection.close()
-
-
-async def dead_letters(
-    settings: Settings, count: int, timeout: float = 20
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Take `count` messages off the dead-letter queue."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    taken: list[aio_pika.abc.AbstractIncomingMessage] = []
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(settings.dead_queue)
-
-        async def take() -> bool:
-            while (message := await queue.get(fail=False)) is not None:
-                await message.ack()
-                taken.append(message)
-            return len(taken) >= count
-
-        await wait_until(take, timeout=timeout, what=f"{count} dead letters")
-    return taken
 
 
 BAD_INPUT: list[tuple[str, str, bytes | dict[str, Any], str | None, str]] = [

@@ -4,10 +4,8 @@ invalid_properties, the messages around it are routed, the worker keeps its conn
 and stays ready, and the `dlq` commands read, replay and purge such messages too."""
 
 import asyncio
-import contextlib
 import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -16,7 +14,7 @@ import pika
 import pika.data
 import pytest
 
-from tests.acceptance.test_cli import leadrouter
+from tests.commands import leadrouter
 from tests.helpers import (
     EventCollector,
     Expected,
@@ -26,65 +24,20 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
-from tests.integration.test_bad_input import dead_letters, publish_raw
+from tests.raw_amqp import (
+    Raw,
+    Watch,
+    dead_letters,
+    long_string,
+    publish,
+    publish_raw,
+    timestamp,
+)
 from worker import dlq
 from worker.app import Worker
 from worker.decode import message_id_of
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings
-
-
-class Raw(bytes):
-    """A header value sent as these exact bytes (its type byte first): pika itself would
-    only send valid UTF-8 strings and dates it can represent."""
-
-
-@contextlib.contextmanager
-def raw_header_values() -> Iterator[None]:
-    real = pika.data.encode_value
-
-    def encode_value(pieces: list[bytes], value: Any) -> int:
-        if isinstance(value, Raw):
-            pieces.append(bytes(value))
-            return len(value)
-        return real(pieces, value)
-
-    pika.data.encode_value = encode_value
-    try:
-        yield
-    finally:
-        pika.data.encode_value = real
-
-
-def long_string(raw: bytes) -> Raw:
-    return Raw(b"S" + struct.pack(">I", len(raw)) + raw)
-
-
-def timestamp(seconds: int) -> Raw:
-    return Raw(b"T" + struct.pack(">Q", seconds))
-
-
-def publish(
-    settings: Settings,
-    messages: list[tuple[str | bytes, bytes, pika.BasicProperties]],
-    exchange: str | None = None,
-) -> None:
-    """Publish (routing key, body, properties) with pika, confirmed, on one connection."""
-    with raw_header_values():
-        connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            for routing_key, body, properties in messages:
-                channel.basic_publish(
-                    exchange or settings.inbound_exchange,
-                    routing_key,  # type: ignore[arg-type]
-                    body,
-                    properties,
-                    mandatory=True,
-                )
-        finally:
-            connection.close()
 
 
 def body(external_id: str, **extra: Any) -> bytes:
@@ -111,43 +64,6 @@ BAD: list[tuple[str, str | bytes, pika.BasicProperties, str]] = [
     ),
     ("routing key", b"lead.\xffcontact", props("bad-rk"), "routing_key"),
 ]
-
-
-class Watch:
-    """Samples the worker's readiness and connection while a test runs."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.connection = self._aiormq()
-        self.not_ready = 0
-        self._task = asyncio.create_task(self._sample())
-
-    @classmethod
-    async def start(cls, worker: Worker) -> "Watch":
-        async def ready() -> bool:
-            return worker.readiness.ready()
-
-        await wait_until(ready, what="the worker ready")
-        return cls(worker)
-
-    def _aiormq(self) -> Any:
-        connection = self.worker._connection
-        assert connection is not None and connection.transport is not None
-        return connection.transport.connection
-
-    async def _sample(self) -> None:
-        while True:
-            if not self.worker.readiness.ready():
-                self.not_ready += 1
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        assert self.not_ready == 0, "the worker was not ready at times"
-        assert self._aiormq() is self.connection, "the worker reconnected"
-        assert not self.connection.is_closed
 
 
 @pytest.mark.settings(delivery_limit=3, prefetch=50)

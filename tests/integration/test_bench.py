@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 from tests.helpers import queue_consumers
-from worker import bench
 from worker.settings import Settings
+from worker.tools import bench
 
 
 @pytest.fixture

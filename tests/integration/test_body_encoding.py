@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import lead, setup_source
-from tests.integration.test_bad_input import dead_letters, publish_raw
+from tests.raw_amqp import dead_letters, publish_raw
 from worker.app import Worker
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.settings import Settings

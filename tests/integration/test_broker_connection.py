@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
-from worker.processes import spawn_worker
 from worker.settings import Settings
+from worker.tools.processes import spawn_worker
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.helpers import EventCollector, lead, raw_message, settled, setup_source, wait_until
-from tests.integration.test_bad_input import dead_letters
-from tests.integration.test_health import free_port, get
+from tests.http_probes import free_port, get
+from tests.raw_amqp import dead_letters
 from worker.app import Worker
 from worker.errors import REASON_HEADER
 from worker.settings import Settings

@@ -19,7 +19,7 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
-from tests.integration.test_bad_input import publish_raw
+from tests.raw_amqp import publish_raw
 from worker import admin, dlq
 from worker.app import Worker
 from worker.consumer import ERROR_HEADER, REASON_HEADER

@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import route_new, send, setup_source, wait_until
 from worker import admin, distribution
 from worker.app import Worker
+from worker.locks import LockSpace
 from worker.routing_file import apply, parse
 from worker.settings import Settings
 
@@ -43,7 +44,7 @@ async def test_capacity_freed_while_another_source_is_locked_is_used_within_a_se
     assert await pool.fetchval(OPERATOR_OF, "m-t:1") is None
 
     async with pool.acquire() as holder, holder.transaction():
-        await holder.execute("SELECT pg_advisory_xact_lock(1280, $1)", ids["tg"])
+        await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", LockSpace.SOURCE, ids["tg"])
         # The close reads the contact (queued: no operator, no other source to lock)
         # and waits for tg's lock.
         if closer == "worker":
@@ -54,8 +55,8 @@ async def test_capacity_freed_while_another_source_is_locked_is_used_within_a_se
         await wait_until(lambda: pool.fetchval(WAITING_FOR_A_LOCK), what="the close waits")
         # Meanwhile this session closes the first contact: the freed operator takes the
         # queued tg contact; then a web contact queues behind the operator.
-        plan = await distribution.plan(holder, (), [first])
-        await distribution.route(holder, plan, close_ids=[first])
+        scope = await distribution.read_scope(holder, (), [first])
+        await distribution.route(holder, scope, close_ids=[first])
         assert await holder.fetchval(OPERATOR_OF, "m-t:1") == op
         await route_new(holder, "web", "w:2")
         assert await holder.fetchval(OPERATOR_OF, "m-w:2") is None
@@ -86,7 +87,7 @@ async def test_a_max_load_raised_serves_a_source_weighted_while_it_waited_for_lo
     tg = await pool.fetchval("SELECT id FROM sources WHERE key = 'tg'")
 
     async with pool.acquire() as holder:
-        await holder.execute("SELECT pg_advisory_lock(1280, $1)", tg)
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", LockSpace.SOURCE, tg)
         raising = asyncio.ensure_future(
             admin.update_operator(pool, op, max_load=1)
             if how == "operators update"
@@ -94,7 +95,7 @@ async def test_a_max_load_raised_serves_a_source_weighted_while_it_waited_for_lo
         )
         await wait_until(lambda: pool.fetchval(WAITING_FOR_A_LOCK), what="the update waits")
         assert await admin.set_weights(pool, "web", {op: 1}) == 0  # still max-load 0
-        await holder.execute("SELECT pg_advisory_unlock(1280, $1)", tg)
+        await holder.execute("SELECT pg_advisory_unlock($1, $2)", LockSpace.SOURCE, tg)
     result = await raising
     if how == "operators update":
         assert result[1] == 1  # "assigned 1 queued contact(s)"

@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import EventCollector, Expected, lead, settled, setup_source, wait_until
-from tests.integration.test_bad_input import dead_letters, publish_raw
-from tests.integration.test_bad_properties import Raw, Watch, long_string, publish, timestamp
+from tests.raw_amqp import Raw, Watch, dead_letters, long_string, publish, publish_raw, timestamp
 from worker import dlq
 from worker.app import Worker
 from worker.errors import REASON_HEADER, Reason

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import EventCollector, route_new, setup_source
-from worker import admin, distribution
+from worker import admin, distribution, outbox
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.settings import Settings
@@ -80,8 +80,6 @@ async def test_admin_events_are_claimable_at_once(
 async def test_prune_forgets_only_published_events_older_than_the_retention(
     pool: asyncpg.Pool,
 ) -> None:
-    from worker import app
-
     await setup_source(pool, "web", [("a", 10, 1)])
     await _route_leased(pool, 5, lease=600)  # five events, pending (leased)
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM outbox ORDER BY id")]
@@ -90,7 +88,7 @@ async def test_prune_forgets_only_published_events_older_than_the_retention(
     )
     await pool.execute("UPDATE outbox SET published_at = now() WHERE id = $1", ids[2])
 
-    assert await app.prune_outbox(pool, retention_hours=1) == 2
+    assert await outbox.prune_outbox(pool, retention_hours=1) == 2
     left = {r["id"] for r in await pool.fetch("SELECT id FROM outbox")}
     assert left == set(ids[2:])  # the recent one and the two still pending
 
@@ -98,13 +96,11 @@ async def test_prune_forgets_only_published_events_older_than_the_retention(
 async def test_prune_goes_through_more_than_one_statement(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import app
-
-    monkeypatch.setattr(app, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(outbox, "PRUNE_BATCH", 2)
     await setup_source(pool, "web", [("a", 10, 1)])
     await _route_leased(pool, 5, lease=600)
     await pool.execute("UPDATE outbox SET published_at = now() - interval '2 hours'")
-    assert await app.prune_outbox(pool, retention_hours=1) == 5
+    assert await outbox.prune_outbox(pool, retention_hours=1) == 5
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
 
 

@@ -13,10 +13,10 @@ import aio_pika
 import asyncpg
 
 from tests.helpers import EventCollector, lead, setup_source
-from tests.integration.test_bad_input import dead_letters, publish_raw
+from tests.raw_amqp import dead_letters, publish_raw
 from worker.errors import ERROR_HEADER, REASON_HEADER
-from worker.processes import spawn_worker
 from worker.settings import Settings
+from worker.tools.processes import spawn_worker
 
 EMAIL = "marker.ann@example.com"
 PHONE = "+49 151 99887766"

@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 from tests.helpers import CLIENT_LIBRARIES, assert_clean_end, wait_until
-from tests.integration.test_health import Proxy, free_port, get, sample
+from tests.http_probes import Proxy, free_port, get, sample
 from worker.app import Worker
 from worker.settings import Settings
 

@@ -19,9 +19,10 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
-from tests.integration.test_bad_input import dead_letters
-from tests.integration.test_worker_processes import spawn, wait_ready, worker_processes
+from tests.raw_amqp import dead_letters
+from tests.worker_processes import spawn, wait_ready, worker_processes
 from worker.app import Worker
+from worker.locks import LockSpace
 from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ async def test_restarts_while_a_source_is_locked_dead_letter_nothing(
 
     async with pool.acquire() as holder:
         # Another session holds the source's lock (a long transaction, a stuck admin).
-        await holder.execute("SELECT pg_advisory_lock(1280, $1)", source_id)
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", LockSpace.SOURCE, source_id)
         with worker_processes(settings, tmp_path) as procs:
             for n in range(restarts):
                 procs.append(spawn(settings, tmp_path, n))
@@ -62,7 +63,7 @@ async def test_restarts_while_a_source_is_locked_dead_letter_nothing(
                 assert await asyncio.to_thread(procs[n].wait, 15) == 0
             procs.append(spawn(settings, tmp_path, restarts))
             await wait_ready(pool, settings, tmp_path, restarts)
-            await holder.execute("SELECT pg_advisory_unlock(1280, $1)", source_id)
+            await holder.execute("SELECT pg_advisory_unlock($1, $2)", LockSpace.SOURCE, source_id)
             await events.wait_for("contact.assigned", total, timeout=30)
             logs = [tmp_path / f"worker-{n}.log" for n in range(restarts + 1)]
             log = "".join([await asyncio.to_thread(p.read_text) for p in logs])

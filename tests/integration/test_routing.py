@@ -21,7 +21,8 @@ from tests.helpers import (
     settled,
     wait_until,
 )
-from tests.integration.test_worker_processes import (
+from tests.worker_processes import (
+    PEAK_LOADS,
     logs_of,
     spawn,
     stop_gracefully,
@@ -31,26 +32,6 @@ from tests.integration.test_worker_processes import (
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
-
-# The load of every operator after every commit that changed it, replayed from the
-# outbox: events that change an operator's load are written under its row lock, so
-# their outbox order is their commit order.
-PEAK_LOADS = """
-    WITH changes AS (
-        SELECT id, (payload -> 'data' ->> 'operator_id')::bigint AS operator_id,
-               CASE routing_key WHEN 'contact.assigned' THEN 1 ELSE -1 END AS delta
-        FROM outbox
-        WHERE routing_key IN ('contact.assigned', 'contact.closed')
-          AND payload -> 'data' ->> 'operator_id' IS NOT NULL
-    ), running AS (
-        SELECT operator_id, sum(delta) OVER (PARTITION BY operator_id ORDER BY id) AS load
-        FROM changes
-    )
-    SELECT o.id, o.max_load, max(r.load) AS peak, count(*) AS commits
-    FROM running r JOIN operators o ON o.id = r.operator_id
-    GROUP BY o.id, o.max_load
-    ORDER BY o.id
-"""
 
 
 async def make_source(

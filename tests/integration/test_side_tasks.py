@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.processes import worker_env
 from worker.settings import Settings
+from worker.tools.processes import worker_env
 
 pytestmark = pytest.mark.slow
 

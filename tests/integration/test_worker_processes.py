@@ -3,12 +3,8 @@ sharing sources and operators without losing, doubling or over-assigning anythin
 
 import asyncio
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -17,14 +13,20 @@ import pytest
 from tests.helpers import (
     EventCollector,
     assert_clean_end,
-    json_logs,
     lead,
     raw_message,
     setup_source,
     wait_until,
 )
+from tests.worker_processes import (
+    PEAK_LOADS,
+    logs_of,
+    spawn,
+    stop_gracefully,
+    wait_ready,
+    worker_processes,
+)
 from worker import admin
-from worker.processes import spawn_worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -41,45 +43,6 @@ FIRST_EVENTS = """
     SELECT count(DISTINCT contact_id) FROM outbox
     WHERE routing_key IN ('contact.assigned', 'contact.queued')
 """
-
-
-@contextmanager
-def worker_processes(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start worker processes on demand (append to the list); all are ended on exit."""
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def stop_gracefully(procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
-    """SIGTERM every worker still running and wait: each must exit 0."""
-    running = [p for p in procs if p.poll() is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    for proc in running:
-        assert proc.wait(timeout) == 0, f"worker {proc.pid} exited {proc.returncode}"
-
-
-def logs_of(log_dir: Path, restarts: bool = False) -> list[dict[str, Any]]:
-    """The log entries of every worker process started in `log_dir` (see json_logs)."""
-    return json_logs(*sorted(log_dir.glob("worker-*.log")), restarts=restarts)
-
-
-def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
-    with (log_dir / f"worker-{n}.log").open("wb") as log:  # the child keeps its own copy
-        return spawn_worker(settings, log)
-
-
-async def wait_ready(pool: asyncpg.Pool, settings: Settings, log_dir: Path, n: int) -> None:
-    async def started() -> bool:
-        return b"worker_started" in (log_dir / f"worker-{n}.log").read_bytes()
-
-    await wait_until(started, timeout=20, what=f"worker {n} started")
 
 
 async def test_sigterm_finishes_in_flight_work_and_exits_zero(
@@ -240,8 +203,6 @@ async def test_several_workers_one_killed_keep_every_invariant(
         == total
     )
     # Capacity never exceeded: sampled all along, and replayed after every commit.
-    from tests.integration.test_routing import PEAK_LOADS
-
     assert over_capacity == []
     peaks = [dict(r) for r in await pool.fetch(PEAK_LOADS)]
     assert peaks and all(p["peak"] <= p["max_load"] for p in peaks), peaks

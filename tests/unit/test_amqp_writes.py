@@ -3,8 +3,12 @@ nothing dropped, a close frame always last, the write size capped, and every dra
 future resolved by the writer's one drain() call."""
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
+import aiormq.connection
 import pytest
+import structlog
 from aiormq import spec
 from aiormq.abc import ChannelFrame
 
@@ -70,3 +74,71 @@ async def test_drain_resolves_every_waiting_frame() -> None:
     written.drain()
     assert all(f.done() and f.result() is None for f in waiting)
     assert not written.should_drain
+
+
+@pytest.fixture
+def aiormq_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What install() changes in aiormq is put back afterwards."""
+    monkeypatch.setattr(aiormq.connection, "FrameGenerator", aiormq.connection.FrameGenerator)
+    connection = aiormq.connection.Connection
+    monkeypatch.setattr(connection, "FRAME_BUFFER_SIZE", connection.FRAME_BUFFER_SIZE)
+
+
+@pytest.mark.usefixtures("aiormq_restored")
+def test_install_replaces_aiormq_s_writer_and_uninstall_puts_it_back() -> None:
+    amqp_writes.uninstall()
+    assert amqp_writes.install()
+    assert amqp_writes.install()  # idempotent
+    assert aiormq.connection.FrameGenerator is CoalescingFrameGenerator
+    assert aiormq.connection.Connection.FRAME_BUFFER_SIZE == amqp_writes.QUEUED
+    amqp_writes.uninstall()
+    assert aiormq.connection.FrameGenerator is CoalescingFrameGenerator.__base__
+    assert aiormq.connection.Connection.FRAME_BUFFER_SIZE == 10
+
+
+def _unknown_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(amqp_writes.SUPPORTED, "aiormq", "7.3.")
+
+
+def _foreign_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Other(CoalescingFrameGenerator.__base__):  # type: ignore[misc,name-defined]
+        pass
+
+    monkeypatch.setattr(aiormq.connection, "FrameGenerator", Other)
+
+
+def _writer_without_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def writer(self: Any, stream: Any) -> None:
+        pass
+
+    monkeypatch.setattr(aiormq.connection.Connection, "_Connection__writer", writer)
+
+
+def _frame_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(ChannelFrame, "should_drain")
+
+
+@pytest.mark.usefixtures("aiormq_restored")
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (_unknown_version, "is not 7.3.x"),
+        (_foreign_generator, "FrameGenerator was replaced by something else"),
+        (_writer_without_generator, "writer does not take its frames from FrameGenerator"),
+        (_frame_without_drain, "ChannelFrame is not"),
+    ],
+    ids=["version", "generator", "writer", "frame"],
+)
+def test_another_aiormq_writer_is_left_alone_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, change: Callable[[pytest.MonkeyPatch], None], problem: str
+) -> None:
+    amqp_writes.uninstall()
+    change(monkeypatch)
+    before = aiormq.connection.FrameGenerator
+    with structlog.testing.capture_logs() as logged:
+        assert not amqp_writes.install()
+    assert aiormq.connection.FrameGenerator is before
+    assert aiormq.connection.Connection.FRAME_BUFFER_SIZE == 10
+    [entry] = logged
+    assert (entry["event"], entry["log_level"]) == ("amqp_writes_not_installed", "warning")
+    assert problem in entry["problem"]

@@ -15,10 +15,10 @@ from schemas.events import EVENT_TYPE_PREFIX, ContactEvent, ContactEventData, bu
 from schemas.events import ROUTING_KEYS as EVENT_KEYS
 from schemas.inbound import MESSAGE_TEXT, SHORT
 from schemas.inbound import ROUTING_KEYS as INBOUND_KEYS
-from worker import contract
 from worker.consumer import ERROR_HEADER, REASON_HEADER
 from worker.errors import Reason
 from worker.settings import Settings
+from worker.tools import contract
 
 # The repository's copy, not wherever `schemas` happens to be installed.
 COMMITTED = Path(__file__).resolve().parents[2] / "schemas"

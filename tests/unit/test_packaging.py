@@ -36,7 +36,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
 def test_the_wheel_carries_what_the_cli_reads(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
     wanted = {f"worker/migrations/{p.name}" for p in (ROOT / "migrations").glob("*.sql")}
-    wanted |= {"worker/queries.sql", "worker/demo_routing.toml"}
+    wanted |= {"worker/queries.sql", "worker/tools/reference.sql", "worker/tools/demo_routing.toml"}
     wanted |= {f"schemas/{p.name}" for p in (ROOT / "schemas").glob("*.json")}
     wanted |= {"schemas/asyncapi.yaml"}
     assert len(wanted) > 10

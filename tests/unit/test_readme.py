@@ -1,5 +1,6 @@
-"""README.md: its links stay inside the repository and point at files that exist, and it
-says how to install, check the version and complete the command in a shell."""
+"""README.md: its links stay inside the repository and point at files that exist, it
+says how to install, check the version and complete the command in a shell, and its
+module map (and docs/architecture.md's) names every module of the tree."""
 
 import re
 from pathlib import Path
@@ -42,3 +43,33 @@ def test_code_fences_stand_on_lines_of_their_own() -> None:
     fences = [line for line in README.read_text(encoding="utf-8").splitlines() if "```" in line]
     assert all(re.fullmatch(r"```\w*", line) for line in fences), fences
     assert len(fences) % 2 == 0
+
+
+def _modules() -> set[str]:
+    """The worker's modules and files, as the module maps name them."""
+    worker = ROOT / "worker"
+    return {p.stem for p in worker.glob("*.py")} | {p.stem for p in (worker / "tools").glob("*")}
+
+
+def test_the_module_map_names_every_module_of_the_tree() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Development") :]
+    block = section[: section.index("```", section.index("```") + 3)]
+    named = set(re.findall(r"[a-z_]+", block))
+    expected = _modules() - {"__init__", "__pycache__"}
+    assert not expected - named, f"modules the README's map leaves out: {expected - named}"
+    assert "worker/tools/" in block
+
+
+def test_the_architecture_table_names_every_module_where_it_lives() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = text[text.index("## Where each piece lives") : text.index("## Finding your way in")]
+    listed = set(re.findall(r"`([a-z_/]+)\.(?:py|sql)`", table))
+    worker = ROOT / "worker"
+    expected = {p.stem for p in worker.glob("*.py")} | {
+        f"tools/{p.stem}" for p in (worker / "tools").glob("*.py")
+    }
+    expected |= {"queries", "tools/reference"}
+    expected -= {"__init__", "tools/__init__"}
+    assert not expected - listed, f"modules the table leaves out: {expected - listed}"
+    assert not {m for m in listed - expected if not m.startswith("schemas/")}, listed - expected

@@ -18,7 +18,7 @@ from worker.routing_file import (
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # The TOML flavour ships in the package: the demo applies it.
-SAMPLE_TOML = Path(__file__).resolve().parents[2] / "worker" / "demo_routing.toml"
+SAMPLE_TOML = Path(__file__).resolve().parents[2] / "worker" / "tools" / "demo_routing.toml"
 
 SMALL = """
 [[operators]]

@@ -1,20 +1,53 @@
-"""queries.sql: parses, documents its parameters, and matches the code that uses it."""
+"""The files of named queries (the runtime's worker/queries.sql, the bench's
+worker/tools/reference.sql): each parses, documents its parameters, and matches the code
+that uses it."""
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from worker.sql import Q, parse, queries
+from worker.tools.bench_reference import R
 
 WORKER = Path(__file__).resolve().parents[2] / "worker"
-QUERIES_SQL = WORKER / "queries.sql"
 PARAM = re.compile(r"\$(\d+)")
-REFERENCE = re.compile(r"\bQ\.(\w+)")
 
 
-def real_queries() -> dict[str, str]:
-    return parse(QUERIES_SQL.read_text(encoding="utf-8"))
+@dataclass(frozen=True)
+class SqlFile:
+    path: Path
+    package: str
+    attribute: str  # the Queries object the code reads it through: Q.<name>, R.<name>
+    users: tuple[Path, ...]  # the modules that may use it
+
+    def __str__(self) -> str:
+        return self.path.name
+
+    def references(self, path: Path) -> list[str]:
+        return re.findall(rf"\b{self.attribute}\.(\w+)", path.read_text(encoding="utf-8"))
+
+
+SQL_FILES = [
+    SqlFile(
+        WORKER / "queries.sql",
+        "worker",
+        "Q",
+        tuple(sorted(WORKER.glob("*.py")) + sorted((WORKER / "tools").glob("*.py"))),
+    ),
+    SqlFile(
+        WORKER / "tools" / "reference.sql",
+        "worker.tools",
+        "R",
+        (WORKER / "tools" / "bench_reference.py",),
+    ),
+]
+each_file = pytest.mark.parametrize("sql_file", SQL_FILES, ids=str)
+
+
+def real_queries(sql_file: SqlFile = SQL_FILES[0]) -> dict[str, str]:
+    return parse(sql_file.path.read_text(encoding="utf-8"))
 
 
 def description(sql: str) -> str:
@@ -35,10 +68,11 @@ def used_params(sql: str) -> set[int]:
     return {int(n) for n in PARAM.findall(code(sql))}
 
 
-def test_real_file_parses() -> None:
-    parsed = real_queries()
+@each_file
+def test_real_file_parses(sql_file: SqlFile) -> None:
+    parsed = real_queries(sql_file)
     assert parsed
-    assert parsed == queries()
+    assert parsed == queries(sql_file.package, sql_file.path.name)
     for name, sql in parsed.items():
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
         assert code(sql).strip(), name
@@ -51,10 +85,15 @@ def test_attribute_access() -> None:
     assert getattr(Q, name) == parsed[name]
     with pytest.raises(AttributeError, match="no_such_query"):
         _ = Q.no_such_query
+    reference = real_queries(SQL_FILES[1])
+    name = next(iter(reference))
+    assert getattr(R, name) == reference[name]
+    assert not set(reference) & set(real_queries()), "the bench's SQL is not the runtime's"
 
 
-def test_every_query_has_a_description() -> None:
-    text = QUERIES_SQL.read_text(encoding="utf-8").splitlines()
+@each_file
+def test_every_query_has_a_description(sql_file: SqlFile) -> None:
+    text = sql_file.path.read_text(encoding="utf-8").splitlines()
     missing = []
     for i, line in enumerate(text):
         if line.startswith("-- name:"):
@@ -62,22 +101,24 @@ def test_every_query_has_a_description() -> None:
             if not re.match(r"^-- \S", following) or following.startswith("-- name:"):
                 missing.append(line.removeprefix("-- name:").strip())
     assert not missing, f"queries without a description line: {missing}"
-    for name, sql in real_queries().items():
+    for name, sql in real_queries(sql_file).items():
         assert description(sql), name
 
 
-def test_parameters_run_from_one_without_gaps() -> None:
+@each_file
+def test_parameters_run_from_one_without_gaps(sql_file: SqlFile) -> None:
     bad = {}
-    for name, sql in real_queries().items():
+    for name, sql in real_queries(sql_file).items():
         params = used_params(sql)
         if params and params != set(range(1, max(params) + 1)):
             bad[name] = sorted(params)
     assert not bad, f"parameters with gaps: {bad}"
 
 
-def test_descriptions_list_the_parameters() -> None:
+@each_file
+def test_descriptions_list_the_parameters(sql_file: SqlFile) -> None:
     bad = {}
-    for name, sql in real_queries().items():
+    for name, sql in real_queries(sql_file).items():
         text = description(sql)
         used = used_params(sql)
         if "($1" in text:
@@ -89,30 +130,33 @@ def test_descriptions_list_the_parameters() -> None:
     assert not bad, f"descriptions that do not match the parameters: {bad}"
 
 
-def test_no_string_formatting_placeholders() -> None:
-    for name, sql in real_queries().items():
+@each_file
+def test_no_string_formatting_placeholders(sql_file: SqlFile) -> None:
+    for name, sql in real_queries(sql_file).items():
         sql_code = code(sql)
         assert "%s" not in sql_code, name
         assert not re.search(r"\{\w*\}", sql_code), name
 
 
-def test_every_referenced_query_exists() -> None:
-    parsed = real_queries()
+@each_file
+def test_every_referenced_query_exists(sql_file: SqlFile) -> None:
+    parsed = real_queries(sql_file)
     missing: dict[str, list[str]] = {}
-    for path in sorted(WORKER.glob("*.py")):
-        for name in REFERENCE.findall(path.read_text(encoding="utf-8")):
+    for path in sql_file.users:
+        for name in sql_file.references(path):
             if name not in parsed:
                 missing.setdefault(name, []).append(path.name)
-    assert not missing, f"Q.<name> without a query in queries.sql: {missing}"
+    assert not missing, f"names without a query in {sql_file}: {missing}"
 
 
-def test_every_query_is_used() -> None:
+@each_file
+def test_every_query_is_used(sql_file: SqlFile) -> None:
     referenced: set[str] = set()
-    for path in WORKER.glob("*.py"):
-        referenced.update(REFERENCE.findall(path.read_text(encoding="utf-8")))
-    assert referenced, "found no Q.<name> references at all"
-    unused = sorted(set(real_queries()) - referenced)
-    assert not unused, f"queries in queries.sql that no worker/*.py uses: {unused}"
+    for path in sql_file.users:
+        referenced.update(sql_file.references(path))
+    assert referenced, f"found no {sql_file.attribute}.<name> references at all"
+    unused = sorted(set(real_queries(sql_file)) - referenced)
+    assert not unused, f"queries in {sql_file} that no module uses: {unused}"
 
 
 # --- parse -------------------------------------------------------------------------

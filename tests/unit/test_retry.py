@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.failures import backoff, is_transient
+from worker.retry import backoff, is_transient
 
 TRANSIENT: list[BaseException] = [
     ConnectionRefusedError(),

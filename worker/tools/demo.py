@@ -65,7 +65,7 @@ async def run_demo(base: Settings, leads: int) -> None:
     await migrate(settings.database_url, settings.migrations_dir)
 
     async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
-        with as_file(files("worker").joinpath("demo_routing.toml")) as sample:
+        with as_file(files("worker.tools").joinpath("demo_routing.toml")) as sample:
             routing = routing_file.load(sample)
         await routing_file.apply(pool, routing, dry_run=False)
         out.print(

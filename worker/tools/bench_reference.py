@@ -5,7 +5,7 @@ more: JSON only, no validation, outbox, weights, retries or dead letters. The be
 it against the same broker, database and queue arguments as leadrouter, so leadrouter's
 rate is reported as a ratio measured in one run, whatever the machine's speed.
 
-Run as `python -m worker.bench_reference` with the bench's LEADROUTER_* settings."""
+Run as `python -m worker.tools.bench_reference` with the bench's LEADROUTER_* settings."""
 
 import asyncio
 import contextlib
@@ -19,25 +19,27 @@ import uvloop
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from worker.settings import Settings
-from worker.sql import Q
+from worker.sql import Queries
 
 BATCH = 50
 OPERATORS_PER_SOURCE = 4
 
+R = Queries("worker.tools", "reference.sql")  # its own SQL, not the runtime's
+
 
 async def setup(pool: asyncpg.Pool, keys: list[str]) -> None:
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(Q.reference_schema)
+        await conn.execute(R.reference_schema)
         sources = [key for key in keys for _ in range(OPERATORS_PER_SOURCE)]
-        await conn.execute(Q.reference_add_operators, list(range(len(sources))), sources)
+        await conn.execute(R.reference_add_operators, list(range(len(sources))), sources)
 
 
 async def _route(conn: asyncpg.Connection, leads: list[tuple[str, str]]) -> dict[str, int]:
     """One batch's (message id, source) pairs → message id → operator, least loaded first."""
     keys = sorted({source for _, source in leads})
-    await conn.execute(Q.reference_lock_sources, keys)
+    await conn.execute(R.reference_lock_sources, keys)
     loads: dict[str, dict[int, int]] = {}
-    for row in await conn.fetch(Q.reference_lock_operators, keys):
+    for row in await conn.fetch(R.reference_lock_operators, keys):
         loads.setdefault(row["source"], {})[row["id"]] = row["open_load"]
     chosen = []
     for _, source in leads:
@@ -46,13 +48,13 @@ async def _route(conn: asyncpg.Connection, leads: list[tuple[str, str]]) -> dict
         ops[operator] += 1
         chosen.append(operator)
     rows = await conn.fetch(
-        Q.reference_insert_contacts,
+        R.reference_insert_contacts,
         [m for m, _ in leads],
         [s for _, s in leads],
         chosen,
     )
     claimed = Counter(r["operator_id"] for r in rows)
-    await conn.execute(Q.reference_claim_operators, list(claimed), list(claimed.values()))
+    await conn.execute(R.reference_claim_operators, list(claimed), list(claimed.values()))
     return {r["message_id"]: r["operator_id"] for r in rows}
 
 

@@ -6,7 +6,7 @@ Throughput mode pre-publishes every lead, then starts the worker(s) and measures
 the first event to the last. Paced mode (`--rate R`) starts the worker(s) first and
 publishes R messages per second, measuring each message's publish→event latency.
 
-`--reference` first runs the minimal hand-written pipeline of `worker/bench_reference.py`
+`--reference` first runs the minimal hand-written pipeline of `worker/tools/bench_reference.py`
 (one process, on the same event loop) on the same load and reports leadrouter against it:
 on a shared machine whose speed drifts from run to run, two figures measured back to back
 compare better than absolute rates taken at different times."""
@@ -34,12 +34,13 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.progress import Progress
 
-from worker import admin, amqp_writes, bench_reference, log, topology
+from worker import admin, amqp_writes, log, topology
 from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
-from worker.processes import spawn_module, spawn_worker
 from worker.settings import Settings
+from worker.tools import bench_reference
+from worker.tools.processes import spawn_module, spawn_worker
 
 OPERATORS = 40
 WEIGHTS_PER_SOURCE = 4
@@ -249,7 +250,9 @@ async def _measure(
         async def start_workers() -> None:
             nonlocal worker
             if pipeline == REFERENCE:
-                procs.append(spawn_module(settings, subprocess.DEVNULL, "worker.bench_reference"))
+                procs.append(
+                    spawn_module(settings, subprocess.DEVNULL, "worker.tools.bench_reference")
+                )
             elif workers:
                 procs.extend(spawn_worker(settings, subprocess.DEVNULL) for _ in range(workers))
             else:

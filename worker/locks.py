@@ -1,0 +1,20 @@
+"""The advisory-lock key namespaces, named in one place.
+
+Every advisory lock leadrouter takes has two keys, `(namespace, id)`; the namespace says
+what is locked. The statements in queries.sql write it as a literal (SQL cannot read
+these constants); tests/unit/test_locks.py holds every advisory lock there, in the code
+and in the tests to the namespaces below, so a new one must be named here first.
+Single-key advisory locks (one bigint) are a separate key space in PostgreSQL; leadrouter
+takes none (the bench's reference pipeline does, in its own throwaway database)."""
+
+from enum import IntEnum
+
+
+class LockSpace(IntEnum):
+    # (1280, source id), until commit: one routing transaction per source at a time; the
+    # lock order of distribution.py starts with these, in ascending source id.
+    SOURCE = 1280
+    # (1281, 0), for the session: one process migrates a database at a time.
+    MIGRATIONS = 1281
+    # (1282, 0), until commit: one `leadrouter apply` at a time.
+    APPLY = 1282
