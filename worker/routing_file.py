@@ -145,6 +145,8 @@ def load(path: str | Path) -> RoutingFile:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"cannot read {path}: not UTF-8 text") from None
+    except ValueError:  # a NUL in the path, which no file name can hold
+        raise UserError(f"cannot read {path}: a file name holds no NUL byte") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     return parse(text, fmt, origin=str(path))

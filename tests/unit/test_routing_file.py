@@ -329,3 +329,8 @@ def test_long_descriptions_are_shortened_in_the_diff() -> None:
     routing = parse(f'[[sources]]\nkey = "tg"\ndescription = "{"x" * 100}"\n', "toml")
     [change] = plan(State(), routing)
     assert f"description '{'x' * 39}…'" in change.details
+
+
+def test_a_path_with_a_nul_byte_is_one_error() -> None:
+    with pytest.raises(UserError, match="no NUL byte"):
+        load("bad\x00name.toml")
