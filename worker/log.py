@@ -106,6 +106,14 @@ class _Redact(logging.Filter):
     text is not."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self._redact(record)
+        except Exception:  # whatever went wrong, the line says nothing it should not
+            record.msg, record.args, record.exc_info, record.exc_text = REDACTED, (), None, None
+        return True
+
+    @staticmethod
+    def _redact(record: logging.LogRecord) -> None:
         if isinstance(record.args, dict):
             if any(_carries_message(v) for v in record.args.values()):
                 record.args = {k: _redacted(v) for k, v in record.args.items()}
@@ -120,7 +128,6 @@ class _Redact(logging.Filter):
                 record.exc_text = None
                 record.msg = f"{record.getMessage()} ({type(error).__name__}: {REDACTED})"
                 record.args = ()
-        return True
 
 
 def _carries_message(value: Any) -> bool:
