@@ -607,8 +607,9 @@ class Consumer:
             )
             await self._hand_back(d)
             return
-        await self._hold(d, "dead_letter_deferred")
+        # In the queue before anything is awaited, so that the next dead letter counts it.
         self._refused.append((d, failure))
+        await self._hold(d, "dead_letter_deferred")
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.create_task(self._retry_dead_letters(), name="dead-letters")
 
