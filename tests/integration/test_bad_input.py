@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import pika
 import pytest
@@ -55,6 +56,17 @@ async def dead_letters(
     connection = await aio_pika.connect(settings.amqp_url)
     taken: list[aio_pika.abc.AbstractIncomingMessage] = []
     async with connection:
+
+        async def declared() -> bool:
+            """A test that deleted the queue waits for the worker to declare it again."""
+            try:
+                async with connection.channel() as probe:
+                    await probe.get_queue(settings.dead_queue)  # passive
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+        await wait_until(declared, timeout=timeout, what="the dead-letter queue")
         channel = await connection.channel()
         queue = await channel.get_queue(settings.dead_queue)
 
