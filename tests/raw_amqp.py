@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pika
 import pika.data
 
@@ -43,6 +44,17 @@ async def dead_letters(
     connection = await aio_pika.connect(settings.amqp_url)
     taken: list[aio_pika.abc.AbstractIncomingMessage] = []
     async with connection:
+
+        async def declared() -> bool:
+            """A test that deleted the queue waits for the worker to declare it again."""
+            try:
+                async with connection.channel() as probe:
+                    await probe.get_queue(settings.dead_queue)  # passive
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+        await wait_until(declared, timeout=timeout, what="the dead-letter queue")
         channel = await connection.channel()
         queue = await channel.get_queue(settings.dead_queue)
 
@@ -54,6 +66,11 @@ async def dead_letters(
 
         await wait_until(take, timeout=timeout, what=f"{count} dead letters")
     return taken
+
+
+def props(message_id: Any = None, **kwargs: Any) -> pika.BasicProperties:
+    """Persistent properties with this message_id (any bytes, as pika sends them)."""
+    return pika.BasicProperties(message_id=message_id, delivery_mode=2, **kwargs)
 
 
 class Raw(bytes):

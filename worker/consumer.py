@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -21,12 +21,13 @@ from aiormq.abc import DeliveredMessage
 
 from schemas.inbound import ContactClose, LeadContact
 from worker import amqp_reads, distribution, log
-from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_key
-from worker.dlq import replay_headers
+from worker.decode import Inbound, decode, shown_routing_key
+from worker.dlq import OUR_PREFIX, replayable
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
 from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
+from worker.republish import properties_of, republished
 from worker.retry import backoff, is_transient
 from worker.settings import Settings
 
@@ -40,6 +41,10 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 # publishes itself (see Consumer._settle); trusted only on messages published under the
 # worker's own RabbitMQ user, which the broker checks (the user-id property).
 FAILURES_HEADER = "x-leadrouter-failures"
+# The names of the properties the client could not decode on the message a copy
+# replaces (worker/amqp_reads.py leaves them out, so the copy would decode clean):
+# trusted as FAILURES_HEADER is, and dead-letters the copy as invalid_properties.
+UNDECODABLE_HEADER = "x-leadrouter-undecodable"
 
 
 @dataclass
@@ -72,17 +77,19 @@ class _AckWindow:
     def delivered(self, d: _Delivery) -> None:
         self._of(d).busy.add(self._tag(d))
 
-    def hold(self, d: _Delivery) -> None:
+    async def hold(self, d: _Delivery) -> None:
         """Left unacked so that the broker redelivers it when the channel closes."""
         state = self._of(d)
         state.busy.discard(self._tag(d))
         state.held.add(self._tag(d))
+        await self._flush(d.channel)  # what waited behind it may be acked now
 
-    def released(self, d: _Delivery) -> None:
+    async def released(self, d: _Delivery) -> None:
         """A nack was sent: the broker no longer counts it as ours."""
         state = self._of(d)
         state.busy.discard(self._tag(d))
         state.held.discard(self._tag(d))
+        await self._flush(d.channel)
 
     async def ack_alone(self, d: _Delivery) -> None:
         """Ack this one delivery now, whatever is still in flight before it (a message
@@ -97,6 +104,7 @@ class _AckWindow:
             await d.channel.basic_ack(self._tag(d), wait=False)
         except Exception as exc:
             logger.warning("ack_failed", error=type(exc).__name__, count=1)
+        await self._flush(d.channel)
 
     async def ack(self, deliveries: Sequence[_Delivery]) -> None:
         for d in deliveries:
@@ -104,30 +112,37 @@ class _AckWindow:
             state.busy.discard(self._tag(d))
             state.done.add(self._tag(d))
         for channel in {d.channel for d in deliveries}:
-            state = self._channels[channel]
-            if channel.is_closed:  # its deliveries are back in the queue: forget them
-                del self._channels[channel]
-                continue
-            limit = min(state.busy, default=None)
-            ready = sorted(t for t in state.done if limit is None or t < limit)
-            if not ready:
-                continue
-            first_held = min(state.held, default=None)
-            together = [t for t in ready if first_held is None or t < first_held]
-            alone = [t for t in ready if first_held is not None and t > first_held]
-            state.done.difference_update(ready)
-            try:
-                # Queued for the connection's writer, not waited for: the next batch
-                # starts at once, and its events' writes may share the ack's. An ack
-                # still queued when the connection drops is lost like one in flight: the
-                # redelivery finds the work done.
-                if together:
-                    await channel.basic_ack(together[-1], multiple=True, wait=False)
-                for tag in alone:
-                    await channel.basic_ack(tag, wait=False)
-            except Exception as exc:
-                # The channel was lost after commit: redeliveries find the work done.
-                logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))
+            await self._flush(channel)
+
+    async def _flush(self, channel: Any) -> None:
+        """Ack what is done on this channel and no longer waits behind a delivery still
+        being handled: called whenever a delivery stops being busy."""
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        if channel.is_closed:  # its deliveries are back in the queue: forget them
+            del self._channels[channel]
+            return
+        limit = min(state.busy, default=None)
+        ready = sorted(t for t in state.done if limit is None or t < limit)
+        if not ready:
+            return
+        first_held = min(state.held, default=None)
+        together = [t for t in ready if first_held is None or t < first_held]
+        alone = [t for t in ready if first_held is not None and t > first_held]
+        state.done.difference_update(ready)
+        try:
+            # Queued for the connection's writer, not waited for: the next batch starts
+            # at once, and its events' writes may share the ack's. An ack still queued
+            # when the connection drops is lost like one in flight: the redelivery finds
+            # the work done.
+            if together:
+                await channel.basic_ack(together[-1], multiple=True, wait=False)
+            for tag in alone:
+                await channel.basic_ack(tag, wait=False)
+        except Exception as exc:
+            # The channel was lost after commit: redeliveries find the work done.
+            logger.warning("ack_failed", error=type(exc).__name__, count=len(ready))
 
     def _of(self, d: _Delivery) -> _ChannelAcks:
         return self._channels.setdefault(d.channel, _ChannelAcks())
@@ -173,9 +188,19 @@ class Consumer:
         self._max_refused = max(1, settings.prefetch // 2)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._retrier: asyncio.Task[None] | None = None
+        # Sources a committed batch freed capacity for, routed by one task at a time.
+        self._undrained: set[int] = set()
+        self._drainer: asyncio.Task[None] | None = None
         # A copy is published before a message's delivery count reaches the limit.
         self._refresh_at = max(1, settings.delivery_limit // 2)
-        self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
+        # Copies carry counts that are trusted under our RabbitMQ user only, so they need
+        # one named in the URL (the broker's default, guest, is everybody's): without
+        # one, no copies, and the broker's delivery limit is all there is.
+        username = urlsplit(settings.amqp_url).username
+        self._user = unquote(username) if username else None
+        # Publishes in flight by message id: aiormq matches a returned publish to its
+        # confirmation by message id, so two with one id must never be in flight at once.
+        self._publishing: dict[str, _IdLock] = {}
 
     def start(self) -> None:
         self._batchers = [
@@ -189,7 +214,7 @@ class Consumer:
         rest of the intake (measured with py-spy under `leadrouter bench`)."""
         d = _Delivery(message, message.channel, time.perf_counter())
         self._acks.delivered(d)
-        if self._worn(d):
+        if not self.stopping and self._worn(d):
             self._spawn(self._refresh(d))
             return
         self._buffer.append(d)
@@ -256,7 +281,7 @@ class Consumer:
             # Shutting down past the grace: leave everything unacked for redelivery
             # (what committed is found done), publish nothing more.
             for d in batch:
-                self._hold(d, "deferred")
+                await self._hold(d, "deferred")
             raise asyncio.CancelledError
         to_ack = await asyncio.gather(*(self._settle(d) for d in batch))
         await self._acks.ack([d for d, ack in zip(batch, to_ack, strict=True) if ack])
@@ -270,7 +295,7 @@ class Consumer:
                     d.message.routing_key or "",
                     d.message.header.properties.message_id,
                     self._settings.max_message_bytes,
-                    amqp_reads.undecodable(d.message),
+                    self._undecodable(d),
                 )
             except DeadLetter as exc:
                 d.failure = exc
@@ -339,7 +364,7 @@ class Consumer:
             )
         self._relay.committed(outcome.events)
         if outcome.undrained:
-            self._spawn(self._drain_after_commit(outcome.undrained))
+            self._drain_later(outcome.undrained)
         for (source, strategy), count in outcome.assignments.items():
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
@@ -406,7 +431,7 @@ class Consumer:
                     error=failure.detail,
                 )
                 if self._refused:  # the broker refuses dead letters: join the queue
-                    self._defer_dead_letter(d, failure)
+                    await self._defer_dead_letter(d, failure)
                     return False
                 try:
                     await self._publish_dead(message, failure)
@@ -414,14 +439,14 @@ class Consumer:
                     # Never retried here: a dead-letter queue that refuses for hours
                     # must not stall the valid messages of this batch and the next.
                     self._dead_letter_failed(exc)
-                    self._defer_dead_letter(d, failure)
+                    await self._defer_dead_letter(d, failure)
                     return False
                 self._dead_lettered(failure)
                 d.decided = True
                 return True
             if is_transient(failure):
                 # Shutting down: unacked, the broker redelivers it; nothing was committed.
-                self._hold(d, "deferred")
+                await self._hold(d, "deferred")
                 return False
             # A bug. We count the failures ourselves, on a copy (see _refresh: the
             # broker's count also grows with every worker restart, so it cannot tell a
@@ -434,9 +459,9 @@ class Consumer:
             # queue's delivery limits in milliseconds.
             await asyncio.sleep(backoff(3, self._settings.retry_max_seconds))
             failures = self._failures(d) + 1
-            if failures < self._settings.delivery_limit:
+            if self._copies and failures < self._settings.delivery_limit:
                 try:
-                    await self._publish_copy(message, failures)
+                    await self._publish_copy(d, failures)
                 except Exception as exc:
                     logger.warning("message_copy_failed", error=type(exc).__name__)
                 else:
@@ -447,19 +472,42 @@ class Consumer:
         finally:
             self._metrics.processing.observe(time.perf_counter() - d.arrived)
 
+    @property
+    def _copies(self) -> bool:
+        """Whether the worker replaces messages by copies (see _refresh and _settle)."""
+        return self._inbound is not None and self._user is not None
+
+    def _ours(self, d: _Delivery) -> bool:
+        """Published by a worker: our headers on it are trusted (the broker checks the
+        user id property against the publishing user)."""
+        return self._user is not None and d.message.header.properties.user_id == self._user
+
     def _failures(self, d: _Delivery) -> int:
         """Handler failures counted on our copies; 0 on anyone else's message."""
-        properties = d.message.header.properties
-        if properties.user_id != self._user:
+        if not self._ours(d):
             return 0
-        return _count_header(properties.headers, FAILURES_HEADER)
+        return _count_header(d.message.header.properties.headers, FAILURES_HEADER)
+
+    def _undecodable(self, d: _Delivery) -> tuple[str, ...]:
+        """The properties the client could not decode on this message or, for our copy,
+        on the message it replaces."""
+        undecodable = amqp_reads.undecodable(d.message)
+        if not self._ours(d):
+            return undecodable
+        carried = (d.message.header.properties.headers or {}).get(UNDECODABLE_HEADER)
+        if isinstance(carried, bytes | bytearray):
+            carried = carried.decode("utf-8", errors="replace")
+        if not isinstance(carried, str):
+            return undecodable
+        names = tuple(n for n in carried.split(",") if n and n not in undecodable)
+        return undecodable + names
 
     def _worn(self, d: _Delivery) -> bool:
         """Whether the broker's delivery count of this message is halfway to the limit
         and the count is not ours to finish (a message that failed on a bug at every
         copy is left to it, see _settle)."""
         return (
-            self._inbound is not None
+            self._copies
             and _count_header(d.message.header.properties.headers, DELIVERY_COUNT_HEADER)
             >= self._refresh_at
             and self._failures(d) < self._settings.delivery_limit - 1
@@ -474,7 +522,7 @@ class Consumer:
         the message waits for a batch: a worker that is stopped or killed while the
         message waits gets no chance to do it later."""
         try:
-            await self._publish_copy(d.message, self._failures(d))
+            await self._publish_copy(d, self._failures(d))
         except Exception as exc:  # handled as it is; the broker's count goes on
             logger.warning("message_copy_failed", error=type(exc).__name__)
             self._buffer.append(d)
@@ -490,36 +538,46 @@ class Consumer:
             ),
         )
 
-    async def _publish_copy(self, message: DeliveredMessage, failures: int) -> None:
-        """The same message (body, id, routing key, properties) back into the inbound
-        exchange, with publisher confirm, carrying `failures`."""
-        assert self._inbound is not None
-        properties = message.header.properties
-        headers = {
-            k: v
-            for k, v in (properties.headers or {}).items()
-            if k not in (DELIVERY_COUNT_HEADER, FAILURES_HEADER)
-        }
-        if failures:
-            headers[FAILURES_HEADER] = failures
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=properties.content_type,
-            content_encoding=properties.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=properties.priority,
-            correlation_id=properties.correlation_id,
-            reply_to=properties.reply_to,
-            message_id=properties.message_id,
-            timestamp=properties.timestamp,
-            expiration=_seconds(properties.expiration),  # a copy's time to live starts anew
-            type=properties.message_type,
-            app_id=properties.app_id,
-            user_id=self._user,  # checked by the broker: what makes FAILURES_HEADER ours
+    async def _publish_copy(self, d: _Delivery, failures: int) -> None:
+        """The same message (body, id or none, routing key, properties) back into the
+        inbound exchange, with publisher confirm, carrying `failures` and what the client
+        could not decode. The message's own x-leadrouter-* headers are dropped: under our
+        user id they would be trusted."""
+        assert self._inbound is not None and self._user is not None
+        message = d.message
+        ours: dict[str, Any] = {FAILURES_HEADER: failures} if failures else {}
+        undecodable = self._undecodable(d)
+        if undecodable:
+            ours[UNDECODABLE_HEADER] = ",".join(undecodable)
+        copy = republished(
+            message.body,
+            message.header.properties.message_id,
+            properties_of(message),
+            message.header.properties.headers or {},
+            keep_header=_copied,
+            add_headers=ours,
+            expiration=True,  # a copy's time to live starts anew
+            user_id=self._user,  # checked by the broker: what makes our headers trusted
         )
+        if copy.dropped:
+            logger.warning("message_copy_headers_dropped", count=copy.dropped)
         # Mandatory: a copy that reaches no queue must not replace the message.
-        await self._inbound.publish(copy, message.routing_key or "", mandatory=True)
+        async with self._one_per_id(copy.message):
+            await self._inbound.publish(copy.message, message.routing_key or "", mandatory=True)
+
+    @contextlib.asynccontextmanager
+    async def _one_per_id(self, message: aio_pika.Message) -> AsyncIterator[None]:
+        """Wait until no other publish with this message's id is in flight."""
+        key = message.message_id or ""
+        entry = self._publishing.setdefault(key, _IdLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._publishing[key]
 
     def _dead_lettered(self, failure: DeadLetter) -> None:
         self._count(str(failure.reason))
@@ -546,19 +604,24 @@ class Consumer:
         self._readiness.dead_letter_problem = cause
         self._readiness.dead_letters = False
 
-    def _defer_dead_letter(self, d: _Delivery, failure: DeadLetter) -> None:
+    async def _defer_dead_letter(self, d: _Delivery, failure: DeadLetter) -> None:
         """Keep a dead letter the broker did not take unacked, for _retry_dead_letters."""
         if self.stopping:  # unacked, it comes back after the restart
-            self._hold(d, "dead_letter_deferred")
+            await self._hold(d, "dead_letter_deferred")
             return
         if len(self._refused) >= self._max_refused:
             # Held ones would fill the prefetch window and stop valid messages: hand
-            # this one back (after a pause, so it does not spin); it comes again.
-            self._hold(d, "dead_letter_handed_back")
-            self._spawn(self._hand_back_later(d))
+            # this one back at once; it comes again.
+            self._count("dead_letter_handed_back")
+            logger.info(
+                "message_dead_letter_handed_back",
+                message_id=d.message.header.properties.message_id,
+            )
+            await self._hand_back(d)
             return
-        self._hold(d, "dead_letter_deferred")
+        # In the queue before anything is awaited, so that the next dead letter counts it.
         self._refused.append((d, failure))
+        await self._hold(d, "dead_letter_deferred")
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.create_task(self._retry_dead_letters(), name="dead-letters")
 
@@ -596,42 +659,54 @@ class Consumer:
         self._readiness.dead_letters = True
         self._readiness.dead_letter_problem = None
 
-    async def _hand_back_later(self, d: _Delivery) -> None:
-        await asyncio.sleep(self._settings.retry_max_seconds)
-        await self._hand_back(d)
+    def _drain_later(self, source_ids: set[int]) -> None:
+        """Have _drain_after_commit route these sources: one task for all the batches,
+        so that waiting on a long-held source lock holds one pool connection, not one per
+        batch."""
+        self._undrained |= source_ids
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain_after_commit())
+            self._side_tasks.add(self._drainer)
+            self._drainer.add_done_callback(self._side_tasks.discard)
 
-    async def _drain_after_commit(self, source_ids: set[int]) -> None:
-        """Route sources a committed batch freed capacity for without holding their locks
-        (distribution.Outcome.undrained), now rather than at the backlog sweep."""
-        try:
-            assigned = await self._retrying(
-                lambda: distribution.drain_after_commit(self._pool, source_ids)
-            )
-        except Exception:  # a bug: the sweep remains the safety net
-            logger.exception("freed_capacity_routing_failed", sources=len(source_ids))
-            return
-        logger.info("freed_capacity_routed", sources=len(source_ids), assigned=assigned.total())
-        for (source, strategy), count in assigned.items():
-            self._metrics.assignments.labels(source, strategy).inc(count)
+    async def _drain_after_commit(self) -> None:
+        """Route sources committed batches freed capacity for without holding their locks
+        (distribution.Outcome.undrained), now rather than at the backlog sweep; the ones
+        added meanwhile next."""
+        while self._undrained:
+            source_ids, self._undrained = self._undrained, set()
+            try:
+                assigned = await self._retrying(
+                    lambda ids=source_ids: distribution.drain_after_commit(self._pool, ids)  # type: ignore[misc]
+                )
+            except Exception:
+                if self.stopping:  # a transient failure at shutdown: the sweep does it later
+                    return
+                # A bug: the sweep remains the safety net.
+                logger.exception("freed_capacity_routing_failed", sources=len(source_ids))
+                continue
+            logger.info("freed_capacity_routed", sources=len(source_ids), assigned=assigned.total())
+            for (source, strategy), count in assigned.items():
+                self._metrics.assignments.labels(source, strategy).inc(count)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    def _hold(self, d: _Delivery, outcome: str) -> None:
+    async def _hold(self, d: _Delivery, outcome: str) -> None:
         """Leave it unacked: the broker redelivers it when our channel closes."""
         self._count(outcome)
         logger.info("message_" + outcome, message_id=d.message.header.properties.message_id)
-        self._acks.hold(d)
         d.decided = True
+        await self._acks.hold(d)
 
     async def _hand_back(self, d: _Delivery) -> None:
         """nack with requeue; only once it is sent may later acks cover its tag."""
         with contextlib.suppress(Exception):
             await d.channel.basic_nack(d.message.delivery_tag, multiple=False, requeue=True)
-        self._acks.released(d)
         d.decided = True
+        await self._acks.released(d)
 
     async def _publish_dead(self, message: DeliveredMessage, failure: DeadLetter) -> None:
         """The dead copy: body, routing key and the properties that decoded (not the
@@ -639,31 +714,21 @@ class Consumer:
         the broker checks against ours). The message's own x-leadrouter-* and dead-letter
         headers are not trusted: dropped before ours are added. Headers that cannot be
         encoded again are dropped too, so that the dead copy can always be published."""
-        properties = message.header.properties
-        headers, dropped = amqp_reads.publishable(replay_headers(properties.headers or {}))
-        if dropped:
-            logger.warning("dead_letter_headers_dropped", count=dropped)
-        headers[REASON_HEADER] = str(failure.reason)
-        headers[ERROR_HEADER] = failure.detail
-        dead = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            # Without an id, aiormq would stamp a random one, making each copy (and each
-            # replay of it) a message of its own.
-            message_id=message_id_of(properties.message_id) or no_id(),
-            content_type=properties.content_type,
-            content_encoding=properties.content_encoding,
-            correlation_id=properties.correlation_id,
-            reply_to=properties.reply_to,
-            type=properties.message_type,
-            app_id=properties.app_id,
-            priority=properties.priority,
-            timestamp=properties.timestamp or datetime.now(UTC),  # so `dlq list` shows an age
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        dead = republished(
+            message.body,
+            message.header.properties.message_id,
+            properties_of(message),
+            message.header.properties.headers or {},
+            keep_header=replayable,
+            add_headers={REASON_HEADER: str(failure.reason), ERROR_HEADER: failure.detail},
+            timestamp=datetime.now(UTC),  # when it has none, so that `dlq list` shows an age
         )
+        if dead.dropped:
+            logger.warning("dead_letter_headers_dropped", count=dead.dropped)
         # Mandatory: if the dead-letter queue is gone we must not ack and lose it.
         try:
-            await self._dead.publish(dead, message.routing_key or "", mandatory=True)
+            async with self._one_per_id(dead.message):
+                await self._dead.publish(dead.message, message.routing_key or "", mandatory=True)
         except aiormq.exceptions.PublishError:
             # Returned unroutable: someone deleted the dead-letter queue or its binding.
             # Declare them again (idempotent) and let the caller retry, rather than wait
@@ -676,13 +741,17 @@ class Consumer:
             raise
 
 
+@dataclass
+class _IdLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+def _copied(header: str) -> bool:
+    """Whether a copy carries this header of the message it replaces."""
+    return header != DELIVERY_COUNT_HEADER and not header.startswith(OUR_PREFIX)
+
+
 def _count_header(headers: dict[str, Any] | None, name: str) -> int:
     value = (headers or {}).get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _seconds(milliseconds: str | None) -> float | None:
-    """The expiration property (milliseconds, as text) in seconds, as aio-pika takes it."""
-    if not milliseconds or not milliseconds.isdigit():
-        return None
-    return int(milliseconds) / 1000

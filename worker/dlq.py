@@ -45,8 +45,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker import amqp_reads, log
-from worker.decode import message_id_of, no_id, shown_routing_key
+from worker.decode import message_id_of, shown_routing_key
 from worker.errors import ERROR_HEADER, REASON_HEADER
+from worker.republish import republished
 from worker.settings import Settings
 
 logger = log.get(__name__)
@@ -164,12 +165,13 @@ def age_of(headers: Mapping[str, Any], timestamp: datetime | None, now: datetime
     return max(0.0, (now - when).total_seconds())
 
 
+def replayable(header: str) -> bool:
+    """Whether a dead letter's header goes with it when it is published again."""
+    return header not in DEATH_HEADERS and not header.startswith(DEATH_PREFIXES)
+
+
 def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in headers.items()
-        if k not in DEATH_HEADERS and not k.startswith(DEATH_PREFIXES)
-    }
+    return {k: v for k, v in headers.items() if replayable(k)}
 
 
 def make_entry(
@@ -208,23 +210,9 @@ def replay_message(entry: Entry, body: bytes) -> aio_pika.Message:
     publishing user's). A message without an id stays without one, and is dead-lettered
     again as missing_message_id unless its body has one: replaying it twice cannot make
     two contacts."""
-    p = entry.properties
-    headers, _dropped = amqp_reads.publishable(replay_headers(entry.headers))
-    return aio_pika.Message(
-        body=body,
-        headers=headers,
-        # aiormq would stamp a random id on a message without one.
-        message_id=entry.message_id or no_id(),
-        content_type=p.get("content_type"),
-        content_encoding=p.get("content_encoding"),
-        correlation_id=p.get("correlation_id"),
-        reply_to=p.get("reply_to"),
-        timestamp=p.get("timestamp"),
-        type=p.get("type"),
-        app_id=p.get("app_id"),
-        priority=p.get("priority"),
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return republished(
+        body, entry.message_id, entry.properties, entry.headers, keep_header=replayable
+    ).message
 
 
 def selection(

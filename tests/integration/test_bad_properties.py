@@ -29,6 +29,7 @@ from tests.raw_amqp import (
     Watch,
     dead_letters,
     long_string,
+    props,
     publish,
     publish_raw,
     timestamp,
@@ -42,10 +43,6 @@ from worker.settings import Settings
 
 def body(external_id: str, **extra: Any) -> bytes:
     return json.dumps({**lead("tg", external_id), **extra}).encode()
-
-
-def props(message_id: Any = None, **kwargs: Any) -> pika.BasicProperties:
-    return pika.BasicProperties(message_id=message_id, delivery_mode=2, **kwargs)
 
 
 # (case, routing key, properties, what the error names)

@@ -120,12 +120,23 @@ async def test_refused_dead_letters_never_fill_the_prefetch_window(
     broker: aio_pika.abc.AbstractChannel,
     events: EventCollector,
 ) -> None:
-    """At most half the window is held; further refused ones go back to the queue after a
-    pause and come again, so valid messages keep a way through."""
+    """At most half the window is held, whatever waits for what; further refused ones go
+    back to the queue at once and come again, so valid messages keep a way through."""
     await setup_source(pool, "tg", [("a", 1000, 1)])
     app = Worker(settings)
     exchange = await broker.get_exchange(settings.inbound_exchange)
     await app.start()
+    most_held = 0
+
+    async def sample() -> None:
+        nonlocal most_held
+        assert app.consumer is not None
+        while True:
+            channels = app.consumer._acks._channels.values()
+            most_held = max(most_held, sum(len(c.held) for c in channels))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
     try:
         async with refusing_dead_letters(broker, settings):
             for n in range(6):
@@ -138,7 +149,9 @@ async def test_refused_dead_letters_never_fill_the_prefetch_window(
         await wait_until(lambda: _outcome(app, "invalid_json", 6), what="6 dead-lettered")
         await wait_until(lambda: asyncio.sleep(0, app.readiness.ready()), what="ready again")
     finally:
+        sampler.cancel()
         await app.stop()
+    assert 0 < most_held <= settings.prefetch // 2
     dead = await dead_letters(settings, 6)
     assert sorted(d.message_id or "" for d in dead) == [f"bad-{n}" for n in range(6)]
     assert await dead_letters(settings, 0) == []

@@ -51,7 +51,7 @@ async def test_never_over_a_delivery_still_being_handled() -> None:
 async def test_never_over_a_delivery_left_unacked_for_redelivery() -> None:
     window, channel = _AckWindow(), FakeChannel()
     one, two, three, four = deliveries(window, channel, 1, 2, 3, 4)
-    window.hold(two)  # deferred at shutdown: the broker must redeliver it
+    await window.hold(two)  # deferred at shutdown: the broker must redeliver it
     await window.ack([one, three, four])
     assert channel.acks == [(1, True), (3, False), (4, False)]
 
@@ -59,7 +59,7 @@ async def test_never_over_a_delivery_left_unacked_for_redelivery() -> None:
 async def test_a_handed_back_delivery_no_longer_blocks() -> None:
     window, channel = _AckWindow(), FakeChannel()
     one, two = deliveries(window, channel, 1, 2)
-    window.released(one)  # its nack was sent
+    await window.released(one)  # its nack was sent
     await window.ack([two])
     assert channel.acks == [(2, True)]
 
@@ -81,9 +81,39 @@ async def test_one_acked_alone_ahead_of_busy_ones_and_a_held_one_acked_at_last()
     one, two, three, four = deliveries(window, channel, 1, 2, 3, 4)
     await window.ack_alone(three)  # 1 and 2 still busy
     assert channel.acks == [(3, False)]
-    window.hold(two)  # a refused dead letter
+    await window.hold(two)  # a refused dead letter
     await window.ack([one])
     assert channel.acks == [(3, False), (1, True)]
     await window.ack_alone(two)
     await window.ack([four])
     assert channel.acks == [(3, False), (1, True), (2, False), (4, True)]
+
+
+async def test_what_waited_behind_a_held_delivery_is_acked_when_it_is_held() -> None:
+    """Found by review: 2 was done while 1 was busy, then 1 was held; 2 must not wait in
+    the window until another batch acks on this channel."""
+    window, channel = _AckWindow(), FakeChannel()
+    one, two = deliveries(window, channel, 1, 2)
+    await window.ack([two])
+    assert channel.acks == []  # 1 is still busy
+    await window.hold(one)
+    assert channel.acks == [(2, False)]  # alone: never over the held 1
+    await window.ack([])
+    await window.ack_alone(one)
+    assert channel.acks == [(2, False), (1, False)]
+
+
+async def test_what_waited_behind_one_acked_alone_is_acked_with_it() -> None:
+    window, channel = _AckWindow(), FakeChannel()
+    one, two = deliveries(window, channel, 1, 2)
+    await window.ack([two])
+    await window.ack_alone(one)
+    assert channel.acks == [(1, False), (2, True)]
+
+
+async def test_what_waited_behind_one_handed_back_is_acked_when_its_nack_is_sent() -> None:
+    window, channel = _AckWindow(), FakeChannel()
+    one, two = deliveries(window, channel, 1, 2)
+    await window.ack([two])
+    await window.released(one)
+    assert channel.acks == [(2, True)]

@@ -152,3 +152,41 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("LEADROUTER_LOG_LEVEL", "debug")
     assert Settings().log_level == "DEBUG"
+
+
+def test_a_library_line_never_carries_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiormq logs a returned publish it cannot match with the whole message (its body is
+    personal data): the arguments are withheld, and so is an exception that carries one."""
+    from aiormq.abc import DeliveredMessage
+
+    for name in ("aiormq", "aio_pika"):  # a one-shot CLI command in this process quiets them
+        library = logging.getLogger(name)
+        monkeypatch.setattr(library, "level", library.level)  # restored afterwards
+        library.setLevel(logging.NOTSET)
+    stream = io.StringIO()
+    message = DeliveredMessage(
+        delivery=None,  # type: ignore[arg-type]
+        header=None,  # type: ignore[arg-type]
+        body=b'{"phone": "+15550001111"}',
+        channel=None,  # type: ignore[arg-type]
+    )
+    try:
+        log.configure("INFO", "json", stream=stream)
+        logging.getLogger("aiormq.channel").error("Unhandled message %r returning", message)
+        logging.getLogger("aio_pika.exchange").warning("body %s", b"+15550001111")
+        try:
+            raise RuntimeError(message)
+        except RuntimeError:
+            logging.getLogger("aio_pika.queue").exception("failed for %s", "queue-a")
+        logging.getLogger("aiormq.connection").warning("Reader exited %s", "abnormally")
+    finally:
+        log.configure("INFO", "json")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert "15550001111" not in stream.getvalue()
+    assert [r["event"] for r in records] == [
+        f"Unhandled message {log.REDACTED!r} returning",
+        f"body {log.REDACTED}",
+        f"failed for queue-a (RuntimeError: {log.REDACTED})",
+        "Reader exited abnormally",  # the rest untouched
+    ]
+    assert all("exception" not in r for r in records)
