@@ -5,6 +5,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -154,6 +155,16 @@ def _usage(check: Callable[[T], object]) -> Callable[[click.Context, click.Param
         return value
 
     return callback
+
+
+class _FilePath(click.Path):
+    """click.Path, with a NUL byte refused as a malformed command line (click's own check
+    calls os.stat, which raises ValueError on one: a traceback, not an error line)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if "\x00" in os.fsdecode(value):
+            self.fail("a file name holds no NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
@@ -777,7 +788,7 @@ async def bench(
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=_FilePath(dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @run_async
@@ -828,7 +839,7 @@ async def apply(file: Path, dry_run: bool, as_json: bool) -> None:
 @cli.command()
 @click.option(
     "--directory",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FilePath(file_okay=False, path_type=Path),
     help="Where to write (default: the schemas/ folder of this checkout).",
 )
 @click.option("--check", is_flag=True, help="Only report stale files; exit 1 if any.")
