@@ -1,7 +1,10 @@
 """A message is acknowledged only after what it did was committed, and a message the
-worker could not finish is left for the broker to redeliver: a commit that fails, and a
-transient failure still retrying when the worker stops, lose nothing."""
+worker could not finish is left for the broker to redeliver: a worker killed while its
+commit waits, a commit that fails, and a transient failure still retrying when the
+worker stops, lose nothing."""
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -18,6 +21,7 @@ from tests.helpers import (
     setup_source,
     wait_until,
 )
+from tests.worker_processes import logs_of, spawn, stop_gracefully, wait_ready, worker_processes
 from worker import distribution
 from worker.app import Worker
 from worker.settings import Settings
@@ -36,6 +40,77 @@ FAIL_FIRST_COMMIT = """
     CREATE CONSTRAINT TRIGGER fail_first_commit AFTER INSERT ON contacts
         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_first_commit();
 """
+
+
+# At COMMIT (a deferred constraint trigger), a transaction that inserted a contact waits
+# for a single-key advisory lock the test holds: the worker is caught between its routing
+# and its commit, for as long as the test likes.
+BLOCK_COMMITS = """
+    CREATE FUNCTION block_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(7301);
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER block_commit AFTER INSERT ON contacts
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION block_commit();
+"""
+COMMIT_BLOCKED = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock'
+      AND wait_event = 'advisory'
+"""
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_while_its_commit_waits_leaves_the_message_to_be_redelivered(
+    pool: asyncpg.Pool,
+    broker: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    events: EventCollector,
+    tmp_path: Path,
+) -> None:
+    """A worker process SIGKILLed between routing a message and committing: nothing was
+    committed, so the message must still be the broker's, unacked, and go to the next
+    worker. Acked before the commit (or before routing), it would be gone: no contact."""
+    await setup_source(pool, "tg", [("a", 10, 1)])
+    await pool.execute(BLOCK_COMMITS)
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(7301)")
+        with worker_processes(settings, tmp_path) as procs:
+            procs.append(spawn(settings, tmp_path, 0))
+            await wait_ready(pool, settings, tmp_path, 0)
+            await send(broker, settings, "lead.contact", lead("tg", "k:1"), "killed-1")
+            [blocked] = await wait_until(
+                lambda: pool.fetch(COMMIT_BLOCKED), timeout=15, what="the commit waiting"
+            )
+            procs[0].kill()
+            await asyncio.to_thread(procs[0].wait, 10)
+            # A backend waiting on a lock does not notice that its client is gone: ended
+            # here, its transaction rolls back (it would commit once the lock is free).
+            assert await pool.fetchval("SELECT pg_terminate_backend($1)", blocked["pid"])
+            await wait_until(
+                lambda: _gone(pool, blocked["pid"]), timeout=10, what="the backend ended"
+            )
+            assert await pool.fetchval("SELECT count(*) FROM contacts") == 0, "rolled back"
+            assert await inbound_left(settings) == 1, "acked before its commit: lost"
+
+            await holder.execute("SELECT pg_advisory_unlock(7301)")
+            await pool.execute("DROP TRIGGER block_commit ON contacts")
+            procs.append(spawn(settings, tmp_path, 1))
+            [assigned] = await events.wait_for("contact.assigned", 1, timeout=15)
+            assert assigned.data.inbound_message_id == "killed-1"
+            await asyncio.to_thread(stop_gracefully, procs)
+    finally:
+        await holder.close()
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
+    await assert_clean_end(settings, logs_of(tmp_path))
+
+
+async def _gone(pool: asyncpg.Pool, pid: int) -> bool:
+    return bool(
+        await pool.fetchval("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", pid)
+    )
 
 
 async def test_a_failed_commit_leaves_the_message_to_be_redelivered(

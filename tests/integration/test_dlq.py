@@ -222,7 +222,8 @@ async def test_many_dead_letters_keep_their_order(
     every = await dlq.list_entries(settings, limit=1000)
     assert [e.message_id for e in every] == ids
     # Two commands at once each see what the other does not hold, and say so when that
-    # kept them from seeing everything; nothing moves.
+    # kept them from seeing everything; nothing moves. Each one's total is what was ready
+    # when it started: less than 300 when the other had already taken some by then.
     results = await asyncio.gather(
         dlq.list_entries(settings, limit=1000),
         dlq.show(settings, every[-1].id),
@@ -231,7 +232,7 @@ async def test_many_dead_letters_keep_their_order(
     for result in results:
         if isinstance(result, BaseException):
             assert isinstance(result, dlq.ScanIncomplete), result
-            assert result.looked < result.total == 300
+            assert result.looked < result.total <= 300
     assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == [e.id for e in every]
 
     # Capped: stops after holding max_held, says so with what it found, loses nothing.
