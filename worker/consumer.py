@@ -34,6 +34,9 @@ from worker.settings import Settings
 logger = log.get(__name__)
 T = TypeVar("T")
 PARALLEL_BELOW = 10  # messages in flight or waiting (see Consumer._batcher)
+# How long a refused dead letter beyond those held for retrying waits before it goes back
+# to the queue (or LEADROUTER_RETRY_MAX_SECONDS if shorter): see _defer_dead_letter.
+HAND_BACK_PAUSE_SECONDS = 1.0
 # The quorum queue's count of a message's earlier deliveries (returned unacked, by a
 # nack or because the channel or worker went away).
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -182,10 +185,16 @@ class Consumer:
         self._acks = _AckWindow()
         # Dead letters the broker refused (the dead-letter queue full, with
         # reject-publish, or gone), oldest first: held unacked and retried by
-        # _retry_dead_letters while the batches go on. At most half the prefetch window:
-        # beyond it, refused ones are handed back to the queue after a pause.
+        # _retry_dead_letters while the batches go on. Together with the refused ones
+        # beyond them, which wait out a pause before going back to the queue, they hold
+        # at most half the prefetch window: a quarter each (at least one).
         self._refused: deque[tuple[_Delivery, DeadLetter]] = deque()
-        self._max_refused = max(1, settings.prefetch // 2)
+        half = max(1, settings.prefetch // 2)
+        self._max_refused = max(1, half // 2)
+        self._pause_slots = max(1, half - self._max_refused)
+        self._pausing = asyncio.Semaphore(self._pause_slots)
+        self._paused = 0  # refused dead letters waiting out the pause now
+        self._pause_seconds = min(HAND_BACK_PAUSE_SECONDS, settings.retry_max_seconds)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._retrier: asyncio.Task[None] | None = None
         # Sources a committed batch freed capacity for, routed by one task at a time.
@@ -229,7 +238,7 @@ class Consumer:
         while (self._buffer or self._in_flight) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         self.stopping = True
-        abandoned = len(self._buffer) + self._in_flight + len(self._refused)
+        abandoned = len(self._buffer) + self._in_flight + len(self._refused) + self._paused
         side = [*self._side_tasks, *([self._retrier] if self._retrier else [])]
         for task in [*self._batchers, *side]:
             task.cancel()
@@ -610,20 +619,38 @@ class Consumer:
             await self._hold(d, "dead_letter_deferred")
             return
         if len(self._refused) >= self._max_refused:
-            # Held ones would fill the prefetch window and stop valid messages: hand
-            # this one back at once; it comes again.
-            self._count("dead_letter_handed_back")
-            logger.info(
-                "message_dead_letter_handed_back",
-                message_id=d.message.header.properties.message_id,
-            )
-            await self._hand_back(d)
+            # Held ones would fill the prefetch window and stop valid messages: this one
+            # goes back to the queue, no publish tried. Not at once, or while the queue
+            # refuses a stream of bad messages would go round between us and the broker
+            # at full speed: after a pause, in one of a fixed number of slots. When all
+            # are taken the batch waits for one, so that at most so many go back per
+            # pause, and the held ones stay within half the window.
+            await self._pausing.acquire()
+            self._paused += 1
+            d.decided = True
+            self._spawn(self._hand_back_after_pause(d))
+            await self._acks.hold(d)
             return
         # In the queue before anything is awaited, so that the next dead letter counts it.
         self._refused.append((d, failure))
         await self._hold(d, "dead_letter_deferred")
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.create_task(self._retry_dead_letters(), name="dead-letters")
+
+    async def _hand_back_after_pause(self, d: _Delivery) -> None:
+        """Hand a refused dead letter back to the queue once the pause is over, and free
+        its slot (also when cancelled at shutdown: unacked, it comes back then)."""
+        try:
+            await asyncio.sleep(self._pause_seconds)
+            self._count("dead_letter_handed_back")
+            logger.info(
+                "message_dead_letter_handed_back",
+                message_id=d.message.header.properties.message_id,
+            )
+            await self._hand_back(d)
+        finally:
+            self._paused -= 1
+            self._pausing.release()
 
     async def _retry_dead_letters(self) -> None:
         """Publish the refused dead letters, oldest first, with backoff, acking each once

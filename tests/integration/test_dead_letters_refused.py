@@ -5,6 +5,7 @@ dead-lettered once the queue takes messages again."""
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from tests.helpers import EventCollector, lead, raw_message, settled, setup_sour
 from tests.http_probes import free_port, get
 from tests.raw_amqp import dead_letters
 from worker.app import Worker
+from worker.consumer import HAND_BACK_PAUSE_SECONDS
 from worker.errors import REASON_HEADER
 from worker.settings import Settings
 
@@ -195,3 +197,85 @@ async def test_a_dead_letter_that_cannot_be_published_does_not_hold_up_the_other
         await app.stop()
     queue = await broker.declare_queue(settings.inbound_queue, passive=True)
     assert queue.declaration_result.message_count == 1, "bad-1 went back to the queue"
+
+
+@pytest.mark.settings(health_interval_seconds=0.2, retry_max_seconds=0.3, prefetch=20)
+async def test_a_stream_of_refused_dead_letters_does_not_go_round_at_full_speed(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    events: EventCollector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the dead-letter queue refuses, bad messages keep coming and valid ones with
+    them: those beyond the refused ones held for retrying go back to the queue after a
+    pause, a few at a time, instead of coming straight back; no publish is tried for
+    them. Valid ones all make contacts; once the queue takes messages again, every bad
+    one is dead-lettered once."""
+    from worker.consumer import Consumer
+
+    deliveries: list[float] = []  # when the worker saw a bad message
+    attempts: list[float] = []  # when it tried to publish a dead letter
+    real_on_message, real_publish_dead = Consumer.on_message, Consumer._publish_dead
+
+    async def seen(self: Consumer, message: Any) -> None:
+        if (message.header.properties.message_id or "").startswith("bad-"):
+            deliveries.append(time.monotonic())
+        await real_on_message(self, message)
+
+    async def publishing(self: Consumer, message: Any, failure: Any) -> None:
+        attempts.append(time.monotonic())
+        await real_publish_dead(self, message, failure)
+
+    monkeypatch.setattr(Consumer, "on_message", seen)
+    monkeypatch.setattr(Consumer, "_publish_dead", publishing)
+    await setup_source(pool, "tg", [("a", 1000, 1)])
+    app = Worker(settings)
+    exchange = await broker.get_exchange(settings.inbound_exchange)
+    await app.start()
+    assert app.consumer is not None
+    most_held = 0
+
+    async def sample() -> None:
+        nonlocal most_held
+        assert app.consumer is not None
+        while True:
+            channels = app.consumer._acks._channels.values()
+            most_held = max(most_held, sum(len(c.held) for c in channels))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    rounds, published_at = 40, []
+    try:
+        async with refusing_dead_letters(broker, settings):
+            for n in range(rounds):  # 4 seconds: 10 bad and 10 valid ones a second
+                published_at.append(time.monotonic())
+                await exchange.publish(raw_message(b"{not json", f"bad-{n}"), "lead.contact")
+                await exchange.publish(raw_message(lead("tg", f"v:{n}"), f"v-{n}"), "lead.contact")
+                await asyncio.sleep(0.1)
+            # The last three seconds: the held ones are in place and the rest go round.
+            start, end = published_at[10], time.monotonic()
+            seen_bad = sum(start <= t <= end for t in deliveries)
+            new_bad = sum(start <= t <= end for t in published_at)
+            tried = sum(start <= t <= end for t in attempts)
+            await events.wait_for("contact.assigned", rounds, timeout=30)
+            assert app.readiness.dead_letters is False
+        await wait_until(lambda: _outcome(app, "invalid_json", rounds), timeout=30, what="all dead")
+    finally:
+        sampler.cancel()
+        await app.stop()
+
+    # A quarter of the window waits out the pause (the README's bound); each of those
+    # slots hands back at most one per pause, and a handed-back one may come again as
+    # the copy that replaces it (its delivery count reset), hence twice.
+    slots = settings.prefetch // 2 - settings.prefetch // 4
+    pause = min(HAND_BACK_PAUSE_SECONDS, settings.retry_max_seconds)
+    bound = new_bad + 2 * slots * ((end - start) / pause + 1)
+    assert 0 < seen_bad <= bound, f"{seen_bad} deliveries of bad messages in {end - start:.1f}s"
+    # Only the oldest held one is retried, at most once per 50 ms of backoff.
+    assert tried <= (end - start) / 0.05 + 1
+    assert 0 < most_held <= settings.prefetch // 2
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == rounds
+    dead = await dead_letters(settings, rounds)
+    assert sorted(d.message_id or "" for d in dead) == sorted(f"bad-{n}" for n in range(rounds))
+    assert await dead_letters(settings, 0) == []
