@@ -10,12 +10,11 @@ import time
 import uuid
 from collections import Counter
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_reads, amqp_writes, distribution, log, topology
+from worker import amqp_reads, amqp_writes, distribution, log, nodes, topology
 from worker.consumer import Consumer
 from worker.failures import backoff, connect_with_retry, is_transient
 from worker.health import HealthServer, Readiness
@@ -93,7 +92,8 @@ class Worker:
         amqp_reads.install()  # a message with undecodable properties is dead-lettered
         self._connection = await connect_with_retry(
             "rabbitmq",
-            lambda: aio_pika.connect_robust(
+            # The first node of the list that answers; another one at once when it goes.
+            lambda: nodes.connect_robust(
                 s.amqp_url, client_properties={"connection_name": connection_name()}
             ),
             CONNECT_ATTEMPTS,

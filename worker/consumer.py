@@ -24,11 +24,11 @@ from worker import amqp_reads, distribution, log
 from worker.decode import Inbound, decode, message_id_of, no_id, shown_routing_key
 from worker.dlq import replay_headers
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
-from worker.failures import backoff, is_transient
+from worker.failures import backoff, is_transient, read_only
 from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
-from worker.settings import Settings
+from worker.settings import Settings, split_urls
 
 logger = log.get(__name__)
 T = TypeVar("T")
@@ -175,7 +175,7 @@ class Consumer:
         self._retrier: asyncio.Task[None] | None = None
         # A copy is published before a message's delivery count reaches the limit.
         self._refresh_at = max(1, settings.delivery_limit // 2)
-        self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
+        self._user = unquote(urlsplit(split_urls(settings.amqp_url)[0]).username or "guest")
 
     def start(self) -> None:
         self._batchers = [
@@ -361,6 +361,8 @@ class Consumer:
             except Exception as exc:
                 if not is_transient(exc) or self.stopping:
                     raise
+                if read_only(exc):
+                    await self._pool.expire_connections()
                 attempt += 1
                 delay = backoff(attempt, self._settings.retry_max_seconds)
                 logger.warning(

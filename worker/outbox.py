@@ -22,7 +22,7 @@ from aiormq import spec
 
 from worker import log
 from worker.distribution import Event
-from worker.failures import backoff, is_transient
+from worker.failures import backoff, is_transient, read_only
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.sql import Q
@@ -228,6 +228,8 @@ class OutboxRelay:
                         logger.exception("outbox_relay_failed")
                     else:
                         logger.warning("outbox_relay_retrying", error=type(exc).__name__)
+                    if read_only(exc):  # connected to a standby: new connections
+                        await self._pool.expire_connections()
                     attempt += 1
                     await asyncio.sleep(backoff(attempt, self._settings.retry_max_seconds))
                     continue

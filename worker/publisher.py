@@ -7,6 +7,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from schemas.inbound import ContactClose, LeadContact
+from worker import nodes
 from worker.settings import Settings
 
 
@@ -34,7 +35,7 @@ async def publish(exchange: AbstractExchange, routing_key: str, message: aio_pik
 
 async def publish_lead(settings: Settings, body: LeadContact, message_id: str) -> None:
     """Publish one `lead.contact` as a bot would, waiting for the broker's confirm."""
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await nodes.connect(settings.amqp_url)
     async with connection:
         # Raises PublishError when nothing is bound to take it, rather than "succeed".
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
