@@ -103,10 +103,16 @@ class Worker:
         publish_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        declared = await topology.declare(publish_channel, s)
+        # Not the dead-letter queue on the robust channels: on a cluster it lives on one
+        # node, and declaring it again on reconnecting would fail while that node is down,
+        # keeping the worker off the other nodes (dead letters wait meanwhile: returned
+        # unroutable, they are held and retried). Declared once here, on a channel of its
+        # own, and again whenever dead-lettering finds it missing.
+        await self._declare_topology()
+        declared = await topology.declare(publish_channel, s, dead_queue=False)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=s.prefetch)
-        await topology.declare(self._consume_channel, s)
+        await topology.declare(self._consume_channel, s, dead_queue=False)
         # It consumes through aiormq (see Consumer.on_message), so aio-pika does not
         # restore that consumer after a reconnect: we do, once the channel is back.
         self._consume_channel.reopen_callbacks.add(self._consume_again)
@@ -227,7 +233,7 @@ class Worker:
             if self._stop.is_set() or (again and self._consumer_tag is None):
                 return
             if self._cancelled_by_broker:  # the queue was deleted: declare it again first
-                await topology.declare(self._consume_channel, self.settings)
+                await topology.declare(self._consume_channel, self.settings, dead_queue=False)
                 self._cancelled_by_broker = False
             channel = await self._consume_channel.get_underlay_channel()
             channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)

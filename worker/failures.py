@@ -34,6 +34,11 @@ def is_transient(exc: BaseException) -> bool:
         # Every host of a multi-host URL answered, none as `target_session_attrs` asks
         # (read-write): a failover is under way, a standby about to be promoted.
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The server ended the session while it sat idle in the pool (a primary shutting
+        # down sends "admin shutdown" to every session): asyncpg is still taking that
+        # error in when the connection is used. A new connection outlives it.
+        return str(exc).startswith("cannot switch to state")
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc) or "closing" in str(exc)
     if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):

@@ -53,3 +53,7 @@ def test_failover_errors_are_transient() -> None:
     error = asyncpg.ReadOnlySQLTransactionError("read-only")
     assert is_transient(error) and read_only(error)
     assert not read_only(asyncpg.UniqueViolationError("dup"))
+    # A session the shutting-down primary ended while the pool held it.
+    ended = "cannot switch to state 15; another operation (2) is in progress"
+    assert is_transient(asyncpg.exceptions.InternalClientError(ended))
+    assert not is_transient(asyncpg.exceptions.InternalClientError("something else"))
