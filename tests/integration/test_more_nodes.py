@@ -18,15 +18,16 @@ import pytest
 from tests.acceptance.test_cli import leadrouter
 from tests.helpers import Expected, assert_clean_end, lead, raw_message, setup_source, wait_until
 from worker.app import Worker
-from worker.settings import Settings
+from worker.settings import Settings, mask_url
 
 
 class Forwarder:
     """A TCP port that forwards every connection to the broker's port, as a node would
     take it; `close` drops them all and stops listening."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, cut_on: bytes | None = None) -> None:
         self._target = target_port
+        self._cut_on = cut_on  # the node goes away when a client sends this
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._pipes: set[asyncio.Task[None]] = set()
@@ -46,14 +47,18 @@ class Forwarder:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers += [writer, up_writer]
         for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+            task = asyncio.create_task(self._pipe(src, dst, src is reader))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_client: bool
+    ) -> None:
         with contextlib.suppress(Exception):
             while data := await src.read(65536):
+                if from_client and self._cut_on is not None and self._cut_on in data:
+                    asyncio.get_running_loop().create_task(self.close())
+                    return
                 dst.write(data)
                 await dst.drain()
         dst.close()
@@ -169,7 +174,7 @@ async def test_worker_moves_to_another_node_at_once_when_its_node_goes(
     ids = await pool.fetch("SELECT inbound_message_id FROM contacts")
     assert len({r["inbound_message_id"] for r in ids}) == 400
     moved = [e for e in worker_log if e["event"] == "amqp_node_unavailable"]
-    assert moved and moved[0]["next_node"] == settings.amqp_url.replace("guest:guest", "guest:***")
+    assert moved and moved[0]["next_node"] == mask_url(settings.amqp_url)
     received = 0
     while (message := await events.get(fail=False)) is not None:
         await message.ack()
@@ -228,3 +233,39 @@ async def test_connections_to_a_server_turned_read_only_are_replaced(
         for e in worker_log
     )
     await assert_clean_end(settings, worker_log)
+
+
+async def test_cli_publish_goes_to_another_node_when_its_node_goes_before_the_confirm(
+    settings: Settings, pool: asyncpg.Pool, broker: aio_pika.abc.AbstractChannel
+) -> None:
+    """The first node goes away as the message reaches it, before any confirm: `publish`
+    publishes it again on the other node, and the lead is routed once."""
+    await setup_source(pool, "tg", [("a", 100, 1)])
+    node = Forwarder(broker_port(settings), cut_on=b"cut-here")
+    await node.start()
+    listed = settings.model_copy(
+        update={"amqp_url": f"{node.url(settings.amqp_url)},{settings.amqp_url}"}
+    )
+    try:
+        out = await asyncio.to_thread(
+            leadrouter,
+            listed,
+            "publish",
+            "--source",
+            "tg",
+            "--external-id",
+            "x",
+            "--message-id",
+            "cut-here",
+            check=False,
+        )
+    finally:
+        await node.close()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "published lead.contact cut-here"
+    assert "publish_retrying" in out.stderr
+    queue = await broker.get_queue(settings.inbound_queue)
+    message = await queue.get(fail=False)
+    assert message is not None and message.message_id == "cut-here"
+    await message.ack()
+    assert await queue.get(fail=False) is None  # once: the cut copy never reached a queue
