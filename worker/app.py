@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 
+import aiormq.exceptions
 import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
@@ -108,7 +109,11 @@ class Worker:
         # keeping the worker off the other nodes (dead letters wait meanwhile: returned
         # unroutable, they are held and retried). Declared once here, on a channel of its
         # own, and again whenever dead-lettering finds it missing.
-        await self._declare_topology()
+        try:
+            await self._declare_topology()
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            # Its node is down: start all the same, on the other nodes.
+            logger.warning("dead_letter_queue_unavailable", error=type(exc).__name__)
         declared = await topology.declare(publish_channel, s, dead_queue=False)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=s.prefetch)

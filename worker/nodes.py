@@ -104,11 +104,7 @@ async def connect_robust(
             error = exc
             with contextlib.suppress(Exception):
                 await connection.close()
-            if len(nodes) > 1:
-                logger.warning(
-                    "amqp_node_unavailable", node=mask_url(str(nodes[first])), error=_name(exc)
-                )
-            continue
+            continue  # logged by the connection (amqp_node_unavailable)
         return connection
     assert error is not None, "no AMQP URL"
     raise error
