@@ -1,13 +1,13 @@
-"""Beyond one machine: three workers on a 3-node RabbitMQ cluster and a PostgreSQL primary
-with a standby lose nothing, double nothing and never exceed capacity while, with leads
-flowing all along, the node holding the inbound queue's leader is stopped, another node
-is SIGKILLed, and the PostgreSQL primary is stopped and its standby promoted. Each worker
-is given every node (in an order of its own, so they spread over the cluster) and both
-database hosts; nobody tells them what happened.
+"""Beyond one machine: worker processes on a 3-node RabbitMQ cluster and a PostgreSQL
+primary with a standby lose nothing, double nothing and never exceed capacity while, with
+leads flowing all along, the node holding the inbound queue's leader is stopped (a fourth
+worker starts meanwhile), another node is SIGKILLed, and the PostgreSQL primary is stopped
+and its standby promoted. Each worker is given every node (in an order of its own, so
+they spread over the cluster) and both database hosts; nobody tells them what happened.
 
 Routing must resume within RESUME_SECONDS of each fault; one summary line is printed.
 The servers are the suite's own (tests/cluster/conftest.py). Run it alone:
-pytest tests/cluster -s (about two minutes)."""
+pytest tests/cluster -s (about a minute and a half)."""
 
 import asyncio
 import contextlib
