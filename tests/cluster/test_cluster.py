@@ -151,6 +151,15 @@ def leader(cluster: OwnCluster, queue: str) -> OwnRabbitMQ:
     raise AssertionError(f"no node knows the leader of {queue}")
 
 
+def queue_status(cluster: OwnCluster) -> str:
+    """Each running node's view of the queues: leader, members, online members."""
+    views = []
+    for node in cluster.rabbitmq:
+        result = node.ctl("list_queues", "name", "leader", "members", "online", check=False)
+        views.append(f"{node.node}: {result.stdout.strip() or result.stderr.strip()[:200]}")
+    return " | ".join(views)
+
+
 def replicated(cluster: OwnCluster, queue: str) -> bool:
     """Every node is an online member of the queue (after a node came back)."""
     result = cluster.rabbitmq[0].ctl(
@@ -213,7 +222,11 @@ async def test_nothing_lost_doubled_or_over_capacity_across_node_and_database_fa
         start = time.monotonic()
         await asyncio.to_thread(action)
         done = time.monotonic()
-        resumed = await progress.resumed_after(done)
+        try:
+            resumed = await progress.resumed_after(done)
+        except AssertionError as exc:  # say where the queue stood
+            status = await asyncio.to_thread(queue_status, cluster)
+            raise AssertionError(f"{what}: {exc}; the inbound queue: {status}") from None
         faults.append((what, progress.stalled(start, resumed), resumed - done))
 
     started = time.monotonic()
@@ -268,6 +281,11 @@ async def test_nothing_lost_doubled_or_over_capacity_across_node_and_database_fa
     finally:
         stop_publishing.set()
         stop_watching.set()
+        # A publisher still waiting for a confirm (the test failed: the queue took
+        # nothing) is given up after a while, rather than hang the run.
+        _, waiting = await asyncio.wait(flows, timeout=30)
+        for task in waiting:
+            task.cancel()
         await asyncio.gather(*flows, return_exceptions=True)
         for proc in workers:
             proc.send_signal(signal.SIGTERM)
