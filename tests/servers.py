@@ -142,7 +142,7 @@ class _Server:
 class OwnPostgres(_Server):
     """A PostgreSQL instance: `initdb` into its directory, `pg_ctl` on a port of its own."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, options: str = "") -> None:
         super().__init__(directory, "postgres")
         self.port = free_port()
         self.data = self.dir / "data"
@@ -152,8 +152,8 @@ class OwnPostgres(_Server):
         # Its own socket directory and loopback only; no fsync: nothing here outlives it.
         self._options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c max_connections=200"
-        )
+            f" -c max_connections=200 {options}"
+        ).strip()
 
     def start(self) -> None:
         self._run(
@@ -170,6 +170,25 @@ class OwnPostgres(_Server):
         )
         self._ctl("start")
 
+    def start_standby_of(self, primary: "OwnPostgres") -> None:
+        """A streaming standby of `primary` (which needs wal_level replica, the default,
+        and replication allowed, as `initdb -A trust` does): `pg_basebackup -R` copies
+        its data and writes the connection to it; then it starts on a port of its own."""
+        try:
+            self._run(
+                _pg_bin("pg_basebackup") or "pg_basebackup",
+                "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+                "-D", str(self.data), "-R", "-X", "stream", "--no-sync",
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"pg_basebackup: {exc.stderr}") from exc
+        self.data.chmod(0o700)
+        self._ctl("start")
+
+    def promote(self) -> None:
+        """The standby becomes a primary (waits until it takes writes)."""
+        self._ctl("promote")
+
     def restart(self) -> None:
         """A clean restart (`-m fast`: sessions are ended, as a service restart does)."""
         self._ctl("restart", "-m", "fast")
@@ -185,6 +204,11 @@ class OwnPostgres(_Server):
         with contextlib.suppress(Exception):
             self._run(self._pg_ctl, "-D", str(self.data), "stop", "-m", "immediate", "-w")
         _kill_if_ours(self.data / "postmaster.pid", str(self.dir))
+
+    def stop_clean(self) -> None:
+        """A clean stop (`-m fast`), as an operator takes a primary down: its standby has
+        received everything committed before it goes."""
+        self._ctl("stop", "-m", "fast")
 
     def _ctl(self, *args: str) -> None:
         try:
@@ -204,7 +228,7 @@ class OwnPostgres(_Server):
 class OwnRabbitMQ(_Server):
     """A RabbitMQ node of its own name, ports, configuration and Erlang cookie."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, cookie: str | None = None) -> None:
         super().__init__(directory, "rabbitmq")
         self.port = free_port()
         self.dist_port = free_port()
@@ -216,7 +240,8 @@ class OwnRabbitMQ(_Server):
         if self.user is not None:
             os.chown(home, self.user.pw_uid, self.user.pw_gid)
         # The CLI and the node find each other with this cookie, not the machine's.
-        self._write(home / ".erlang.cookie", secrets.token_hex(16).upper(), 0o400)
+        # Nodes of one cluster share theirs.
+        self._write(home / ".erlang.cookie", cookie or secrets.token_hex(16).upper(), 0o400)
         # The machine's configuration pins the standard port and its env file the node
         # name: this node reads neither.
         self._write(self.dir / "rabbitmq.conf", f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
@@ -274,6 +299,19 @@ class OwnRabbitMQ(_Server):
     def kill(self) -> None:
         _kill_if_ours(self.pid_file, str(self.dir))
 
+    def join(self, other: "OwnRabbitMQ") -> None:
+        """Join the cluster `other` belongs to (this node's own data is reset)."""
+        self.ctl("stop_app")
+        self.ctl("reset")
+        self.ctl("join_cluster", other.node)
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def shutdown(self) -> None:
+        """Stop the node cleanly, as an operator does (its quorum queue leaders move to
+        other nodes first); `start` brings it back into its cluster."""
+        self.ctl("shutdown", "--timeout", "60")
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.ctl("shutdown", "--timeout", "30")
@@ -305,8 +343,8 @@ def remove_stale() -> None:
             continue
         if Path(f"/proc/{pid}").exists():
             continue  # that run is still going
-        _kill_if_ours(run / "postgres" / "data" / "postmaster.pid", str(run))
-        _kill_if_ours(run / "rabbitmq" / "rabbitmq.pid", str(run))
+        for pid_file in [*run.glob("*/data/postmaster.pid"), *run.glob("*/rabbitmq.pid")]:
+            _kill_if_ours(pid_file, str(run))
         shutil.rmtree(run, ignore_errors=True)
 
 
@@ -326,5 +364,66 @@ def own_servers() -> Iterator[OwnServers]:
                 for future in [pool.submit(postgres.start), pool.submit(rabbitmq.start)]:
                     future.result()
             yield OwnServers(postgres, rabbitmq)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@dataclass
+class OwnCluster:
+    """Three RabbitMQ nodes of one cluster, and a PostgreSQL primary with a streaming
+    standby: the servers of tests/cluster."""
+
+    rabbitmq: list[OwnRabbitMQ]
+    primary: OwnPostgres
+    standby: OwnPostgres
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return [node.url for node in self.rabbitmq]
+
+    @property
+    def database_url(self) -> str:
+        """Both servers, libpq-style: whichever takes writes."""
+        hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
+        return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+
+
+def cluster_unavailable() -> str | None:
+    """Why this machine cannot run tests/cluster's servers, or None."""
+    if problem := unavailable():
+        return problem
+    if _pg_bin("pg_basebackup") is None:
+        return "PostgreSQL's pg_basebackup was not found"
+    return None
+
+
+@contextlib.contextmanager
+def own_cluster(nodes: int = 3) -> Iterator[OwnCluster]:
+    """Start `nodes` RabbitMQ nodes and join them into one cluster, and a PostgreSQL
+    primary with a standby streaming from it (synchronously: a commit is on both before it
+    returns, so a failover loses nothing committed); stop and remove them all on exit,
+    also when starting fails halfway."""
+    remove_stale()
+    run = _run_directory()
+    cookie = secrets.token_hex(16).upper()
+    rabbits = [OwnRabbitMQ(run / f"rabbitmq-{n}", cookie) for n in range(1, nodes + 1)]
+    primary = OwnPostgres(run / "primary", "-c synchronous_standby_names='*'")
+    standby = OwnPostgres(run / "standby")
+    try:
+        with contextlib.ExitStack() as started:
+            for server in [primary, standby, *rabbits]:
+                started.callback(server.stop)
+            with ThreadPoolExecutor(nodes + 1) as pool:
+
+                def postgres() -> None:
+                    primary.start()
+                    standby.start_standby_of(primary)
+
+                futures = [pool.submit(postgres), *(pool.submit(r.start) for r in rabbits)]
+                for future in futures:
+                    future.result()
+            for node in rabbits[1:]:
+                node.join(rabbits[0])
+            yield OwnCluster(rabbits, primary, standby)
     finally:
         shutil.rmtree(run, ignore_errors=True)

@@ -10,12 +10,12 @@ import time
 import uuid
 from collections import Counter
 
-import aio_pika
+import aiormq.exceptions
 import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_reads, amqp_writes, distribution, log, topology
+from worker import amqp_reads, amqp_writes, distribution, log, nodes, topology
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
@@ -92,7 +92,8 @@ class Worker:
         amqp_reads.install()  # a message with undecodable properties is dead-lettered
         self._connection = await connect_with_retry(
             "rabbitmq",
-            lambda: aio_pika.connect_robust(
+            # The first node of the list that answers; another one at once when it goes.
+            lambda: nodes.connect_robust(
                 s.amqp_url, client_properties={"connection_name": connection_name()}
             ),
             CONNECT_ATTEMPTS,
@@ -102,10 +103,20 @@ class Worker:
         publish_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        declared = await topology.declare(publish_channel, s)
+        # Not the dead-letter queue on the robust channels: on a cluster it lives on one
+        # node, and declaring it again on reconnecting would fail while that node is down,
+        # keeping the worker off the other nodes (dead letters wait meanwhile: returned
+        # unroutable, they are held and retried). Declared once here, on a channel of its
+        # own, and again whenever dead-lettering finds it missing.
+        try:
+            await self._declare_topology()
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            # Its node is down: start all the same, on the other nodes.
+            logger.warning("dead_letter_queue_unavailable", error=type(exc).__name__)
+        declared = await topology.declare(publish_channel, s, dead_queue=False)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=s.prefetch)
-        await topology.declare(self._consume_channel, s)
+        await topology.declare(self._consume_channel, s, dead_queue=False)
         # It consumes through aiormq (see Consumer.on_message), so aio-pika does not
         # restore that consumer after a reconnect: we do, once the channel is back.
         self._consume_channel.reopen_callbacks.add(self._consume_again)
@@ -226,7 +237,7 @@ class Worker:
             if self._stop.is_set() or (again and self._consumer_tag is None):
                 return
             if self._cancelled_by_broker:  # the queue was deleted: declare it again first
-                await topology.declare(self._consume_channel, self.settings)
+                await topology.declare(self._consume_channel, self.settings, dead_queue=False)
                 self._cancelled_by_broker = False
             channel = await self._consume_channel.get_underlay_channel()
             channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)

@@ -26,7 +26,7 @@ from yarl import URL
 
 from worker import admin, log
 from worker.errors import Reason, UserError
-from worker.settings import Settings, mask_url
+from worker.settings import Settings, mask_url, split_urls
 from worker.stats import parse_duration
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 from worker.terminal import cell, shown
@@ -95,8 +95,16 @@ def _check_settings(settings: Settings) -> None:
         raise SettingError("database_url", problem)
 
 
-def _amqp_url_problem(url: str) -> str | None:
-    """What aio-pika, which reads the URL with yarl, would fail on."""
+def _amqp_url_problem(urls: str) -> str | None:
+    """What aio-pika, which reads each URL with yarl, would fail on (a comma-separated
+    list names the nodes of one cluster)."""
+    for url in split_urls(urls):
+        if problem := _one_amqp_url_problem(url):
+            return problem
+    return None
+
+
+def _one_amqp_url_problem(url: str) -> str | None:
     try:
         parsed = URL(url)
         parsed.port  # noqa: B018 (reading it checks it)

@@ -28,8 +28,8 @@ from worker.health import Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.republish import properties_of, republished
-from worker.retry import backoff, is_transient
-from worker.settings import Settings
+from worker.retry import backoff, is_transient, read_only
+from worker.settings import Settings, split_urls
 
 logger = log.get(__name__)
 T = TypeVar("T")
@@ -205,7 +205,7 @@ class Consumer:
         # Copies carry counts that are trusted under our RabbitMQ user only, so they need
         # one named in the URL (the broker's default, guest, is everybody's): without
         # one, no copies, and the broker's delivery limit is all there is.
-        username = urlsplit(settings.amqp_url).username
+        username = urlsplit(split_urls(settings.amqp_url)[0]).username
         self._user = unquote(username) if username else None
         # Publishes in flight by message id: aiormq matches a returned publish to its
         # confirmation by message id, so two with one id must never be in flight at once.
@@ -407,6 +407,8 @@ class Consumer:
             except Exception as exc:
                 if not is_transient(exc) or self.stopping:
                     raise
+                if read_only(exc):
+                    await self._pool.expire_connections()
                 attempt += 1
                 delay = backoff(attempt, self._settings.retry_max_seconds)
                 logger.warning(

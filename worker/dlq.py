@@ -44,7 +44,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker import amqp_reads, log
+from worker import amqp_reads, log, nodes
 from worker.decode import message_id_of, shown_routing_key
 from worker.errors import ERROR_HEADER, REASON_HEADER
 from worker.republish import republished
@@ -401,7 +401,7 @@ async def purge(
 @asynccontextmanager
 async def _dead_queue(settings: Settings) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
     amqp_reads.install()  # read messages whose properties the client cannot decode
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await nodes.connect(settings.amqp_url)
     # Closing the connection hands back every message taken and not acked, each to its
     # place in the (classic) queue; this also holds if we crash or are cancelled.
     async with connection:

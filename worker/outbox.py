@@ -31,7 +31,7 @@ from schemas.events import envelope
 from worker import log
 from worker.assignment import Assignment
 from worker.metrics import Metrics
-from worker.retry import backoff, is_transient
+from worker.retry import backoff, is_transient, read_only
 from worker.settings import Settings
 from worker.sql import Q
 
@@ -326,6 +326,8 @@ class OutboxRelay:
                         logger.exception("outbox_relay_failed")
                     else:
                         logger.warning("outbox_relay_retrying", error=type(exc).__name__)
+                    if read_only(exc):  # connected to a standby: new connections
+                        await self._pool.expire_connections()
                     attempt += 1
                     await asyncio.sleep(backoff(attempt, self._settings.retry_max_seconds))
                     continue

@@ -4,10 +4,14 @@ import json
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractExchange
 
 from schemas.inbound import ContactClose, LeadContact
+from worker import log, nodes
 from worker.settings import Settings
+
+logger = log.get(__name__)
 
 
 def lead_contact_message(body: LeadContact, message_id: str) -> aio_pika.Message:
@@ -32,9 +36,33 @@ async def publish(exchange: AbstractExchange, routing_key: str, message: aio_pik
     await exchange.publish(message, routing_key=routing_key, mandatory=True)
 
 
+# The connection went before the confirm came: the message may or may not have arrived.
+_LOST = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+
+
 async def publish_lead(settings: Settings, body: LeadContact, message_id: str) -> None:
-    """Publish one `lead.contact` as a bot would, waiting for the broker's confirm."""
-    connection = await aio_pika.connect(settings.amqp_url)
+    """Publish one `lead.contact` as a bot would, waiting for the broker's confirm; if
+    the node goes away first, again on the first node of the list that answers (once per
+    node): a copy that did arrive is harmless, the worker keeps one contact per message
+    id."""
+    tries = len(nodes.node_urls(settings.amqp_url))
+    while True:
+        try:
+            await _publish_lead(settings, body, message_id)
+            return
+        except _LOST as exc:
+            tries -= 1
+            if tries <= 0:
+                raise
+            logger.warning("publish_retrying", error=type(exc).__name__)
+
+
+async def _publish_lead(settings: Settings, body: LeadContact, message_id: str) -> None:
+    connection = await nodes.connect(settings.amqp_url)
     async with connection:
         # Raises PublishError when nothing is bound to take it, rather than "succeed".
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

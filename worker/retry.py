@@ -30,6 +30,15 @@ def is_transient(exc: BaseException) -> bool:
         return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return True
+    if isinstance(exc, asyncpg.exceptions.TargetServerAttributeNotMatched):
+        # Every host of a multi-host URL answered, none as `target_session_attrs` asks
+        # (read-write): a failover is under way, a standby about to be promoted.
+        return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The server ended the session while it sat idle in the pool (a primary shutting
+        # down sends "admin shutdown" to every session): asyncpg is still taking that
+        # error in when the connection is used. A new connection outlives it.
+        return str(exc).startswith("cannot switch to state")
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc) or "closing" in str(exc)
     if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):
@@ -38,6 +47,14 @@ def is_transient(exc: BaseException) -> bool:
         # waiting loses nothing.
         return True
     return isinstance(exc, OSError | ConnectionError | TimeoutError)
+
+
+def read_only(exc: BaseException) -> bool:
+    """The server refused a write as read-only: the connection is to a standby (a
+    primary that was demoted, or a URL naming a standby). Connections made before the
+    failover stay with that server: the pool must make new ones, which
+    `target_session_attrs=read-write` sends to the new primary."""
+    return isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
 
 
 def backoff(attempt: int, cap: float) -> float:

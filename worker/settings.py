@@ -93,7 +93,24 @@ class Settings(BaseSettings):
 
 def mask_url(url: str) -> str:
     """Replace the password of a URL with ***, in the user part and in a `password=`
-    query parameter (libpq accepts both); works for multi-host libpq URLs too."""
+    query parameter (libpq accepts both); works for multi-host libpq URLs too, and for a
+    comma-separated list of URLs (the nodes of a RabbitMQ cluster)."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(_mask_one(u) for u in urls)
+    return _mask_one(url)
+
+
+# A comma followed by a scheme starts another URL; libpq's host lists have no scheme.
+_URL_LIST = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated list (one URL: itself), blanks around them removed."""
+    return [url.strip() for url in _URL_LIST.split(value)]
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
     masked = parts
     userinfo, at, hosts = parts.netloc.rpartition("@")

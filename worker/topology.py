@@ -72,14 +72,21 @@ class Declared:
     queues: dict[str, AbstractQueue]
 
 
-async def declare(channel: AbstractChannel, settings: Settings) -> Declared:
-    """Declare every exchange, queue and binding; safe to run any number of times."""
+async def declare(
+    channel: AbstractChannel, settings: Settings, dead_queue: bool = True
+) -> Declared:
+    """Declare every exchange, queue and binding; safe to run any number of times.
+    `dead_queue=False` leaves out the dead-letter queue: a classic queue lives on one node
+    of a cluster, and declaring it fails while that node is down, which a robust channel
+    (it declares again what was declared on it at every reconnect) must not do."""
     spec = topology(settings)
     exchanges = {
         e.name: await channel.declare_exchange(e.name, e.type, durable=True) for e in spec.exchanges
     }
     queues = {}
     for q in spec.queues:
+        if q is spec.dead_queue and not dead_queue:
+            continue
         queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
         for exchange, key in q.bindings:
             await queue.bind(exchanges[exchange], routing_key=key)

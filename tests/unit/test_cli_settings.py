@@ -76,3 +76,33 @@ def test_a_setting_that_is_not_utf8_is_one_line(
     assert main(["operators", "list"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: invalid setting: {name}: not valid UTF-8\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://u:secret@mq1:5672/,amqp://u:secret@mq2:5672/,amqp://u:secret@mq3:5672/",
+        "amqp://mq1/, amqp://mq2/",
+        "amqp://u:a%2Cb@mq1/,amqps://u:a%2Cb@mq2/vhost",
+    ],
+)
+def test_amqp_node_lists_are_taken(url: str) -> None:
+    assert _amqp_url_problem(url) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("amqp://u:secret@mq1/,amqp://u:secret@mq2:notaport/", "malformed"),
+        ("amqp://u:secret@mq1/,http://u:secret@mq2/", "expected amqp://"),
+    ],
+)
+def test_each_node_of_a_list_is_checked(url: str, says: str) -> None:
+    problem = _amqp_url_problem(url)
+    assert problem is not None and says in problem
+    assert "secret" not in problem
+
+
+def test_a_failover_database_url_is_taken() -> None:
+    url = "postgresql://u:secret@db1:5432,db2:5432/leadrouter?target_session_attrs=read-write"
+    assert _database_url_problem(url) is None

@@ -331,3 +331,63 @@ def test_readme_check_catches_unknown_services() -> None:
     assert any("'workers=3'" in p for p in problems)
     assert any("'worker'" in p for p in problems)
     assert any("'app'" in p for p in problems)
+
+
+# --- the cluster profile ---------------------------------------------------------------
+
+CLUSTER_NODES = ("rabbit1", "rabbit2", "rabbit3")
+
+
+def cluster_config() -> dict[str, str]:
+    """deploy/rabbitmq-cluster.conf as key -> value (rabbitmq.conf's sysctl format)."""
+    path = ROOT / "deploy" / "rabbitmq-cluster.conf"
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            entries[key.strip()] = value.strip()
+    return entries
+
+
+def test_cluster_profile_has_three_nodes_that_find_each_other() -> None:
+    found = services()
+    config = cluster_config()
+    assert config["cluster_formation.peer_discovery_backend"] == "classic_config"
+    peers = {v for k, v in config.items() if k.startswith("cluster_formation.classic_config.")}
+    cookies = set()
+    for name in CLUSTER_NODES:
+        node = found[name]
+        assert node.get("profiles") == ["cluster"], f"{name} is not (only) in the profile"
+        assert f"rabbit@{node['hostname']}" in peers, f"{name} is not in the peer list"
+        assert node.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        mounts = [str(v) for v in node.get("volumes", [])]
+        assert any(m.startswith("./deploy/rabbitmq-cluster.conf:") for m in mounts), name
+        env = environment(node)
+        cookie = env.get("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS")
+        assert cookie and "-setcookie" in cookie and env.get("RABBITMQ_CTL_ERL_ARGS") == cookie
+        cookies.add(cookie)
+    assert len(cookies) == 1, "the nodes must share one Erlang cookie"
+    assert len(peers) == len(CLUSTER_NODES)
+    # One node forms the cluster; the others join it once it runs.
+    for name in CLUSTER_NODES[1:]:
+        assert depends_on(found[name]) == {"rabbit1": "service_healthy"}
+
+
+def test_cluster_worker_is_given_every_node_and_waits_for_them() -> None:
+    from worker.settings import split_urls
+
+    worker = services()["cluster-worker"]
+    assert worker.get("profiles") == ["cluster"]
+    urls = split_urls(str(environment(worker)["LEADROUTER_AMQP_URL"]))
+    assert sorted(urlsplit(u).hostname or "" for u in urls) == list(CLUSTER_NODES)
+    assert all(urlsplit(u).port == 5672 for u in urls)
+    deps = depends_on(worker)
+    # Declared with all three up, the inbound quorum queue has a member on each.
+    assert all(deps.get(name) == "service_healthy" for name in CLUSTER_NODES), deps
+    assert deps.get("migrate") == "service_completed_successfully"
+    assert "container_name" not in worker
+    assert not [entry for entry in worker.get("ports") or [] if fixed_host_port(entry)]
+
+
+def test_the_default_services_stay_out_of_the_profile() -> None:
+    assert all("profiles" not in services()[name] for name in SERVICES)

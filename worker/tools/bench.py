@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 import aiormq
 import aiormq.abc
 import asyncpg
@@ -34,7 +33,7 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.progress import Progress
 
-from worker import admin, amqp_writes, log, topology
+from worker import admin, amqp_writes, log, nodes, topology
 from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
@@ -231,7 +230,7 @@ async def _measure(
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
     )
     await migrate(settings.database_url, settings.migrations_dir)
-    connection = await aio_pika.connect_robust(settings.amqp_url)
+    connection = await nodes.connect_robust(settings.amqp_url)
     procs: list[subprocess.Popen[bytes]] = []
     worker: Worker | None = None
     try:

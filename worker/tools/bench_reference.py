@@ -18,6 +18,7 @@ import asyncpg
 import uvloop
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
+from worker import nodes
 from worker.settings import Settings
 from worker.sql import Queries
 
@@ -82,7 +83,7 @@ async def _handle(
 
 async def run(settings: Settings) -> None:
     async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
-        connection = await aio_pika.connect_robust(settings.amqp_url)
+        connection = await nodes.connect_robust(settings.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=2 * BATCH)

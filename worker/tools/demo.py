@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from schemas.inbound import ContactClose, Lead, LeadContact
-from worker import log, publisher, routing_file, stats, topology
+from worker import log, nodes, publisher, routing_file, stats, topology
 from worker.app import Worker
 from worker.migrate import drop_database, migrate
 from worker.settings import Settings, mask_url
@@ -72,7 +72,7 @@ async def run_demo(base: Settings, leads: int) -> None:
             f"applied the sample routing: {len(routing.operators)} operators, "
             f"{len(routing.sources)} sources"
         )
-        connection = await aio_pika.connect_robust(settings.amqp_url)
+        connection = await nodes.connect_robust(settings.amqp_url)
         worker = Worker(settings)
         try:
             channel = await connection.channel(publisher_confirms=True)
