@@ -242,6 +242,9 @@ async def test_many_dead_letters_keep_their_order(
     assert [e.id for e in capped.value.result] == [e.id for e in every[:50]]
     # Found what was asked for before the cap: complete.
     assert len(await dlq.list_entries(settings, limit=50, max_held=50)) == 50
+    # A limit past the largest prefetch AMQP can ask for: no prefetch limit, same result.
+    huge = await dlq.list_entries(settings, limit=1000, max_held=dlq.MAX_PREFETCH + 1)
+    assert [e.id for e in huge] == [e.id for e in every]
 
     chosen = every[::7]
     assert await dlq.replay(settings, ids=[e.id for e in chosen]) == len(chosen)
@@ -343,6 +346,30 @@ async def test_a_command_refused_says_so_and_exits_4(
             await connection.close()
     assert len(started) == 1
     assert [e.message_id for e in await dlq.list_entries(settings)] == ["m-0", "m-1", "m-2"]
+
+
+async def test_a_counted_dead_letter_removed_meanwhile_makes_the_scan_incomplete(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something that is not a dlq command (here basic.get) takes a message between the
+    count and the consumer's start: the scan waits for it, then says it is incomplete."""
+    await publish_dead(broker, settings, 3)
+    queue = await broker.get_queue(settings.dead_queue)
+    qos = aiormq.Channel.basic_qos
+
+    async def one_taken(channel: aiormq.Channel, **kwargs: Any) -> Any:
+        taken = await queue.get()
+        await taken.ack()
+        return await qos(channel, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_qos", one_taken)
+    monkeypatch.setattr(dlq, "DELIVERY_TIMEOUT", 0.5)
+    with pytest.raises(dlq.ScanIncomplete) as incomplete:
+        await dlq.list_entries(settings)
+    monkeypatch.undo()
+    assert (incomplete.value.looked, incomplete.value.total) == (2, 3)
+    assert [e.message_id for e in incomplete.value.result] == ["m-1", "m-2"]
+    assert "removed meanwhile" in str(incomplete.value)
 
 
 async def test_a_huge_dead_letter_is_shown_cut(
