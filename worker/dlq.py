@@ -277,10 +277,10 @@ class _Scan:
     looked: int
     total: int
     capped_at: int | None = None  # stopped holding this many
-    held_elsewhere: bool = False  # stopped: something else took the rest
+    taken_meanwhile: bool = False  # stopped: something else took the rest
 
     def check(self, result: Any) -> None:
-        if self.capped_at is not None or self.held_elsewhere:
+        if self.capped_at is not None or self.taken_meanwhile:
             raise ScanIncomplete(self.looked, self.total, self.capped_at, result)
 
 
@@ -440,8 +440,8 @@ async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held
     say how many of the messages it has sent were in the queue when it counted (measured:
     the count's answer overtakes some of them). Whatever arrives between the count and the
     consumer's start is behind the counted ones, and left alone like later arrivals. A
-    command that started and ended in that moment can only have removed messages: the
-    scan then waits for one that never comes and says it is incomplete."""
+    command that started and ended in that moment can only have removed some (replayed or
+    purged them): the scan then waits for one that never comes and says it is incomplete."""
     raw = await queue.channel.get_underlay_channel()  # aiormq's, to see what was undecodable
     counted = await raw.queue_declare(queue.name, passive=True)
     if counted.consumer_count:
@@ -470,7 +470,7 @@ async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held
         try:
             got = await asyncio.wait_for(arrived.get(), DELIVERY_TIMEOUT)
         except TimeoutError:  # removed meanwhile
-            return _Scan(looked, snapshot, held_elsewhere=True)
+            return _Scan(looked, snapshot, taken_meanwhile=True)
         looked += 1
         message = aio_pika.IncomingMessage(got, no_ack=False)
         entry = make_entry(
