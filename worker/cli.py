@@ -617,6 +617,7 @@ def _console() -> Console:
 
 REASONS = click.Choice([str(r) for r in Reason])
 SCAN_INCOMPLETE = 3  # exit code: the dlq command did not look at every dead letter
+DLQ_BUSY = 4  # exit code: another dlq command is reading the queue; nothing was done
 scan_limit = click.option(
     "--scan-limit",
     default=10_000,  # worker.dlq.MAX_HELD (not imported here: the CLI starts lean)
@@ -660,6 +661,8 @@ async def dlq_list(reason: str | None, limit: int, as_json: bool, scan_limit: in
         entries = await dead.list_entries(settings, reason, limit, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         entries, incomplete = exc.result, exc
+    except dead.Busy as exc:
+        return _fail(str(exc), DLQ_BUSY)
     rows = [_entry_row(e) for e in entries]
     _print_rows(rows, ["id", "reason", "routing_key", "source", "age_seconds", "error"], as_json)
     if not as_json:
@@ -680,6 +683,8 @@ async def dlq_show(entry_id: str, as_json: bool, scan_limit: int) -> int:
         entry = await dead.show(_settings(), entry_id, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         return _fail(f"no dead letter with id {entry_id!r} found; {exc}", SCAN_INCOMPLETE)
+    except dead.Busy as exc:
+        return _fail(str(exc), DLQ_BUSY)
     if entry is None:
         raise UserError(f"no dead letter with id {entry_id!r}")
     full = {
@@ -723,6 +728,8 @@ async def dlq_replay(
         )
     except dead.ScanIncomplete as exc:
         replayed, incomplete = exc.result, exc
+    except dead.Busy as exc:
+        return _fail(str(exc), DLQ_BUSY)
     except PublishError:
         raise UserError(
             f"the inbound exchange {settings.inbound_exchange!r} routes nowhere; start "
@@ -751,6 +758,8 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
         purged = await dead.purge(settings, reason, max_held=scan_limit)
     except dead.ScanIncomplete as exc:
         purged, incomplete = exc.result, exc
+    except dead.Busy as exc:
+        return _fail(str(exc), DLQ_BUSY)
     _say(f"purged {purged}")
     return _fail(str(incomplete), SCAN_INCOMPLETE) if incomplete else 0
 

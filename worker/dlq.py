@@ -1,20 +1,27 @@
 """Ops on the dead-letter queue: list, show, replay, purge.
 
-Reading without losing or reordering: every command takes messages from the head with
-basic.get and does not ack them; the ones it replays or purges are acked one by one, and
-closing the channel hands all the others back. A *classic* queue puts a requeued message
-back in its own place, so the queue keeps its order however many commands look at it,
-even two at once. A quorum queue (RabbitMQ 3.10, measured) does not: returned messages
-come back behind the ones never taken, or shuffled once more than a few are returned at
-once, and each return counts as a delivery (x-delivery-count), which RabbitMQ 4 limits
-to 20 by default. So the dead-letter queue must be a classic durable queue.
+Reading without losing or reordering: every command reads the queue through an exclusive
+consumer (manual acks, a prefetch of `max_held`) and does not ack what it looks at; the
+ones it replays or purges are acked one by one, and closing the channel hands all the
+others back. A *classic* queue puts a requeued message back in its own place, so the
+queue keeps its order. A quorum queue (RabbitMQ 3.10, measured) does not: returned
+messages come back behind the ones never taken, or shuffled once more than a few are
+returned at once, and each return counts as a delivery (x-delivery-count), which
+RabbitMQ 4 limits to 20 by default. So the dead-letter queue must be a classic durable
+queue.
 
-Each command looks only at the messages that were in the queue when it started (the
-ready count of a passive declare), so dead letters arriving meanwhile, including the ones
-its own replays cause, stay behind them, untouched. It keeps at most `max_held` messages
-unacked; on a queue longer than that, it stops there, logs `dlq_scan_capped` and raises
-ScanIncomplete with what it found or did (as it does when another command holds the
-rest): "none found" must never stand for "not looked at".
+One command at a time: a second one finds the first one's consumer (or its exclusive
+consume is refused, ACCESS_REFUSED) and raises Busy at once, before reading anything.
+With basic.get, two commands each saw the queue with holes where the other held
+messages, and the ones handed back mid-scan out of order. An exclusive consumer needs
+only read on the queue, no configure permission.
+
+Each command looks only at the messages that were in the queue when it took it (see
+_walk), so dead letters arriving meanwhile, including the ones its own replays cause,
+stay behind them, untouched. It keeps at most `max_held` messages unacked; on a queue
+longer than that, it stops there, logs `dlq_scan_capped` and raises ScanIncomplete with
+what it found or did (as it does if a counted message is removed meanwhile): "none
+found" must never stand for "not looked at".
 
 The reason of a dead letter the broker made (it has `x-death`: the delivery limit, an
 expired message) comes from `x-death` alone, never from the message's own headers, which
@@ -32,6 +39,7 @@ handles a message id once. A message dead-lettered again after a replay gets the
 Message bodies are personal data: nothing here logs them.
 """
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
@@ -43,6 +51,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import DeliveredMessage
 
 from worker import amqp_reads, log, nodes
 from worker.decode import message_id_of, shown_routing_key
@@ -53,6 +62,8 @@ from worker.settings import Settings
 logger = log.get(__name__)
 
 MAX_HELD = 10_000
+MAX_PREFETCH = 65_535  # basic.qos's prefetch count is a 16-bit number
+DELIVERY_TIMEOUT = 10.0  # seconds without the next counted message: it was removed
 BODY_SHOWN = 64 * 1024  # bytes of a body kept in an Entry
 SOURCE_SHOWN = 64  # characters of a source
 ID_LENGTH = 12
@@ -235,6 +246,14 @@ def preview(body: bytes, size: int) -> str:
     return f"{text}\n… [{more} more bytes not shown]" if more > 0 else text
 
 
+class Busy(Exception):
+    """Another dlq command (or some other consumer) is reading the dead-letter queue."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"another dlq command is reading {queue}; try again when it is done")
+        self.queue = queue
+
+
 class ScanIncomplete(Exception):
     """A command stopped before looking at every dead letter that was in the queue when
     it started. `result` is what it returns otherwise: what it found, or how many it
@@ -245,7 +264,7 @@ class ScanIncomplete(Exception):
             f"it keeps at most {max_held} in place at once (--scan-limit); purge or "
             "replay some of them, or raise the limit, then run it again"
             if max_held is not None
-            else "another dlq command holds the others; run it again once it is done"
+            else "the others were removed meanwhile; run it again"
         )
         super().__init__(f"looked at {looked} of the {total} dead letters only: {why}")
         self.looked = looked
@@ -258,10 +277,10 @@ class _Scan:
     looked: int
     total: int
     capped_at: int | None = None  # stopped holding this many
-    held_elsewhere: bool = False  # stopped: another command holds the rest
+    taken_meanwhile: bool = False  # stopped: something else took the rest
 
     def check(self, result: Any) -> None:
-        if self.capped_at is not None or self.held_elsewhere:
+        if self.capped_at is not None or self.taken_meanwhile:
             raise ScanIncomplete(self.looked, self.total, self.capped_at, result)
 
 
@@ -410,16 +429,48 @@ async def _dead_queue(settings: Settings) -> AsyncIterator[tuple[AbstractChannel
 
 
 async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held: int) -> _Scan:
-    """Show `visit` the messages that were ready when the queue was declared, head first,
-    until it returns False; the ones it does not ack stay held until the channel closes.
-    Says how far it got, and whether it stopped short of what it was asked to look at."""
-    snapshot = _ready(queue)
+    """Show `visit` the messages that were in the queue when this command took it, head
+    first, until it returns False; the ones it does not ack stay held until the channel
+    closes. Says how far it got, and whether it stopped short of what it was asked to look
+    at. Raises Busy if another command (or any other consumer) reads the queue.
+
+    The count is the ready count of a passive declare, which leaves out the messages a
+    consumer holds: it is taken when the queue has no consumer, just before this command's
+    exclusive consumer starts. Counted after, it would not be exact: the broker does not
+    say how many of the messages it has sent were in the queue when it counted (measured:
+    the count's answer overtakes some of them). Whatever arrives between the count and the
+    consumer's start is behind the counted ones, and left alone like later arrivals. A
+    command that started and ended in that moment can only have removed some (replayed or
+    purged them): the scan then waits for one that never comes and says it is incomplete."""
     raw = await queue.channel.get_underlay_channel()  # aiormq's, to see what was undecodable
+    counted = await raw.queue_declare(queue.name, passive=True)
+    if counted.consumer_count:
+        logger.warning("dlq_busy", queue=queue.name)
+        raise Busy(queue.name)
+    snapshot = int(counted.message_count or 0)
+    arrived: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+
+    async def take(message: DeliveredMessage) -> None:
+        arrived.put_nowait(message)
+
+    # The broker sends at most `max_held` unacked (prefetch is 16 bits: past that, all).
+    await raw.basic_qos(prefetch_count=max_held if max_held <= MAX_PREFETCH else 0)
+    try:
+        await raw.basic_consume(queue.name, take, no_ack=False, exclusive=True)
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        if "exclusive use" not in str(exc):  # not ours to explain (a missing permission)
+            raise
+        logger.warning("dlq_busy", queue=queue.name)
+        raise Busy(queue.name) from None
     held = looked = 0
     while looked < snapshot:
-        got = await raw.basic_get(queue.name, no_ack=False, timeout=5)
-        if isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):  # another command holds the rest
-            return _Scan(looked, snapshot, held_elsewhere=True)
+        if held >= max_held:
+            logger.warning("dlq_scan_capped", held=held, queue_length=snapshot)
+            return _Scan(looked, snapshot, capped_at=max_held)
+        try:
+            got = await asyncio.wait_for(arrived.get(), DELIVERY_TIMEOUT)
+        except TimeoutError:  # removed meanwhile
+            return _Scan(looked, snapshot, taken_meanwhile=True)
         looked += 1
         message = aio_pika.IncomingMessage(got, no_ack=False)
         entry = make_entry(
@@ -437,9 +488,6 @@ async def _walk(settings: Settings, queue: AbstractQueue, visit: Visit, max_held
             held += 1
         if not go_on:
             break
-        if held >= max_held and looked < snapshot:
-            logger.warning("dlq_scan_capped", held=held, queue_length=snapshot)
-            return _Scan(looked, snapshot, capped_at=max_held)
     return _Scan(looked, snapshot)
 
 

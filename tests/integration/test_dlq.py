@@ -7,9 +7,11 @@ from collections import Counter
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import pytest
 
+from tests.commands import leadrouter
 from tests.helpers import (
     EventCollector,
     Expected,
@@ -221,18 +223,13 @@ async def test_many_dead_letters_keep_their_order(
     ids = await publish_dead(broker, settings, 300)
     every = await dlq.list_entries(settings, limit=1000)
     assert [e.message_id for e in every] == ids
-    # Two commands at once each see what the other does not hold, and say so when that
-    # kept them from seeing everything; nothing moves. Each one's total is what was ready
-    # when it started: less than 300 when the other had already taken some by then.
+    # A second command while one reads the queue is refused, and nothing moves.
     results = await asyncio.gather(
         dlq.list_entries(settings, limit=1000),
         dlq.show(settings, every[-1].id),
         return_exceptions=True,
     )
-    for result in results:
-        if isinstance(result, BaseException):
-            assert isinstance(result, dlq.ScanIncomplete), result
-            assert result.looked < result.total <= 300
+    assert sum(isinstance(r, dlq.Busy) for r in results) == 1, results
     assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == [e.id for e in every]
 
     # Capped: stops after holding max_held, says so with what it found, loses nothing.
@@ -245,6 +242,9 @@ async def test_many_dead_letters_keep_their_order(
     assert [e.id for e in capped.value.result] == [e.id for e in every[:50]]
     # Found what was asked for before the cap: complete.
     assert len(await dlq.list_entries(settings, limit=50, max_held=50)) == 50
+    # A limit past the largest prefetch AMQP can ask for: no prefetch limit, same result.
+    huge = await dlq.list_entries(settings, limit=1000, max_held=dlq.MAX_PREFETCH + 1)
+    assert [e.id for e in huge] == [e.id for e in every]
 
     chosen = every[::7]
     assert await dlq.replay(settings, ids=[e.id for e in chosen]) == len(chosen)
@@ -267,6 +267,109 @@ async def test_many_dead_letters_keep_their_order(
     assert [e.id for e in await dlq.list_entries(settings, limit=1000)] == left
     assert await dlq.replay(settings, all=True) == len(left)
     assert await dlq.count(settings) == 0
+
+
+async def test_two_commands_at_once_one_runs_and_sees_everything_in_order(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel
+) -> None:
+    """With basic.get, a `list` beside a `show` missed messages the other held, or saw the
+    ones it handed back out of order, and said nothing. Now one of them is refused."""
+    await publish_dead(broker, settings, 300)
+    every = [e.id for e in await dlq.list_entries(settings, limit=1000)]
+    assert len(every) == 300
+    for _ in range(10):
+        listed, shown = await asyncio.gather(
+            dlq.list_entries(settings, limit=1000),
+            dlq.show(settings, every[-1]),
+            return_exceptions=True,
+        )
+        if isinstance(listed, dlq.Busy):
+            assert isinstance(shown, dlq.Entry) and shown.id == every[-1], shown
+        else:
+            assert isinstance(shown, dlq.Busy), shown
+            assert isinstance(listed, list) and [e.id for e in listed] == every
+        refused = listed if isinstance(listed, dlq.Busy) else shown
+        assert str(refused) == (
+            f"another dlq command is reading {settings.dead_queue}; try again when it is done"
+        )
+    assert await dlq.count(settings) == 300
+
+
+async def another_command(settings: Settings) -> aio_pika.abc.AbstractConnection:
+    """A connection reading the dead-letter queue as a dlq command does; closing it hands
+    back what it holds."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    queue = await (await connection.channel()).get_queue(settings.dead_queue)
+
+    async def hold(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    await queue.consume(hold, exclusive=True)
+    return connection
+
+
+async def test_a_command_refused_says_so_and_exits_4(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever way the other command holds the queue (its consumer already there, or
+    it starts between this one's count and its consume), nothing is done."""
+    await publish_dead(broker, settings, 3)
+    other = await another_command(settings)
+    try:
+        for args in (["list"], ["show", "000000000000"], ["replay", "--all"], ["purge", "--yes"]):
+            result = leadrouter(settings, "dlq", *args, check=False)
+            assert result.returncode == 4, result
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"error: another dlq command is reading {settings.dead_queue}; "
+                "try again when it is done"
+            ), result
+            assert result.stdout == ""
+    finally:
+        await other.close()
+
+    # The other one starts between this one's count and its consume: the broker refuses
+    # this one's exclusive consume.
+    qos = aiormq.Channel.basic_qos
+    started: list[aio_pika.abc.AbstractConnection] = []
+
+    async def other_starts_first(channel: aiormq.Channel, **kwargs: Any) -> Any:
+        started.append(await another_command(settings))
+        return await qos(channel, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_qos", other_starts_first)
+    try:
+        with pytest.raises(dlq.Busy):
+            await dlq.list_entries(settings)
+    finally:
+        monkeypatch.undo()
+        for connection in started:
+            await connection.close()
+    assert len(started) == 1
+    assert [e.message_id for e in await dlq.list_entries(settings)] == ["m-0", "m-1", "m-2"]
+
+
+async def test_a_counted_dead_letter_removed_meanwhile_makes_the_scan_incomplete(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something that is not a dlq command (here basic.get) takes a message between the
+    count and the consumer's start: the scan waits for it, then says it is incomplete."""
+    await publish_dead(broker, settings, 3)
+    queue = await broker.get_queue(settings.dead_queue)
+    qos = aiormq.Channel.basic_qos
+
+    async def one_taken(channel: aiormq.Channel, **kwargs: Any) -> Any:
+        taken = await queue.get()
+        await taken.ack()
+        return await qos(channel, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_qos", one_taken)
+    monkeypatch.setattr(dlq, "DELIVERY_TIMEOUT", 0.5)
+    with pytest.raises(dlq.ScanIncomplete) as incomplete:
+        await dlq.list_entries(settings)
+    monkeypatch.undo()
+    assert (incomplete.value.looked, incomplete.value.total) == (2, 3)
+    assert [e.message_id for e in incomplete.value.result] == ["m-1", "m-2"]
+    assert "removed meanwhile" in str(incomplete.value)
 
 
 async def test_a_huge_dead_letter_is_shown_cut(

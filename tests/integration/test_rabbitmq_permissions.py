@@ -1,6 +1,6 @@
 """The least RabbitMQ permissions the README documents are enough for the worker: a user
 with exactly those, in a vhost of its own, declares the topology, consumes, publishes
-events and dead letters."""
+events and dead letters; and the ones it gives the dlq commands are enough for them."""
 
 import re
 import shutil
@@ -27,6 +27,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.services import cannot_run
+from worker import dlq
 from worker.app import Worker
 from worker.settings import Settings
 
@@ -156,3 +157,85 @@ async def test_worker_copies_messages_with_the_readme_permissions(
     await assert_clean_end(
         as_admin, worker_log, Expected(Counter(delivery_limit=1), errors={"message_failed"})
     )
+
+
+def readme_dlq_permissions() -> tuple[str, str]:
+    """The write and read patterns the README gives the `dlq` commands (no configure)."""
+    text = " ".join(README.read_text().split())
+    found = re.search(r"`dlq` commands need write on `([^`]+)` .*? read on `([^`]+)`", text)
+    assert found, "the README no longer says what the dlq commands need"
+    return found[1], found[2]
+
+
+@pytest.fixture
+def ops_user(restricted_vhost: str) -> Iterator[str]:
+    """A user with only what the README gives the dlq commands, in the restricted vhost."""
+    name = f"{restricted_vhost}_ops"
+    rabbitmqctl("add_user", name, "pw-" + name)
+    try:
+        rabbitmqctl(
+            "set_permissions", "-p", restricted_vhost, name, "^$", *readme_dlq_permissions()
+        )
+        yield name
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", name], check=False, timeout=60)
+
+
+async def test_dlq_runs_with_the_readme_permissions(
+    pool: asyncpg.Pool, settings: Settings, restricted_vhost: str, ops_user: str
+) -> None:
+    """List, show, replay and purge as a user with only what the README gives the dlq
+    commands; a second command is refused as busy, not for a missing permission."""
+    host = urlsplit(settings.amqp_url)
+    vhost = quote(restricted_vhost)
+    base = f"{host.hostname}:{host.port or 5672}/{vhost}"
+    worker_user = f"{restricted_vhost}:pw-{restricted_vhost}"
+    # The default names: the README's patterns are written for them.
+    as_worker = Settings(
+        database_url=settings.database_url, amqp_url=f"amqp://{worker_user}@{base}"
+    )
+    as_ops = Settings(
+        database_url=settings.database_url, amqp_url=f"amqp://{ops_user}:pw-{ops_user}@{base}"
+    )
+    admin_url = settings.amqp_url.rstrip("/") + "/" + vhost
+    await setup_source(pool, "tg", [("a", 10, 1)])
+    app = Worker(as_worker)
+    await app.start()
+    try:
+        rabbitmqctl("set_permissions", "-p", restricted_vhost, "guest", ".*", ".*", ".*")
+        connection = await aio_pika.connect(admin_url)
+        async with connection:
+            channel = await connection.channel()
+            inbound = await channel.get_exchange(as_worker.inbound_exchange)
+            for n in range(3):
+                await inbound.publish(raw_message(b"{", f"bad-{n}"), "lead.contact")
+
+            async def dead_lettered() -> bool:
+                return await dlq.count(as_ops) == 3
+
+            await wait_until(dead_lettered, what="three dead letters")
+    finally:
+        await app.stop()
+
+    entries = await dlq.list_entries(as_ops)
+    assert [(e.message_id, e.reason) for e in entries] == [
+        (f"bad-{n}", "invalid_json") for n in range(3)
+    ]
+    shown = await dlq.show(as_ops, entries[1].id)
+    assert shown is not None and shown.body == b"{"
+    assert await dlq.replay(as_ops, ids=[entries[0].id]) == 1
+    assert await dlq.purge(as_ops, ids=[entries[2].id]) == 1
+    assert [e.id for e in await dlq.list_entries(as_ops)] == [entries[1].id]
+
+    other = await aio_pika.connect(admin_url)  # another command, reading the queue
+    try:
+        queue = await (await other.channel()).get_queue(as_ops.dead_queue)
+
+        async def hold(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            pass
+
+        await queue.consume(hold, exclusive=True)
+        with pytest.raises(dlq.Busy):
+            await dlq.list_entries(as_ops)
+    finally:
+        await other.close()
