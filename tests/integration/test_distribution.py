@@ -6,6 +6,7 @@ import pytest
 
 from tests.helpers import route_new, setup_source
 from worker import admin, distribution
+from worker.sql import Q
 
 
 async def _operators_of(pool: asyncpg.Pool) -> dict[str, int | None]:
@@ -59,9 +60,9 @@ async def test_a_new_strategy_forgets_what_smooth_owed(pool: asyncpg.Pool) -> No
     await setup_source(pool, "web", [("a", 10, 1), ("b", 10, 2)], strategy="smooth")
     async with pool.acquire() as conn, conn.transaction():
         await route_new(conn, "web", "w:1")  # one contact of three: someone is owed now
-    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    assert any(r["owed"] for r in await pool.fetch(Q.smooth_owed))
     await admin.update_source(pool, "web", name="Web")  # not a new strategy: kept
-    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    assert any(r["owed"] for r in await pool.fetch(Q.smooth_owed))
     await admin.update_source(pool, "web", strategy="least_loaded")
-    lags = [r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights")]
+    lags = [r["owed"] for r in await pool.fetch(Q.smooth_owed)]
     assert lags == [0, 0]
