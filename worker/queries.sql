@@ -277,9 +277,10 @@ SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 -- ascending order so concurrent batches lock them in the same order; then the new open
 -- contacts, ids in the order given, nothing for a known message id, each with its
 -- operator or none (queued); the operators' capacity taken for what was inserted (their
--- rows are locked here, ascending, before the claim; `claimed` is false where it would be
--- exceeded, which the caller turns into a retry of the whole transaction) and the smooth
--- strategy's state stored, in one statement (stored as decided: for a contact skipped
+-- rows are locked here, ascending, before the claim and before their smooth state, which
+-- is written only under their lock, as the trigger of migration 0013 writes it; `claimed`
+-- is false where it would be exceeded, which the caller turns into a retry of the whole
+-- transaction) and the smooth strategy's state stored, in one statement (stored as decided: for a contact skipped
 -- here, which takes a concurrent message with the same id, the operator counts as paid) ($1 external ids, $2 names, $3 e-mails,
 -- $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or NULL,
 -- $8 message texts, $9 inbound message ids; smooth starts: $10 source ids, $11 operator
@@ -305,7 +306,7 @@ WITH lead_rows AS (
     RETURNING id, lead_id, source_id, operator_id, inbound_message_id, created_at, assigned_at
 ), locked AS MATERIALIZED (
     SELECT o.id FROM operators o
-    WHERE o.id IN (SELECT operator_id FROM contact_rows)
+    WHERE o.id IN (SELECT operator_id FROM contact_rows) OR o.id = ANY($11::bigint[])
     ORDER BY o.id
     FOR UPDATE
 ), claimed AS (
@@ -322,6 +323,7 @@ WITH lead_rows AS (
     FROM unnest($10::bigint[], $11::bigint[], $12::double precision[])
         AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+      AND t.operator_id IN (SELECT id FROM locked)
 ), clocks AS (
     UPDATE sources s
     SET smooth_clock = t.clock
@@ -466,14 +468,17 @@ LEFT JOIN source_weights w
 LEFT JOIN operators o ON o.id = w.operator_id;
 
 -- name: assign_contacts
--- Take the operators' capacity (their rows locked here, ascending, before the claim) and
--- hand them the queued contacts, and store the smooth strategy's state, in one statement;
+-- Take the operators' capacity (their rows locked here, ascending, with those whose smooth
+-- state is stored, before the claim and that state) and hand them the queued contacts, and store the smooth strategy's state, in one statement;
 -- an operator whose capacity would be exceeded claims nothing and gets none ($1 contact
 -- ids, $2 operator ids, $3 operator ids once each, ascending, $4 units each; smooth
 -- starts: $5 source ids, $6 operator ids, $7 starts; smooth clocks: $8 source ids,
 -- $9 clocks).
 WITH locked AS MATERIALIZED (
-    SELECT o.id FROM operators o WHERE o.id = ANY($3::bigint[]) ORDER BY o.id FOR UPDATE
+    SELECT o.id FROM operators o
+    WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
+    ORDER BY o.id
+    FOR UPDATE
 ), claimed AS (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
@@ -487,6 +492,7 @@ WITH locked AS MATERIALIZED (
     FROM unnest($5::bigint[], $6::bigint[], $7::double precision[])
         AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+      AND t.operator_id IN (SELECT id FROM locked)
 ), clocks AS (
     UPDATE sources s
     SET smooth_clock = t.clock
