@@ -194,3 +194,24 @@ def test_a_window_that_misses_the_choice_is_read_again_whole() -> None:
     [chosen] = source.route(1)
     assert source.rereads == 1
     assert chosen == 0
+
+
+def test_a_choice_past_the_last_candidate_read_is_not_vouched_for() -> None:
+    """When the read stopped at its limit, an operator not read may come before any whose
+    order key is past the last one read (one chosen earlier in the batch moves there):
+    such a choice is left to a whole read."""
+    [only] = [Candidate(1, 1, 0, BIG, start=0.0)]
+    window = Window(0.0, 3, bound=10.0, last=(0.5, -1, 0))  # others finish by 0.5
+    plan = assign(
+        [Queued(-1, 1, "l")], {1: [only]}, {1: "smooth"}, {}, random.Random(0), windows={1: window}
+    )
+    assert plan.unread == {1} and plan.assignments == []
+    plan = assign(
+        [Queued(-1, 1, "l")],
+        {1: [only]},
+        {1: "smooth"},
+        {},
+        random.Random(0),
+        windows={1: Window(0.0, 3)},
+    )
+    assert plan.unread == set() and [a.operator_id for a in plan.assignments] == [1]
