@@ -273,21 +273,29 @@ ORDER BY id;
 SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 
 -- name: record_contacts
--- Create leads or refresh the fields messages carry, one row per external id in
--- ascending order so concurrent batches lock them in the same order; then the new open
--- contacts, ids in the order given, nothing for a known message id, each with its
--- operator or none (queued); the operators' capacity taken for what was inserted (their
--- rows are locked here, ascending, before the claim and before their smooth state, which
--- is written only under their lock, as the trigger of migration 0013 writes it; `claimed`
--- is false where it would be exceeded, which the caller turns into a retry of the whole
--- transaction) and the smooth strategy's state stored, in one statement (stored as decided: for a contact skipped
--- here, which takes a concurrent message with the same id, the operator counts as paid) ($1 external ids, $2 names, $3 e-mails,
--- $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or NULL,
--- $8 message texts, $9 inbound message ids; smooth starts: $10 source ids, $11 operator
--- ids, $12 starts; smooth clocks: $13 source ids, $14 clocks).
-WITH lead_rows AS (
+-- Lock the operators this batch chose, ascending, before anything else (lock order:
+-- operators, then leads); create leads or refresh the fields messages carry, one row per
+-- external id in ascending order so concurrent batches lock them in the same order; then
+-- the new open contacts, ids in the order given, nothing for a known message id, each
+-- with its operator or none (queued); the operators' capacity taken for what was
+-- inserted (`claimed` is false where it would be exceeded: a concurrent transaction took
+-- it since routing read it, which the caller turns into a retry of the whole
+-- transaction) and the smooth strategy's state stored, only under those operators' row
+-- locks as the trigger of migration 0013 writes it, in one statement (stored as decided:
+-- for a contact skipped here, which takes a concurrent message with the same id, the
+-- operator counts as paid) ($1 external ids, $2 names, $3 e-mails, $4 phones; per
+-- contact: $5 external ids, $6 source ids, $7 operator ids or NULL, $8 message texts,
+-- $9 inbound message ids; smooth starts: $10 source ids, $11 operator ids, $12 starts;
+-- smooth clocks: $13 source ids, $14 clocks).
+WITH locked AS MATERIALIZED (
+    SELECT o.id FROM operators o
+    WHERE o.id = ANY($7::bigint[]) OR o.id = ANY($11::bigint[])
+    ORDER BY o.id
+    FOR UPDATE
+), lead_rows AS (
     INSERT INTO leads AS l (external_id, name, email, phone)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    WHERE (SELECT count(*) FROM locked) >= 0  -- after the operators' locks
     ON CONFLICT (external_id) DO UPDATE
     SET name       = COALESCE(EXCLUDED.name, l.name),
         email      = COALESCE(EXCLUDED.email, l.email),
@@ -304,11 +312,6 @@ WITH lead_rows AS (
     ORDER BY t.n
     ON CONFLICT (inbound_message_id) DO NOTHING
     RETURNING id, lead_id, source_id, operator_id, inbound_message_id, created_at, assigned_at
-), locked AS MATERIALIZED (
-    SELECT o.id FROM operators o
-    WHERE o.id IN (SELECT operator_id FROM contact_rows) OR o.id = ANY($11::bigint[])
-    ORDER BY o.id
-    FOR UPDATE
 ), claimed AS (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
