@@ -3,7 +3,7 @@ function of what the transaction read. No I/O, so it is tested alone."""
 
 import heapq
 import random
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -59,6 +59,7 @@ class _Smooth:
 
     def __init__(self, window: Window, candidates: Sequence[Candidate]) -> None:
         self.window = window
+        self.room = sum(c.open_load < c.max_load for c in candidates)  # how many can take one
         self.clock = window.clock
         self.total = window.total
         self.start = {c.id: c.start for c in candidates}
@@ -72,8 +73,8 @@ class _Smooth:
         c = self.by_id[operator_id]
         return finish_key(Candidate(c.id, c.weight, 0, 0, start=self.start[operator_id]))
 
-    def choose(self, available: Set[int]) -> int | None:
-        """The next operator by the smooth rule among `available` (or None when the
+    def choose(self, available: Callable[[int], bool]) -> int | None:
+        """The next operator by the smooth rule among those `available` (or None when the
         window cannot tell for sure)."""
         after = self.clock + 1 / self.total
         if self.window.bound is not None and after > self.window.bound:
@@ -84,7 +85,7 @@ class _Smooth:
                 heapq.heappush(self.ready, (self.key(operator_id), operator_id, version))
         while self.ready:
             key, operator_id, version = self.ready[0]
-            if version == self.version[operator_id] and operator_id in available:
+            if version == self.version[operator_id] and available(operator_id):
                 break
             heapq.heappop(self.ready)
         if not self.ready:
@@ -92,7 +93,7 @@ class _Smooth:
             # earliest finish of all, which only a whole read can tell.
             if self.window.bound is not None:
                 return None
-            here = [self.by_id[i] for i in available if i in self.by_id]
+            here = [c for i, c in self.by_id.items() if available(i)]
             return smooth_next(
                 [Candidate(c.id, c.weight, 0, 0, start=self.start[c.id]) for c in here],
                 self.clock,
@@ -171,14 +172,18 @@ def assign(
         wanted = preferred.get(contact.id)
         if source in affinity_sources:
             wanted = just_had.get((contact.lead, source), wanted)
-        by_affinity = any(c.id == wanted and load[c.id] < limit[c.id] for c in candidates)
+        by_affinity = (
+            wanted is not None
+            and load.get(wanted, 0) < limit.get(wanted, 0)
+            and any(c.id == wanted for c in candidates)
+        )
         chosen_id: int | None
         if by_affinity:
             chosen_id = wanted
         elif source in smooth:
-            room = {i for i in smooth[source].start if load[i] < limit[i]}
-            chosen_id = smooth[source].choose(room) if room else None
-            if chosen_id is None and room:
+            state = smooth[source]
+            chosen_id = state.choose(lambda i: load[i] < limit[i]) if state.room else None
+            if chosen_id is None and state.room:
                 plan.unread.add(source)
         else:
             # Built directly: dataclasses.replace() would dominate a batch's routing time.
@@ -208,6 +213,7 @@ def assign(
             for other in weighted_in.get(chosen_id, ()):
                 state = smooth[other]
                 state.total -= state.by_id[chosen_id].weight
+                state.room -= 1
                 left_at[(other, chosen_id)] = state.clock
         plan.assignments.append(Assignment(contact.id, source, chosen_id, by_affinity))
     for (source, operator_id), clock in left_at.items():

@@ -363,11 +363,12 @@ WHERE o.id = t.id;
 
 -- name: routing_state
 -- What routing these sources decides on, read under their locks in one round trip, a row
--- each, told apart by `kind`. Nothing here is locked: the write locks and claims the
--- operators it chose, and the database re-checks their capacity there.
+-- each, told apart by `kind`. No operator is locked here: the write locks and claims the
+-- operators it chose, and the database re-checks their capacity there. First the changes
+-- to the sources' total available weight are folded into `sources.available_weight`
+-- (migration 0016; only the holder of a source's lock does this).
 -- 'clock': per source with an available operator, the smooth clock (`start`), the total
---   weight of its available operators (`weight`, a sum over the available-weights index)
---   and, unless read whole, the window its candidates were read in: `bound` (the clock
+--   weight of its available operators (`weight`) and, unless read whole, the window its candidates were read in: `bound` (the clock
 --   after this batch's contacts, and one more) and `read_limit`;
 -- 'candidate': an available operator of a source with their weight, load and smooth
 --   start; read whole ($5) or only the first `read_limit` (twice the contacts to route,
@@ -381,12 +382,22 @@ WHERE o.id = t.id;
 --   new database, is a sequential scan, kept until the next ANALYZE)
 -- ($1 source ids, $2 inbound message ids, $3 most queued contacts per source, per source
 -- aligned with $1: $4 new contacts to route, $5 whether to read every candidate).
-WITH src AS MATERIALIZED (
+WITH folded AS (
+    DELETE FROM available_weight_changes c
+    WHERE c.source_id = ANY($1::bigint[])
+    RETURNING c.source_id, c.delta
+), totals AS (
+    UPDATE sources s
+    SET available_weight = s.available_weight + f.delta
+    FROM (SELECT source_id, sum(delta) AS delta FROM folded GROUP BY source_id) AS f
+    WHERE s.id = f.source_id
+    RETURNING s.id, s.available_weight
+), src AS MATERIALIZED (
     SELECT t.id, t.arriving, t.whole, s.smooth_clock AS clock,
-           (SELECT coalesce(sum(w.weight), 0) FROM source_weights w
-            WHERE w.source_id = t.id AND w.available)::bigint AS weight
+           coalesce(totals.available_weight, s.available_weight) AS weight
     FROM unnest($1::bigint[], $4::integer[], $5::boolean[]) AS t (id, arriving, whole)
     JOIN sources s ON s.id = t.id
+    LEFT JOIN totals ON totals.id = t.id
 ), takes AS (
     SELECT src.id AS source_id,
            least($3::integer,

@@ -38,6 +38,14 @@ FLAG_WRONG = """
     SELECT count(*) FROM source_weights w JOIN operators o ON o.id = w.operator_id
     WHERE w.available IS DISTINCT FROM (o.is_active AND o.open_load < o.max_load)
 """
+TOTAL_WRONG = """
+    SELECT count(*) FROM sources s
+    WHERE s.available_weight
+          + coalesce((SELECT sum(delta) FROM available_weight_changes c
+                      WHERE c.source_id = s.id), 0)
+       <> coalesce((SELECT sum(weight) FROM source_weights w
+                    WHERE w.source_id = s.id AND w.available), 0)
+"""
 
 
 async def _owed(pool: asyncpg.Pool) -> dict[int, float]:
@@ -63,6 +71,16 @@ async def test_the_available_flag_follows_load_activity_and_limits(pool: asyncpg
         (b, False),
     }
     assert await pool.fetchval(FLAG_WRONG) == 0
+    assert await pool.fetchval(TOTAL_WRONG) == 0
+    await admin.set_weights(pool, "tg", {b: 7})  # replaced: a's row removed, b's weight new
+    assert await pool.fetchval(TOTAL_WRONG) == 0
+    async with pool.acquire() as conn, conn.transaction():  # folded by the next routing
+        await distribution.lock_sources(conn, {1, 2})
+        await distribution.drain_sources(conn, {1, 2})
+    assert await pool.fetchval("SELECT count(*) FROM available_weight_changes") == 0
+    assert await pool.fetchval(TOTAL_WRONG) == 0
+    totals = "SELECT key, available_weight FROM sources ORDER BY key"
+    assert [tuple(r) for r in await pool.fetch(totals)] == [("tg", 0), ("web", 2)]
 
 
 async def test_what_smooth_owes_an_operator_is_frozen_while_they_are_full(
@@ -185,6 +203,8 @@ async def test_a_large_team_shared_by_sources_and_two_workers_never_exceeds_max_
             problems.extend(dict(r) for r in await pool.fetch(OVER_CAPACITY))
             if await pool.fetchval(FLAG_WRONG):
                 problems.append("available flag out of step")
+            if await pool.fetchval(TOTAL_WRONG):
+                problems.append("available weight out of step")
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
@@ -241,3 +261,4 @@ async def test_a_large_team_shared_by_sources_and_two_workers_never_exceeds_max_
     assert await pool.fetchval(OVER_CAPACITY.replace("SELECT o.id", "SELECT count(*)", 1)) is None
     assert await pool.fetchval("SELECT count(DISTINCT inbound_message_id) FROM contacts") == total
     assert await pool.fetchval(FLAG_WRONG) == 0
+    assert await pool.fetchval(TOTAL_WRONG) == 0
