@@ -76,6 +76,8 @@ class _Smooth:
     def choose(self, available: Callable[[int], bool]) -> int | None:
         """The next operator by the smooth rule among those `available` (or None when the
         window cannot tell for sure)."""
+        if self.total <= 0:  # an operator available since the total was read: read again
+            return None
         after = self.clock + 1 / self.total
         if self.window.bound is not None and after > self.window.bound:
             return None
@@ -111,7 +113,8 @@ class _Smooth:
         heapq.heappush(
             self.waiting, (self.start[operator_id], operator_id, self.version[operator_id])
         )
-        self.clock += 1 / self.total
+        if self.total > 0:
+            self.clock += 1 / self.total
 
 
 def assign(
