@@ -536,14 +536,3 @@ RETURNING id, event_id;
 -- name: notify_outbox
 -- Wake the workers' relays at commit: events were written for them to claim.
 SELECT pg_notify('leadrouter_outbox', '');
-
--- name: smooth_owed
--- What the smooth strategy owes each weighted operator, in contacts (below zero: ahead of
--- their share): weight * (clock - start) while available, frozen as -weight * (start -
--- clock at leaving) while not.
-SELECT w.source_id, w.operator_id,
-       w.weight * CASE WHEN w.available THEN s.smooth_clock - w.smooth_start
-                       ELSE -w.smooth_start END AS owed
-FROM source_weights w
-JOIN sources s ON s.id = w.source_id
-ORDER BY w.source_id, w.operator_id;

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import (
+    SMOOTH_OWED,
     EventCollector,
     assert_clean_end,
     lead,
@@ -32,7 +33,6 @@ from tests.worker_processes import (
 from worker import admin
 from worker.app import Worker
 from worker.settings import Settings
-from worker.sql import Q
 
 
 async def make_source(
@@ -71,7 +71,7 @@ async def test_smooth_gives_exact_shares(
     assigned = await events.wait_for("contact.assigned", 100)
     counts = {op: sum(e.data.operator_id == op for e in assigned) for op in (a, b, c)}
     assert counts == {a: 10, b: 30, c: 60}
-    rows = await pool.fetch(Q.smooth_owed)
+    rows = await pool.fetch(SMOOTH_OWED)
     assert all(abs(r["owed"]) < 1e-9 for r in rows)  # whole rounds: nobody owed
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests import services
 from tests.helpers import (
+    SMOOTH_OWED,
     EventCollector,
     assert_clean_end,
     lead,
@@ -26,7 +27,6 @@ from worker import admin, distribution
 from worker.migrate import migrate
 from worker.retry import is_transient
 from worker.settings import Settings
-from worker.sql import Q
 
 ROOT = Path(__file__).resolve().parents[2]
 OVER_CAPACITY = """
@@ -49,7 +49,7 @@ TOTAL_WRONG = """
 
 
 async def _owed(pool: asyncpg.Pool) -> dict[int, float]:
-    return {r["operator_id"]: r["owed"] for r in await pool.fetch(Q.smooth_owed)}
+    return {r["operator_id"]: r["owed"] for r in await pool.fetch(SMOOTH_OWED)}
 
 
 async def test_the_available_flag_follows_load_activity_and_limits(pool: asyncpg.Pool) -> None:
@@ -163,7 +163,7 @@ async def test_smooth_lags_are_carried_over_by_the_migration(
                 r["operator_id"]: r["available"]
                 for r in await conn.fetch("SELECT operator_id, available FROM source_weights")
             }
-            owed = {r["operator_id"]: r["owed"] for r in await conn.fetch(Q.smooth_owed)}
+            owed = {r["operator_id"]: r["owed"] for r in await conn.fetch(SMOOTH_OWED)}
         finally:
             await conn.close()
     finally:
