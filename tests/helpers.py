@@ -240,3 +240,16 @@ async def assert_clean_end(
     ]
     assert errors == [], f"the worker logged errors: {errors[:5]}"
     assert any(e.get("event") == "worker_started" for e in logs), "no worker's log was captured"
+
+
+# What the smooth strategy owes each weighted operator, in contacts (below zero: ahead of
+# their share): weight * (clock - start) while available, frozen as -weight * (start -
+# clock at leaving) while not (migration 0013).
+SMOOTH_OWED = """
+    SELECT w.source_id, w.operator_id,
+           w.weight * CASE WHEN w.available THEN s.smooth_clock - w.smooth_start
+                           ELSE -w.smooth_start END AS owed
+    FROM source_weights w
+    JOIN sources s ON s.id = w.source_id
+    ORDER BY w.source_id, w.operator_id
+"""

@@ -1,12 +1,13 @@
 """Who takes which queued contact: the routing decision of a whole batch, as a pure
-function of what the transaction read under its locks. No I/O, so it is tested alone."""
+function of what the transaction read. No I/O, so it is tested alone."""
 
+import heapq
 import random
-from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from worker.strategies import STRATEGIES, Candidate, smooth_lags
+from worker.strategies import STRATEGIES, Candidate, finish_key, smooth_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +27,94 @@ class Assignment:
     affinity: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A smooth source's clock, the total weight of its available operators, and how its
+    candidates were read: all of them (`bound` None), or only those whose start is below
+    `bound`, and at most a limit of them in the smooth order, `last` being the order key
+    of the last one read when the limit was reached (None when fewer were there)."""
+
+    clock: float
+    total: int
+    bound: float | None = None
+    last: tuple[float, int, int] | None = None
+
+
 @dataclass
 class Plan:
     assignments: list[Assignment]
-    lags: dict[tuple[int, int], float]  # (source id, operator id) -> smooth lag to store
+    # The smooth strategy's state to store: (source id, operator id) -> start, and
+    # source id -> clock.
+    starts: dict[tuple[int, int], float] = field(default_factory=dict)
+    clocks: dict[int, float] = field(default_factory=dict)
+    # Smooth sources whose window did not hold the next choice for sure: read them
+    # whole and decide again (their contacts from there on are left out of this plan).
+    unread: set[int] = field(default_factory=set)
+
+
+class _Smooth:
+    """One smooth source's routing within a batch: its clock, its total available weight
+    and its read candidates in two heaps, those not yet eligible by start and the eligible
+    ones by the smooth order, so that a contact costs O(log n) in the candidates read."""
+
+    def __init__(self, window: Window, candidates: Sequence[Candidate]) -> None:
+        self.window = window
+        self.room = sum(c.open_load < c.max_load for c in candidates)  # how many can take one
+        self.clock = window.clock
+        self.total = window.total
+        self.start = {c.id: c.start for c in candidates}
+        self.by_id = {c.id: c for c in candidates}
+        self.version = dict.fromkeys(self.start, 0)
+        self.waiting = [(c.start, c.id, 0) for c in candidates]
+        heapq.heapify(self.waiting)
+        self.ready: list[tuple[tuple[float, int, int], int, int]] = []
+
+    def key(self, operator_id: int) -> tuple[float, int, int]:
+        c = self.by_id[operator_id]
+        return finish_key(Candidate(c.id, c.weight, 0, 0, start=self.start[operator_id]))
+
+    def choose(self, available: Callable[[int], bool]) -> int | None:
+        """The next operator by the smooth rule among those `available` (or None when the
+        window cannot tell for sure)."""
+        if self.total <= 0:  # an operator available since the total was read: read again
+            return None
+        after = self.clock + 1 / self.total
+        if self.window.bound is not None and after > self.window.bound:
+            return None
+        while self.waiting and self.waiting[0][0] < after:
+            _, operator_id, version = heapq.heappop(self.waiting)
+            if version == self.version[operator_id]:
+                heapq.heappush(self.ready, (self.key(operator_id), operator_id, version))
+        while self.ready:
+            key, operator_id, version = self.ready[0]
+            if version == self.version[operator_id] and available(operator_id):
+                break
+            heapq.heappop(self.ready)
+        if not self.ready:
+            # Nobody available is owed anything (those who left are owed much): the
+            # earliest finish of all, which only a whole read can tell.
+            if self.window.bound is not None:
+                return None
+            here = [c for i, c in self.by_id.items() if available(i)]
+            return smooth_next(
+                [Candidate(c.id, c.weight, 0, 0, start=self.start[c.id]) for c in here],
+                self.clock,
+                self.total,
+            ).id
+        key, operator_id, _ = self.ready[0]
+        if self.window.last is not None and key > self.window.last:
+            return None
+        return operator_id
+
+    def took(self, operator_id: int) -> None:
+        """`operator_id` took a contact (by the rule or by affinity)."""
+        self.start[operator_id] += 1 / self.by_id[operator_id].weight
+        self.version[operator_id] += 1
+        heapq.heappush(
+            self.waiting, (self.start[operator_id], operator_id, self.version[operator_id])
+        )
+        if self.total > 0:
+            self.clock += 1 / self.total
 
 
 def assign(
@@ -39,6 +124,7 @@ def assign(
     preferred: Mapping[int, int],
     rng: random.Random,
     affinity_sources: Set[int] = frozenset(),
+    windows: Mapping[int, Window] | None = None,
 ) -> Plan:
     """Walk each source's queue oldest first and give each contact to an operator of that
     source who is active and below max_load, by the source's strategy (or to its
@@ -46,16 +132,17 @@ def assign(
     uses one unit of the operator's, whichever source it is for. A source stops at its
     first contact nobody can take, so its older contacts are never overtaken.
 
-    `weights`: per source id, its weighted active operators with their load as read under
-    the operators' row locks; `strategies`: per source id; `preferred`: per contact id, the
-    operator who had its lead lately (for `affinity_sources`, a lead's earlier contact in
-    this same batch counts too)."""
+    `weights`: per source id, its available operators (for a smooth source, those read in
+    its window), with their load; `strategies`: per source id; `preferred`: per contact id,
+    the operator who had its lead lately (for `affinity_sources`, a lead's earlier contact
+    in this same batch counts too); `windows`: per smooth source, its clock and how its
+    candidates were read (without one, the candidates are all there are, owed nothing
+    by a clock at 0)."""
     load: dict[int, int] = {}
     limit: dict[int, int] = {}
     for candidates in weights.values():
         for c in candidates:
             load[c.id], limit[c.id] = c.open_load, c.max_load
-    lags = {(s, c.id): c.lag for s, cs in weights.items() for c in cs}
     # Assigned in this batch: later than anything in the database, in batch order.
     latest = max(
         (
@@ -66,44 +153,76 @@ def assign(
         ),
         default=datetime.now(UTC),
     )
+    smooth: dict[int, _Smooth] = {}
+    for source, candidates in weights.items():
+        if strategies.get(source) == "smooth":
+            window = (windows or {}).get(source) or Window(0.0, sum(c.weight for c in candidates))
+            smooth[source] = _Smooth(window, candidates)
+    weighted_in: dict[int, list[int]] = {}  # operator -> the smooth sources they were read for
+    for source, state in smooth.items():
+        for operator_id in state.start:
+            weighted_in.setdefault(operator_id, []).append(source)
+    left_at: dict[tuple[int, int], float] = {}  # (source, operator) -> clock when they filled
     last: dict[int, datetime] = {}
     just_had: dict[tuple[str, int], int] = {}  # (lead, source) -> operator, this batch
-    plan = Plan([], {})
+    plan = Plan([])
     blocked: set[int] = set()
     for contact in queued:
         source = contact.source_id
         if source in blocked:
             continue
-        # Built directly: dataclasses.replace() would dominate a batch's routing time.
-        available = [
-            Candidate(
-                c.id,
-                c.weight,
-                load[c.id],
-                c.max_load,
-                last.get(c.id, c.last_assigned_at),
-                lags[(source, c.id)],
-            )
-            for c in weights.get(source, ())
-            if load[c.id] < limit[c.id]
-        ]
-        if not available:
-            blocked.add(source)
-            continue
+        candidates = weights.get(source, ())
         wanted = preferred.get(contact.id)
         if source in affinity_sources:
             wanted = just_had.get((contact.lead, source), wanted)
-        by_affinity = any(c.id == wanted for c in available)
+        by_affinity = (
+            wanted is not None
+            and load.get(wanted, 0) < limit.get(wanted, 0)
+            and any(c.id == wanted for c in candidates)
+        )
+        chosen_id: int | None
         if by_affinity:
-            chosen = next(c for c in available if c.id == wanted)
+            chosen_id = wanted
+        elif source in smooth:
+            state = smooth[source]
+            chosen_id = state.choose(lambda i: load[i] < limit[i]) if state.room else None
+            if chosen_id is None and state.room:
+                plan.unread.add(source)
         else:
-            chosen = STRATEGIES[strategies[source]](available, rng)
-        load[chosen.id] += 1
-        last[chosen.id] = latest + timedelta(microseconds=len(plan.assignments) + 1)
-        just_had[(contact.lead, source)] = chosen.id
-        if strategies[source] == "smooth":  # affinity counts too, so shares stay fair
-            for operator_id, lag in smooth_lags(available, chosen.id).items():
-                lags[(source, operator_id)] = lag
-                plan.lags[(source, operator_id)] = lag
-        plan.assignments.append(Assignment(contact.id, source, chosen.id, by_affinity))
+            # Built directly: dataclasses.replace() would dominate a batch's routing time.
+            available = [
+                Candidate(
+                    c.id, c.weight, load[c.id], c.max_load, last.get(c.id, c.last_assigned_at)
+                )
+                for c in candidates
+                if load[c.id] < limit[c.id]
+            ]
+            chosen_id = STRATEGIES[strategies[source]](available, rng).id if available else None
+        if chosen_id is None:
+            blocked.add(source)
+            continue
+        load[chosen_id] += 1
+        last[chosen_id] = latest + timedelta(microseconds=len(plan.assignments) + 1)
+        just_had[(contact.lead, source)] = chosen_id
+        if source in smooth:  # affinity counts too, so shares stay fair
+            state = smooth[source]
+            state.took(chosen_id)
+            plan.starts[(source, chosen_id)] = state.start[chosen_id]
+            plan.clocks[source] = state.clock
+        if load[chosen_id] >= limit[chosen_id]:
+            # No longer available anywhere: the total of every smooth source they were
+            # read for drops from here on, and their start there is stored as if they
+            # left at the end of the batch (the database then keeps start - clock).
+            for other in weighted_in.get(chosen_id, ()):
+                state = smooth[other]
+                state.total -= state.by_id[chosen_id].weight
+                state.room -= 1
+                left_at[(other, chosen_id)] = state.clock
+        plan.assignments.append(Assignment(contact.id, source, chosen_id, by_affinity))
+    for (source, operator_id), clock in left_at.items():
+        state = smooth[source]
+        shifted = state.start[operator_id] + (state.clock - clock)
+        if (source, operator_id) in plan.starts or shifted != state.by_id[operator_id].start:
+            plan.starts[(source, operator_id)] = shifted
+            plan.clocks[source] = state.clock
     return plan

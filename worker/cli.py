@@ -777,6 +777,20 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     type=click.IntRange(0, 64),
     help="Worker processes, as deployed (0: a worker inside the bench's own process).",
 )
+@click.option(
+    "--operators",
+    default=40,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Operators in the team.",
+)
+@click.option(
+    "--weights-per-source",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Operators weighted on each source, chosen at random (at most --operators).",
+)
 @click.option("--rate", type=click.FloatRange(min=1), help="Paced mode: messages per second.")
 @click.option(
     "--reference",
@@ -786,7 +800,14 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
-    messages: int, sources: int, workers: int, rate: float | None, reference: bool, as_json: bool
+    messages: int,
+    sources: int,
+    workers: int,
+    operators: int,
+    weights_per_source: int,
+    rate: float | None,
+    reference: bool,
+    as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
     from dataclasses import asdict
@@ -794,7 +815,17 @@ async def bench(
     from worker.tools.bench import render, run_bench
 
     console = _console()
-    result = await run_bench(_settings(), messages, sources, workers, rate, console, reference)
+    result = await run_bench(
+        _settings(),
+        messages,
+        sources,
+        workers,
+        rate,
+        console,
+        reference,
+        operators=operators,
+        weights_per_source=weights_per_source,
+    )
     if as_json:
         click.echo(json.dumps(asdict(result)))
     else:

@@ -4,6 +4,12 @@ ascending order, closes contacts, routes the backlog of every affected source ol
 first and the new contacts behind it, records the new contacts (already assigned where
 they can be), set-based, and writes the events to the outbox.
 
+Routing reads the operators without locking them, and only those it may choose: for the
+smooth strategy, the few first in its order by an index (see `routing_state`), so that a
+contact costs about the same whatever the size of the team. The write then locks and
+claims only the operators chosen, and the database re-checks their capacity there; when a
+concurrent transaction took it first, the whole transaction is retried (`CapacityTaken`).
+
 Lock order, everywhere: source advisory locks (ascending), then operator rows (ascending,
 `FOR UPDATE`), then lead rows (ascending external id, by the leads upsert), so two
 transactions never wait on each other in a cycle in the usual case; the rare cycle between
@@ -19,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from schemas.inbound import LeadContact
-from worker.assignment import Assignment, Plan, Queued, assign
+from worker.assignment import Assignment, Plan, Queued, Window, assign
 from worker.outbox import Event, EventWriter
 from worker.retry import in_transaction
 from worker.sql import Q
@@ -29,6 +35,13 @@ _rng = random.SystemRandom()
 MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
 
 Assignments = Counter[tuple[str, str]]  # (source key, strategy) -> contacts assigned
+
+
+class CapacityTaken(asyncpg.SerializationError):
+    """An operator this transaction chose (read without a lock) was filled or switched off
+    by a concurrent one before the claim: nothing is recorded, and the transaction is
+    retried from the start like a serialization failure (transient for the consumer,
+    retried by `in_transaction`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +133,9 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.release_operators, 2),
     (Q.sources_of_operators, 1),
     (Q.sources_by_ids, 1),
-    (Q.record_contacts, 12),
+    (Q.record_contacts, 14),
     (Q.previous_operators, 4),
-    (Q.assign_contacts, 7),
+    (Q.assign_contacts, 9),
     (Q.mark_events_published, 1),
 )
 
@@ -136,7 +149,7 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
     try:
         for query, arrays in _PREPARED:
             await conn.fetch(query, *([] for _ in range(arrays)))
-        await conn.fetch(Q.routing_state, [], [], 0)
+        await conn.fetch(Q.routing_state, [], [], 0, [], [])
         await conn.fetch(Q.insert_events, [], [], [], [], None)
     finally:
         await tx.rollback()
@@ -253,13 +266,21 @@ async def _drain(
     if not routes:
         return
     by_id = {r.id: r for r in routes}
-    state = await _read_state(conn, by_id, new)
-    fresh = _fresh(new, state.known, outcome)
-    takes = _takes(state.weights)
-    sources = [s for s in sorted(takes) if takes[s] > 0]
-    source_ids = {r.key: r.id for r in routes}
-    newcomers = _placeable_newcomers(fresh, state.queued, takes, sources, source_ids)
-    decided = await _decide(conn, state, newcomers, sources, by_id)
+    whole = {r.id for r in routes if r.strategy != "smooth"}
+    while True:
+        state = await _read_state(conn, by_id, new, whole)
+        fresh = _fresh(new, state.known, outcome)
+        takes = state.takes
+        sources = [s for s in sorted(takes) if takes[s] > 0]
+        source_ids = {r.key: r.id for r in routes}
+        newcomers = _placeable_newcomers(fresh, state.queued, takes, sources, source_ids)
+        decided = await _decide(conn, state, newcomers, sources, by_id)
+        if not decided.unread:
+            break
+        # A smooth source's window did not hold the choice for sure (many operators
+        # ahead of their share with early finishes): read its candidates whole, once.
+        whole |= decided.unread
+        outcome.duplicates.clear()
     await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events)
 
 
@@ -267,20 +288,34 @@ async def _drain(
 class _State:
     """What routing reads of its sources, in one statement, under their locks."""
 
-    weights: dict[int, list[Candidate]]  # per source, its weighted active operators
+    weights: dict[int, list[Candidate]]  # per source, available operators it may choose
+    windows: dict[int, Window]  # per source with an available operator
+    takes: dict[int, int]  # per source with an available operator: what may be assigned
     queued: list[Queued]  # its queued contacts, oldest first per source
     known: set[str]  # message ids of the batch's new contacts already recorded
 
 
 async def _read_state(
-    conn: asyncpg.Connection, by_id: dict[int, Route], new: Sequence[NewContact]
+    conn: asyncpg.Connection, by_id: dict[int, Route], new: Sequence[NewContact], whole: set[int]
 ) -> _State:
     weights: dict[int, list[Candidate]] = defaultdict(list)
+    windows: dict[int, tuple[asyncpg.Record, int | None]] = {}
+    takes: dict[int, int] = {}
     queued: list[Queued] = []
     known: set[str] = set()
-    state = await conn.fetch(Q.routing_state, list(by_id), [n.message_id for n in new], MAX_DRAIN)
+    arriving = Counter(n.body.source for n in new)
+    ids = list(by_id)
+    state = await conn.fetch(
+        Q.routing_state,
+        ids,
+        [n.message_id for n in new],
+        MAX_DRAIN,
+        [arriving[by_id[i].key] for i in ids],
+        [i in whole for i in ids],
+    )
     for r in state:
-        if r["kind"] == "candidate":
+        kind = r["kind"]
+        if kind == "candidate":
             weights[r["source_id"]].append(
                 Candidate(
                     id=r["id"],
@@ -288,21 +323,24 @@ async def _read_state(
                     open_load=r["open_load"],
                     max_load=r["max_load"],
                     last_assigned_at=r["last_assigned_at"],
-                    lag=r["smooth_lag"],
+                    start=r["start"],
                 )
             )
-        elif r["kind"] == "queued":
+        elif kind == "clock":
+            windows[r["source_id"]] = (r, r["read_limit"])
+            takes[r["source_id"]] = MAX_DRAIN if r["take"] is None else r["take"]
+        elif kind == "queued":
             queued.append(Queued(r["id"], r["source_id"], r["lead_external_id"]))
         else:
             known.add(r["message_id"])
     queued.sort(key=lambda q: (q.source_id, q.id))
-    return _State(weights, queued, known)
-
-
-def _takes(weights: dict[int, list[Candidate]]) -> dict[int, int]:
-    """Per source, how many contacts its operators have room for (at most MAX_DRAIN)."""
-    free = {c.id: c.max_load - c.open_load for cs in weights.values() for c in cs}
-    return {s: min(MAX_DRAIN, sum(free[c.id] for c in cs)) for s, cs in weights.items()}
+    read: dict[int, Window] = {}
+    for source, (r, read_limit) in windows.items():
+        cs = weights.get(source, [])
+        limited = read_limit is not None and len(cs) >= read_limit
+        last = (cs[-1].start + 1 / cs[-1].weight, -cs[-1].weight, cs[-1].id) if limited else None
+        read[source] = Window(r["start"], r["weight"], r["bound"], last)
+    return _State(weights, read, takes, queued, known)
 
 
 def _placeable_newcomers(
@@ -333,7 +371,7 @@ async def _decide(
 ) -> Plan:
     """Who takes which contact: the backlog first, then the newcomers behind it."""
     wanted = state.queued + newcomers
-    preferred = await _previous_operators(conn, wanted, by_id)
+    preferred = await _previous_operators(conn, wanted, by_id, state.weights)
     return assign(
         wanted,
         state.weights,
@@ -341,6 +379,7 @@ async def _decide(
         preferred,
         _rng,
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
+        windows=state.windows,
     )
 
 
@@ -355,18 +394,31 @@ async def _write_decisions(
 ) -> None:
     """Assign the queued contacts given an operator, then insert the fresh ones."""
     earlier = [a for a in decided.assignments if a.contact_id > 0]
-    # The smooth strategy's state goes with the last write: the insert, if there is one.
-    lags = _lag_arrays(decided.lags)
+    # The smooth strategy's state goes with the first write, so that an operator filled
+    # by the second one leaves at the batch's final clock (see migration 0013's trigger).
+    smooth = _smooth_arrays(decided)
     if earlier:
-        await _assign_queued(conn, earlier, by_id, outcome, events, lags if not fresh else None)
+        await _assign_queued(conn, earlier, by_id, outcome, events, smooth)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
-        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, lags)
+        stored = _NO_SMOOTH if earlier else smooth
+        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, stored)
 
 
-def _lag_arrays(lags: dict[tuple[int, int], float]) -> list[list[Any]]:
-    keys = list(lags)
-    return [[k[0] for k in keys], [k[1] for k in keys], [lags[k] for k in keys]]
+_NO_SMOOTH: list[list[Any]] = [[], [], [], [], []]
+
+
+def _smooth_arrays(plan: Plan) -> list[list[Any]]:
+    """The smooth state to store: starts ($ source ids, operator ids, starts), clocks
+    (source ids, clocks)."""
+    keys = list(plan.starts)
+    return [
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [plan.starts[k] for k in keys],
+        list(plan.clocks),
+        list(plan.clocks.values()),
+    ]
 
 
 def _claims(assignments: Iterable[Assignment]) -> list[list[int]]:
@@ -381,7 +433,7 @@ async def _assign_queued(
     routes: dict[int, Route],
     outcome: Outcome,
     events: EventWriter,
-    lags: list[list[Any]] | None,
+    smooth: list[list[Any]],
 ) -> None:
     rows = {
         r["id"]: r
@@ -390,13 +442,14 @@ async def _assign_queued(
             [a.contact_id for a in assignments],
             [a.operator_id for a in assignments],
             *_claims(assignments),
-            *(lags or [[], [], []]),
+            *smooth,
         )
     }
     if len(rows) != len(assignments):
-        # The operator rows are locked, so this cannot happen; if it ever does, roll the
-        # whole batch back rather than record a half-done routing.
-        raise RuntimeError(f"assigned {len(rows)} of {len(assignments)} contacts")
+        # An operator chosen was filled or switched off by a concurrent transaction (or
+        # the contact was taken: its source's lock makes that impossible): roll the whole
+        # batch back rather than record a half-done routing, and retry it.
+        raise CapacityTaken(f"assigned {len(rows)} of {len(assignments)} contacts")
     for a in assignments:
         row = rows[a.contact_id]
         _assigned(outcome, routes[a.source_id], a.contact_id, a.operator_id)
@@ -411,7 +464,7 @@ async def _insert(
     source_ids: dict[str, int],  # by key
     outcome: Outcome,
     events: EventWriter,
-    lags: list[list[Any]],
+    smooth: list[list[Any]],
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
     claiming the operators' capacity in the same statement."""
@@ -432,10 +485,10 @@ async def _insert(
         operators,
         [i.body.message for i in fresh],
         [i.message_id for i in fresh],
-        *lags,
+        *smooth,
     )
     if not all(r["claimed"] for r in rows):
-        raise RuntimeError("an operator's capacity was exceeded: nothing recorded")
+        raise CapacityTaken("an operator's capacity was taken meanwhile: nothing recorded")
     position = {n.message_id: i for i, n in enumerate(fresh, 1)}
     for row in rows:
         message_id = row["inbound_message_id"]
@@ -458,9 +511,14 @@ def _assigned(outcome: Outcome, route_: Route, contact_id: int, operator_id: int
 
 
 async def _previous_operators(
-    conn: asyncpg.Connection, queued: Sequence[Queued], routes: dict[int, Route]
+    conn: asyncpg.Connection,
+    queued: Sequence[Queued],
+    routes: dict[int, Route],
+    weights: dict[int, list[Candidate]],
 ) -> dict[int, int]:
-    """Contact id -> the operator who had its lead through the same source lately."""
+    """Contact id -> the operator who had its lead through the same source lately. Those
+    of them available for the source but not among what routing read of it are added
+    to its candidates in `weights`."""
     wanted = [q for q in queued if routes[q.source_id].affinity_hours]
     if not wanted:
         return {}
@@ -471,4 +529,19 @@ async def _previous_operators(
         [q.source_id for q in wanted],
         [routes[q.source_id].affinity_hours for q in wanted],
     )
+    for r in rows:
+        candidates = weights.get(r["source_id"])
+        if r["weight"] is None or candidates is None:  # unavailable, or nobody is
+            continue
+        if all(c.id != r["operator_id"] for c in candidates):
+            candidates.append(
+                Candidate(
+                    id=r["operator_id"],
+                    weight=r["weight"],
+                    open_load=r["open_load"],
+                    max_load=r["max_load"],
+                    last_assigned_at=r["last_assigned_at"],
+                    start=r["start"],
+                )
+            )
     return {r["contact_id"]: r["operator_id"] for r in rows}

@@ -101,9 +101,9 @@ WITH old AS (
               s.strategy <> old.strategy AS strategy_changed
 ), reset AS (
     UPDATE source_weights w
-    SET smooth_lag = 0
-    FROM updated u
-    WHERE w.source_id = u.id AND u.strategy_changed
+    SET smooth_start = CASE WHEN w.available THEN s.smooth_clock ELSE 0 END
+    FROM updated u, sources s
+    WHERE w.source_id = u.id AND u.strategy_changed AND s.id = u.id
 )
 SELECT id, key, name, description, strategy, affinity_hours FROM updated;
 
@@ -273,19 +273,29 @@ ORDER BY id;
 SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 
 -- name: record_contacts
--- Create leads or refresh the fields messages carry, one row per external id in
--- ascending order so concurrent batches lock them in the same order; then the new open
--- contacts, ids in the order given, nothing for a known message id, each with its
--- operator or none (queued); the operators' capacity taken for what was inserted (their
--- rows are already locked; `claimed` is false where it would be exceeded) and the smooth
--- strategy's state stored, in one statement (stored as decided: for a contact skipped
--- here, which takes a concurrent message with the same id, the operator counts as paid) ($1 external ids, $2 names, $3 e-mails,
--- $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or NULL,
--- $8 message texts, $9 inbound message ids; smooth lags: $10 source ids, $11 operator
--- ids, $12 lags).
-WITH lead_rows AS (
+-- Lock the operators this batch chose, ascending, before anything else (lock order:
+-- operators, then leads); create leads or refresh the fields messages carry, one row per
+-- external id in ascending order so concurrent batches lock them in the same order; then
+-- the new open contacts, ids in the order given, nothing for a known message id, each
+-- with its operator or none (queued); the operators' capacity taken for what was
+-- inserted (`claimed` is false where it would be exceeded: a concurrent transaction took
+-- it since routing read it, which the caller turns into a retry of the whole
+-- transaction) and the smooth strategy's state stored, only under those operators' row
+-- locks as the trigger of migration 0013 writes it, in one statement (stored as decided:
+-- for a contact skipped here, which takes a concurrent message with the same id, the
+-- operator counts as paid) ($1 external ids, $2 names, $3 e-mails, $4 phones; per
+-- contact: $5 external ids, $6 source ids, $7 operator ids or NULL, $8 message texts,
+-- $9 inbound message ids; smooth starts: $10 source ids, $11 operator ids, $12 starts;
+-- smooth clocks: $13 source ids, $14 clocks).
+WITH locked AS MATERIALIZED (
+    SELECT o.id FROM operators o
+    WHERE o.id = ANY($7::bigint[]) OR o.id = ANY($11::bigint[])
+    ORDER BY o.id
+    FOR UPDATE
+), lead_rows AS (
     INSERT INTO leads AS l (external_id, name, email, phone)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    WHERE (SELECT count(*) FROM locked) >= 0  -- after the operators' locks
     ON CONFLICT (external_id) DO UPDATE
     SET name       = COALESCE(EXCLUDED.name, l.name),
         email      = COALESCE(EXCLUDED.email, l.email),
@@ -308,13 +318,20 @@ WITH lead_rows AS (
     FROM (SELECT operator_id, count(*)::integer FROM contact_rows
           WHERE operator_id IS NOT NULL GROUP BY operator_id) AS t (id, n)
     WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+      AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
-), lags AS (
+), starts AS (
     UPDATE source_weights w
-    SET smooth_lag = t.lag
+    SET smooth_start = t.start
     FROM unnest($10::bigint[], $11::bigint[], $12::double precision[])
-        AS t (source_id, operator_id, lag)
+        AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+      AND t.operator_id IN (SELECT id FROM locked)
+), clocks AS (
+    UPDATE sources s
+    SET smooth_clock = t.clock
+    FROM unnest($13::bigint[], $14::double precision[]) AS t (id, clock)
+    WHERE s.id = t.id
 )
 SELECT c.*, c.operator_id IS NULL OR c.operator_id IN (SELECT id FROM claimed) AS claimed
 FROM contact_rows c
@@ -346,44 +363,97 @@ WHERE o.id = t.id;
 
 -- name: routing_state
 -- What routing these sources decides on, read under their locks in one round trip, a row
--- each, told apart by `kind`:
--- 'candidate': a weighted, active, not-full operator of a source, its row locked until
---   commit in ascending id order, so capacity read here cannot change under us;
--- 'queued': a source's oldest queued contacts, as many as its candidates could take
---   (at most $3);
+-- each, told apart by `kind`. No operator is locked here: the write locks and claims the
+-- operators it chose, and the database re-checks their capacity there. First the changes
+-- to the sources' total available weight are folded into `sources.available_weight`
+-- (migration 0016; only the holder of a source's lock does this).
+-- 'clock': per source with an available operator, the smooth clock (`start`), the total
+--   weight of its available operators (`weight`) and, unless read whole, the window its candidates were read in: `bound` (the clock
+--   after this batch's contacts, and one more) and `read_limit`;
+-- 'candidate': an available operator of a source with their weight, load and smooth
+--   start; read whole ($5) or only the first `read_limit` (twice the contacts to route,
+--   plus 8) in the smooth order whose start is below `bound`: who can be chosen within
+--   this batch, whatever the size of the team (the caller checks that it was enough);
+-- 'queued': a source's oldest queued contacts, as many as its available operators could
+--   take (at most $3, the clock row's `take`); only a source that has any sums its
+--   operators' free capacity (NULL `take` otherwise);
 -- 'known': those of the batch's inbound message ids that already made a contact (one
 --   index probe per id: the plan cached for `= ANY($2)` while the table was small, in a
 --   new database, is a sequential scan, kept until the next ANALYZE)
--- ($1 source ids, $2 inbound message ids, $3 most queued contacts per source).
-WITH candidates AS MATERIALIZED (
-    SELECT w.source_id, o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at,
-           w.smooth_lag
+-- ($1 source ids, $2 inbound message ids, $3 most queued contacts per source, per source
+-- aligned with $1: $4 new contacts to route, $5 whether to read every candidate).
+WITH folded AS (
+    DELETE FROM available_weight_changes c
+    WHERE c.source_id = ANY($1::bigint[])
+    RETURNING c.source_id, c.delta
+), totals AS (
+    UPDATE sources s
+    SET available_weight = s.available_weight + f.delta
+    FROM (SELECT source_id, sum(delta) AS delta FROM folded GROUP BY source_id) AS f
+    WHERE s.id = f.source_id
+    RETURNING s.id, s.available_weight
+), src AS MATERIALIZED (
+    SELECT t.id, t.arriving, t.whole, s.smooth_clock AS clock,
+           coalesce(totals.available_weight, s.available_weight) AS weight
+    FROM unnest($1::bigint[], $4::integer[], $5::boolean[]) AS t (id, arriving, whole)
+    JOIN sources s ON s.id = t.id
+    LEFT JOIN totals ON totals.id = t.id
+), takes AS (
+    SELECT src.id AS source_id,
+           least($3::integer,
+                 (SELECT sum(o.max_load - o.open_load)
+                  FROM source_weights w JOIN operators o ON o.id = w.operator_id
+                  WHERE w.source_id = src.id AND w.available))::integer AS take
+    FROM src
+    WHERE src.weight > 0
+      AND EXISTS (SELECT 1 FROM contacts c
+                  WHERE c.source_id = src.id AND c.status = 'open' AND c.operator_id IS NULL)
+), queued AS MATERIALIZED (
+    SELECT q.source_id, q.id, l.external_id
+    FROM takes
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.source_id, c.lead_id
+        FROM contacts c
+        WHERE c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
+        ORDER BY c.id
+        LIMIT takes.take
+    ) AS q
+    JOIN leads l ON l.id = q.lead_id
+), windows AS MATERIALIZED (
+    SELECT src.id, src.clock, src.weight, takes.take,
+           CASE WHEN NOT src.whole THEN 2 * n.k + 8 END AS read_limit,
+           CASE WHEN NOT src.whole THEN src.clock + (n.k + 1)::double precision / src.weight END
+               AS bound
+    FROM src
+    CROSS JOIN LATERAL (
+        SELECT src.arriving + (SELECT count(*) FROM queued WHERE queued.source_id = src.id)
+            AS k
+    ) AS n
+    LEFT JOIN takes ON takes.source_id = src.id
+    WHERE src.weight > 0
+)
+SELECT 'clock' AS kind, id AS source_id, NULL::bigint AS id, weight, NULL::integer AS open_load,
+       NULL::integer AS max_load, NULL::timestamptz AS last_assigned_at, clock AS start,
+       bound, read_limit, take, NULL::text AS lead_external_id, NULL::text AS message_id
+FROM windows
+UNION ALL
+SELECT 'candidate', windows.id, c.operator_id, c.weight, c.open_load, c.max_load,
+       c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL
+FROM windows
+CROSS JOIN LATERAL (
+    SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
     FROM source_weights w
     JOIN operators o ON o.id = w.operator_id
-    WHERE w.source_id = ANY($1::bigint[]) AND o.is_active AND o.open_load < o.max_load
-    ORDER BY o.id
-    FOR UPDATE OF o
-), takes AS (
-    SELECT source_id, least($3::integer, sum(max_load - open_load))::integer AS take
-    FROM candidates
-    GROUP BY source_id
-)
-SELECT 'candidate' AS kind, source_id, id, weight, open_load, max_load, last_assigned_at,
-       smooth_lag, NULL::text AS lead_external_id, NULL::text AS message_id
-FROM candidates
+    WHERE w.source_id = windows.id AND w.available
+      AND (windows.bound IS NULL OR w.smooth_start < windows.bound)
+    ORDER BY w.smooth_start + 1::double precision / w.weight, w.weight DESC, w.operator_id
+    LIMIT windows.read_limit
+) AS c
 UNION ALL
-SELECT 'queued', q.source_id, q.id, NULL, NULL, NULL, NULL, NULL, l.external_id, NULL
-FROM takes
-CROSS JOIN LATERAL (
-    SELECT c.id, c.source_id, c.lead_id
-    FROM contacts c
-    WHERE c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
-    ORDER BY c.id
-    LIMIT takes.take
-) AS q
-JOIN leads l ON l.id = q.lead_id
+SELECT 'queued', source_id, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, external_id, NULL
+FROM queued
 UNION ALL
-SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id
+SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id
 FROM unnest($2::text[]) AS m (id)
 CROSS JOIN LATERAL (
     SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
@@ -392,34 +462,56 @@ CROSS JOIN LATERAL (
 -- name: previous_operators
 -- For each contact (or contact to be: its id is below zero), the operator of its lead's
 -- latest other assigned contact through the same source within the source's affinity
--- window ($1 contact ids, $2 lead external ids, $3 source ids, $4 hours).
-SELECT DISTINCT ON (q.id) q.id AS contact_id, c.operator_id
-FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::integer[])
-    AS q (id, lead_external_id, source_id, hours)
-JOIN leads l ON l.external_id = q.lead_external_id
-JOIN contacts c
-  ON c.lead_id = l.id AND c.source_id = q.source_id AND c.id <> q.id
- AND c.operator_id IS NOT NULL AND c.created_at >= now() - make_interval(hours => q.hours)
-ORDER BY q.id, c.created_at DESC;
+-- window, and, if that operator is still weighted and available for the source, what
+-- routing needs to give it to them (NULL weight otherwise) ($1 contact ids, $2 lead
+-- external ids, $3 source ids, $4 hours).
+SELECT p.contact_id, p.source_id, p.operator_id, w.weight, w.smooth_start AS start, o.open_load,
+       o.max_load, o.last_assigned_at
+FROM (
+    SELECT DISTINCT ON (q.id) q.id AS contact_id, q.source_id, c.operator_id
+    FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::integer[])
+        AS q (id, lead_external_id, source_id, hours)
+    JOIN leads l ON l.external_id = q.lead_external_id
+    JOIN contacts c
+      ON c.lead_id = l.id AND c.source_id = q.source_id AND c.id <> q.id
+     AND c.operator_id IS NOT NULL AND c.created_at >= now() - make_interval(hours => q.hours)
+    ORDER BY q.id, c.created_at DESC
+) AS p
+LEFT JOIN source_weights w
+  ON w.source_id = p.source_id AND w.operator_id = p.operator_id AND w.available
+LEFT JOIN operators o ON o.id = w.operator_id;
 
 -- name: assign_contacts
--- Take the operators' capacity (their rows are already locked) and hand them the queued
--- contacts, and store the smooth strategy's state, in one statement; an operator whose
--- capacity would be exceeded claims nothing and gets none ($1 contact ids, $2 operator
--- ids, $3 operator ids once each, $4 units each; smooth lags: $5 source ids, $6 operator
--- ids, $7 lags).
-WITH claimed AS (
+-- Take the operators' capacity (their rows locked here, ascending, with those whose smooth
+-- state is stored, before the claim and that state) and hand them the queued contacts, and store the smooth strategy's state, in one statement;
+-- an operator whose capacity would be exceeded claims nothing and gets none ($1 contact
+-- ids, $2 operator ids, $3 operator ids once each, ascending, $4 units each; smooth
+-- starts: $5 source ids, $6 operator ids, $7 starts; smooth clocks: $8 source ids,
+-- $9 clocks).
+WITH locked AS MATERIALIZED (
+    SELECT o.id FROM operators o
+    WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
+    ORDER BY o.id
+    FOR UPDATE
+), claimed AS (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
     WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+      AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
-), lags AS (
+), starts AS (
     UPDATE source_weights w
-    SET smooth_lag = t.lag
+    SET smooth_start = t.start
     FROM unnest($5::bigint[], $6::bigint[], $7::double precision[])
-        AS t (source_id, operator_id, lag)
+        AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+      AND t.operator_id IN (SELECT id FROM locked)
+), clocks AS (
+    UPDATE sources s
+    SET smooth_clock = t.clock
+    FROM unnest($8::bigint[], $9::double precision[]) AS t (id, clock)
+    WHERE s.id = t.id
 )
 UPDATE contacts c
 SET operator_id = t.operator_id, assigned_at = now()

@@ -92,13 +92,14 @@ async def in_transaction(
 ) -> T:
     """Run `work` in a transaction of its own, again from the start when PostgreSQL broke a
     deadlock by aborting it (an admin action against the workers, in the rare lock cycle
-    distribution.py describes): the CLI then succeeds instead of failing on a retryable
+    distribution.py describes) or a concurrent transaction took the capacity it chose
+    (a serialization failure): the CLI then succeeds instead of failing on a retryable
     error."""
     for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
         try:
             async with pool.acquire() as conn, conn.transaction(readonly=readonly):
                 return await work(conn)
-        except asyncpg.DeadlockDetectedError:
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             if attempt == DEADLOCK_ATTEMPTS:
                 raise
             logger.warning("deadlock_retrying", attempt=attempt)

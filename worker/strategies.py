@@ -16,6 +16,7 @@ class Candidate:
     max_load: int
     last_assigned_at: datetime | None = None
     lag: float = 0.0  # smooth: contacts owed (+) or ahead (-) relative to the exact share
+    start: float = 0.0  # smooth, as virtual time: where their next contact starts
 
 
 Strategy = Callable[[Sequence[Candidate], random.Random], Candidate]
@@ -57,6 +58,30 @@ def smooth_lags(candidates: Sequence[Candidate], chosen_id: int) -> dict[int, fl
     return {
         c.id: c.lag + c.weight / total - (1.0 if c.id == chosen_id else 0.0) for c in candidates
     }
+
+
+def smooth_next(candidates: Sequence[Candidate], clock: float, total: int) -> Candidate:
+    """`smooth` in virtual time, which is how routing runs it: the state is a clock per
+    source, `clock`, that advances by 1 / `total` (the available operators' total weight)
+    per contact, and a start per operator that advances by 1 / weight when they take one.
+    What `smooth` calls lag is weight * (clock - start); owed after this contact > 0 is
+    start < clock + 1 / total, and the deadline (1 - owed) * total / weight is
+    total * (start + 1 / weight - clock - 1 / total): the earliest virtual finish
+    start + 1 / weight wins, with the same ties. So both choose alike (the property tests
+    compare them), but a contact changes only the clock and the chosen one's start, and
+    the candidates can be read from an index in finish order: the choice needs no sum
+    over the team but `total`."""
+    if not candidates:
+        raise ValueError("no candidates")
+    after = clock + 1 / total
+    eligible = [c for c in candidates if c.start < after] or candidates
+    return min(eligible, key=finish_key)
+
+
+def finish_key(c: Candidate) -> tuple[float, int, int]:
+    """The smooth order: earliest virtual finish, then the larger weight, then the lower id
+    (the order of the available-weights index)."""
+    return (c.start + 1 / c.weight, -c.weight, c.id)
 
 
 def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:

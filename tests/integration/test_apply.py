@@ -26,7 +26,7 @@ async def snapshot(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
         "operators": "SELECT id, name, is_active, max_load, open_load FROM operators ORDER BY id",
         "sources": "SELECT id, key, name, description, strategy, affinity_hours"
         " FROM sources ORDER BY id",
-        "weights": "SELECT source_id, operator_id, weight, smooth_lag"
+        "weights": "SELECT source_id, operator_id, weight, available, smooth_start"
         " FROM source_weights ORDER BY source_id, operator_id",
         "contacts": "SELECT id, operator_id, status FROM contacts ORDER BY id",
         "outbox": "SELECT id, contact_id, routing_key FROM outbox ORDER BY id",
@@ -79,7 +79,7 @@ async def test_apply_creates_everything(pool: asyncpg.Pool) -> None:
 async def test_applying_twice_changes_nothing(pool: asyncpg.Pool) -> None:
     first = await apply(pool, example(), dry_run=False)
     # Routing state that a re-apply must keep: smooth lags are reset only by new weights.
-    await pool.execute("UPDATE source_weights SET smooth_lag = 0.5")
+    await pool.execute("UPDATE source_weights SET smooth_start = 0.5")
     before = await snapshot(pool)
     second = await apply(pool, load(EXAMPLES / "routing.yaml"), dry_run=False)
     assert [c.what for c in second] == [c.what for c in first]

@@ -76,3 +76,23 @@ async def test_paced_latency_in_process(settings: Settings, made: list[Settings]
     assert 0 < result.latency_p50_ms <= result.latency_p99_ms
     assert result.reference is None and result.ratio_to_reference is None
     assert await _left_behind(made) == []
+
+
+async def test_team_size_weights_every_source_as_asked(
+    settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weighted: list[int] = []
+    real = bench.admin.set_weights
+
+    async def recording(pool: asyncpg.Pool, key: str, weights: dict[int, int]) -> int:
+        weighted.append(len(weights))
+        return await real(pool, key, weights)
+
+    monkeypatch.setattr(bench.admin, "set_weights", recording)
+    result = await bench.run_bench(
+        settings, 200, 2, 0, None, Console(quiet=True), operators=30, weights_per_source=30
+    )
+    assert result.messages == 200 and result.messages_per_second > 0
+    assert (result.operators, result.weights_per_source) == (30, 30)
+    assert weighted == [30, 30]
+    assert await _left_behind(made) == []

@@ -4,7 +4,7 @@ contacts, and that they never overtake a backlog."""
 import asyncpg
 import pytest
 
-from tests.helpers import route_new, setup_source
+from tests.helpers import SMOOTH_OWED, route_new, setup_source
 from worker import admin, distribution
 
 
@@ -59,9 +59,9 @@ async def test_a_new_strategy_forgets_what_smooth_owed(pool: asyncpg.Pool) -> No
     await setup_source(pool, "web", [("a", 10, 1), ("b", 10, 2)], strategy="smooth")
     async with pool.acquire() as conn, conn.transaction():
         await route_new(conn, "web", "w:1")  # one contact of three: someone is owed now
-    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    assert any(r["owed"] for r in await pool.fetch(SMOOTH_OWED))
     await admin.update_source(pool, "web", name="Web")  # not a new strategy: kept
-    assert any(r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights"))
+    assert any(r["owed"] for r in await pool.fetch(SMOOTH_OWED))
     await admin.update_source(pool, "web", strategy="least_loaded")
-    lags = [r["smooth_lag"] for r in await pool.fetch("SELECT smooth_lag FROM source_weights")]
+    lags = [r["owed"] for r in await pool.fetch(SMOOTH_OWED)]
     assert lags == [0, 0]

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import (
+    SMOOTH_OWED,
     EventCollector,
     assert_clean_end,
     lead,
@@ -70,8 +71,8 @@ async def test_smooth_gives_exact_shares(
     assigned = await events.wait_for("contact.assigned", 100)
     counts = {op: sum(e.data.operator_id == op for e in assigned) for op in (a, b, c)}
     assert counts == {a: 10, b: 30, c: 60}
-    rows = await pool.fetch("SELECT smooth_lag FROM source_weights")
-    assert all(abs(r["smooth_lag"]) < 1e-9 for r in rows)  # whole rounds: nobody owed
+    rows = await pool.fetch(SMOOTH_OWED)
+    assert all(abs(r["owed"]) < 1e-9 for r in rows)  # whole rounds: nobody owed
 
 
 async def test_least_loaded_balances_load_per_weight(

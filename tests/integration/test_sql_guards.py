@@ -29,6 +29,8 @@ async def _record(conn: asyncpg.Connection, source_id: int, operator_id: int | N
         [],
         [],
         [],
+        [],
+        [],
     )
 
 
@@ -84,7 +86,9 @@ async def test_assigning_queued_contacts_claims_no_capacity_past_max_load(
         await tx.start()
         try:
             # The queued contact handed to the full operator: one unit over max_load.
-            rows = await conn.fetch(Q.assign_contacts, [queued], [op], [op], [1], [], [], [])
+            rows = await conn.fetch(
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], []
+            )
             assert rows == [], "a queued contact was assigned past max_load"
             operator_id = await conn.fetchval(
                 "SELECT operator_id FROM contacts WHERE id = $1", queued

@@ -22,3 +22,12 @@ def test_new_contacts_stop_where_capacity_ends() -> None:
     queued = [Queued(7, 1, "a"), Queued(-1, 1, "b"), Queued(-2, 1, "c")]
     plan = assign(queued, weights, {1: "smooth"}, {}, random.Random(0))
     assert [a.contact_id for a in plan.assignments] == [7, -1]  # oldest first, then full
+
+
+def test_an_operator_filled_in_the_batch_is_not_offered_again() -> None:
+    """a is far ahead in the smooth order but can take one contact only: the others go
+    to b, who has room (the database would refuse a second claim of a)."""
+    weights = {1: [Candidate(10, 10, 0, 1, None, 0.0), Candidate(11, 1, 0, 10, None, 0.0)]}
+    queued = [Queued(-1, 1, "a"), Queued(-2, 1, "b"), Queued(-3, 1, "c")]
+    plan = assign(queued, weights, {1: "smooth"}, {}, random.Random(0))
+    assert [a.operator_id for a in plan.assignments] == [10, 11, 11]

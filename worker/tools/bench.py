@@ -56,6 +56,8 @@ class Result:
     messages: int
     sources: int
     workers: int  # worker processes; 0: a worker inside the bench's own process
+    operators: int
+    weights_per_source: int  # operators weighted on each source (chosen at random)
     batch_size: int
     prefetch: int
     seconds: float = 0.0
@@ -109,14 +111,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _setup_routing(pool: asyncpg.Pool, sources: int, rng: random.Random) -> list[str]:
+async def _setup_routing(
+    pool: asyncpg.Pool, sources: int, operators: int, weights_per_source: int, rng: random.Random
+) -> list[str]:
     ops = [
-        (await admin.add_operator(pool, f"op{n}", 10_000_000, True))["id"] for n in range(OPERATORS)
+        (await admin.add_operator(pool, f"op{n}", 10_000_000, True))["id"] for n in range(operators)
     ]
     keys = [f"bench-{n}" for n in range(sources)]
     for key in keys:
         await admin.add_source(pool, key, None, "", None)
-        chosen = rng.sample(ops, k=min(WEIGHTS_PER_SOURCE, len(ops)))
+        chosen = rng.sample(ops, k=min(weights_per_source, len(ops)))
         await admin.set_weights(pool, key, {op: rng.randint(1, 5) for op in chosen})
     return keys
 
@@ -186,16 +190,20 @@ async def run_bench(
     rate: float | None,
     console: Console,
     reference: bool = False,
+    operators: int = OPERATORS,
+    weights_per_source: int = WEIGHTS_PER_SOURCE,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
-    rate as a fraction of its into `ratio_to_reference`."""
+    rate as a fraction of its into `ratio_to_reference`. The team: `operators`, each
+    source weighting `weights_per_source` of them (at random, weights 1 to 5)."""
+    team = (operators, weights_per_source)
     log.configure("WARNING", base.log_format)
     amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
     yardstick = None
     if reference:
-        yardstick = await _measure(base, messages, sources, 1, rate, console, REFERENCE)
-    result = await _measure(base, messages, sources, workers, rate, console, LEADROUTER)
+        yardstick = await _measure(base, messages, sources, team, 1, rate, console, REFERENCE)
+    result = await _measure(base, messages, sources, team, workers, rate, console, LEADROUTER)
     if yardstick is not None:
         result.reference = {
             k: getattr(yardstick, k)
@@ -213,6 +221,7 @@ async def _measure(
     base: Settings,
     messages: int,
     sources: int,
+    team: tuple[int, int],  # operators, weights per source
     workers: int,
     rate: float | None,
     console: Console,
@@ -226,6 +235,8 @@ async def _measure(
         messages=messages,
         sources=sources,
         workers=workers,
+        operators=team[0],
+        weights_per_source=min(team),
         batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
     )
@@ -235,7 +246,7 @@ async def _measure(
     worker: Worker | None = None
     try:
         async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
-            keys = await _setup_routing(pool, sources, rng)
+            keys = await _setup_routing(pool, sources, *team, rng)
             if pipeline == REFERENCE:
                 await bench_reference.setup(pool, keys)
         channel = await connection.channel(publisher_confirms=True)
