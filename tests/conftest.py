@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from tests import services
-from tests.helpers import EventCollector, Expected, assert_clean_end
+from tests.helpers import SUMMARIES, EventCollector, Expected, assert_clean_end
 from worker import topology
 from worker.app import Worker
 from worker.settings import Settings
@@ -157,6 +157,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.stash[CALL_FAILED] = report.failed
     return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The suites' one-line summaries (fault, cluster), outside pytest's capture."""
+    for line in SUMMARIES:
+        terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

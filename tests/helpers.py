@@ -158,6 +158,9 @@ class Expected:
     errors: set[str] = field(default_factory=set)
 
 
+# One line per suite (fault, cluster) that tests/conftest.py prints at the end of the run.
+SUMMARIES: list[str] = []
+
 # Client libraries whose tracebacks (through stdlib logging) report a lost connection:
 # expected while the fault suite restarts the servers, and retried by the worker.
 CLIENT_LIBRARIES = ("aiormq.", "aio_pika.", "asyncpg.")

@@ -12,14 +12,6 @@ from tests import servers, services
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Lines the suite wants printed at the end of the run, outside pytest's capture.
-SUMMARIES: list[str] = []
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in SUMMARIES:
-        terminalreporter.write_line(line)
-
 
 @pytest.fixture(scope="session")
 def own_cluster() -> Iterator[servers.OwnCluster]:

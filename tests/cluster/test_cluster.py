@@ -25,8 +25,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from tests.cluster.conftest import SUMMARIES
-from tests.helpers import CLIENT_LIBRARIES, Expected, assert_clean_end, lead, wait_until
+from tests.helpers import CLIENT_LIBRARIES, SUMMARIES, Expected, assert_clean_end, lead, wait_until
 from tests.servers import OwnCluster, OwnRabbitMQ
 from tests.worker_processes import PEAK_LOADS, logs_of, spawn
 from worker import admin, nodes, topology

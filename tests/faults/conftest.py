@@ -11,14 +11,6 @@ from tests import servers, services
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Lines the fault suite wants printed at the end of the run, outside pytest's capture.
-SUMMARIES: list[str] = []
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in SUMMARIES:
-        terminalreporter.write_line(line)
-
 
 @pytest.fixture(scope="session")
 def own_servers() -> Iterator[servers.OwnServers]:

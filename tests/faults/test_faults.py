@@ -30,8 +30,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from tests.faults.conftest import SUMMARIES
-from tests.helpers import assert_clean_end, lead, wait_until
+from tests.helpers import SUMMARIES, assert_clean_end, lead, wait_until
 from tests.servers import OwnServers
 from tests.worker_processes import PEAK_LOADS, logs_of, spawn
 from worker import admin
