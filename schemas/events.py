@@ -25,10 +25,28 @@ class ContactEventData(BaseModel):
         default=False,
         description="contact.assigned only: went back to the operator who had this lead before",
     )
+    offer_expires_at: datetime | None = Field(
+        default=None, description="contact.offered only: when the offer lapses unanswered"
+    )
+    attempt: int | None = Field(
+        default=None,
+        description="Offers only: which offer of this contact (1 for the first); null elsewhere",
+    )
+    reason: str | None = Field(
+        default=None,
+        max_length=256,
+        description="contact.declined: the operator's reason, if given; "
+        "contact.answer_rejected: expired, not_offered or closed",
+    )
+    answer: Literal["accept", "decline"] | None = Field(
+        default=None, description="contact.answer_rejected only: the answer rejected"
+    )
 
 
 class ContactEvent(BaseModel):
-    """Envelope shared by contact.assigned, contact.queued and contact.closed."""
+    """Envelope shared by every contact event: contact.assigned, contact.queued,
+    contact.closed and, for sources with offers on, contact.offered, contact.declined,
+    contact.expired and contact.answer_rejected."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -42,6 +60,10 @@ class ContactEvent(BaseModel):
         "org.leadrouter.contact.assigned",
         "org.leadrouter.contact.queued",
         "org.leadrouter.contact.closed",
+        "org.leadrouter.contact.offered",
+        "org.leadrouter.contact.declined",
+        "org.leadrouter.contact.expired",
+        "org.leadrouter.contact.answer_rejected",
     ]
     time: datetime
     subject: str = Field(min_length=1, description="contacts/ID")
@@ -49,7 +71,15 @@ class ContactEvent(BaseModel):
     data: ContactEventData
 
 
-ROUTING_KEYS = ("contact.assigned", "contact.queued", "contact.closed")
+ROUTING_KEYS = (
+    "contact.assigned",
+    "contact.queued",
+    "contact.closed",
+    "contact.offered",
+    "contact.declined",
+    "contact.expired",
+    "contact.answer_rejected",
+)
 
 
 def envelope(

@@ -88,7 +88,42 @@ class ContactClose(_Strict):
     )
 
 
-ROUTING_KEYS: dict[str, type[LeadContact] | type[ContactClose]] = {
+class ContactAccept(_Strict):
+    """Routing key `contact.accept`: the operator takes the contact offered to them."""
+
+    contact_id: Annotated[int, Field(gt=0, lt=2**63)]
+    operator_id: Annotated[int, Field(gt=0, lt=2**63)] = Field(
+        description="The operator answering: must be the one the contact is offered to"
+    )
+    message_id: Short | None = Field(
+        default=None,
+        description="Idempotency key; takes precedence over the AMQP message_id property",
+    )
+
+
+class ContactDecline(_Strict):
+    """Routing key `contact.decline`: the operator turns the offer down; the contact is
+    offered to the next operator at once."""
+
+    contact_id: Annotated[int, Field(gt=0, lt=2**63)]
+    operator_id: Annotated[int, Field(gt=0, lt=2**63)] = Field(
+        description="The operator answering: must be the one the contact is offered to"
+    )
+    reason: Annotated[str, StringConstraints(max_length=SHORT), AfterValidator(storable)] | None = (
+        Field(default=None, description="Why, in a few words (kept with the offer, never logged)")
+    )
+    message_id: Short | None = Field(
+        default=None,
+        description="Idempotency key; takes precedence over the AMQP message_id property",
+    )
+
+
+Answer = ContactAccept | ContactDecline
+Inbound = LeadContact | ContactClose | ContactAccept | ContactDecline
+
+ROUTING_KEYS: dict[str, type[Inbound]] = {
     "lead.contact": LeadContact,
     "contact.close": ContactClose,
+    "contact.accept": ContactAccept,
+    "contact.decline": ContactDecline,
 }

@@ -12,6 +12,7 @@ from worker.sql import Q
 from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 Row = dict[str, Any]
+MAX_ACCEPT_TIMEOUT = 86_400  # seconds (the sources table's CHECK)
 
 
 async def add_operator(pool: asyncpg.Pool, name: str, max_load: int, active: bool) -> Row:
@@ -91,13 +92,21 @@ async def add_source(
     description: str,
     strategy: str | None,
     affinity_hours: int | None = None,
+    accept_timeout: int = 0,
 ) -> Row:
     strategy = strategy or DEFAULT_STRATEGY
     _check_strategy(strategy)
     _check_affinity(affinity_hours)
+    _check_accept_timeout(accept_timeout)
     try:
         row = await pool.fetchrow(
-            Q.insert_source, key, name or key, description, strategy, affinity_hours or None
+            Q.insert_source,
+            key,
+            name or key,
+            description,
+            strategy,
+            affinity_hours or None,
+            accept_timeout,
         )
     except asyncpg.UniqueViolationError:
         raise UserError(f"a source with key {key!r} already exists") from None
@@ -113,11 +122,14 @@ async def update_source(
     description: str | None = None,
     strategy: str | None = None,
     affinity_hours: int | None = None,
+    accept_timeout: int | None = None,
 ) -> Row:
-    """Change a source; affinity_hours 0 turns affinity off, None leaves it."""
+    """Change a source; affinity_hours 0 turns affinity off, accept_timeout 0 turns
+    offers off, None leaves either."""
     if strategy is not None:
         _check_strategy(strategy)
     _check_affinity(affinity_hours)
+    _check_accept_timeout(accept_timeout)
     try:
         row = await pool.fetchrow(
             Q.update_source,
@@ -127,6 +139,7 @@ async def update_source(
             strategy,
             affinity_hours is not None,
             affinity_hours or None,
+            accept_timeout,
         )
     except asyncpg.CheckViolationError:
         raise UserError(f"invalid source {key!r}: {_INVALID_SOURCE}") from None
@@ -138,6 +151,13 @@ async def update_source(
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _check_accept_timeout(seconds: int | None) -> None:
+    if seconds is not None and not 0 <= seconds <= MAX_ACCEPT_TIMEOUT:
+        raise UserError(
+            f"accept timeout must be between 0 (offers off) and {MAX_ACCEPT_TIMEOUT} seconds"
+        )
 
 
 def _check_affinity(hours: int | None) -> None:

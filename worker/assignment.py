@@ -17,6 +17,8 @@ class Queued:
     id: int  # below zero: a contact of this batch, not yet inserted
     source_id: int
     lead: str  # its lead's external id
+    # Operators its offers skip (they declined it or let it lapse): never chosen for it.
+    skip: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,22 @@ class _Smooth:
         c = self.by_id[operator_id]
         return finish_key(Candidate(c.id, c.weight, 0, 0, start=self.start[operator_id]))
 
-    def choose(self, available: Callable[[int], bool]) -> int | None:
-        """The next operator by the smooth rule among those `available` (or None when the
-        window cannot tell for sure)."""
+    def choose(self, available: Callable[[int], bool], skip: Set[int] = frozenset()) -> int | None:
+        """The next operator by the smooth rule among those `available` and not in `skip`
+        (or None when the window cannot tell for sure, or only skipped ones are there)."""
+        set_aside: list[tuple[tuple[float, int, int], int, int]] = []
+        try:
+            return self._choose(available, skip, set_aside)
+        finally:
+            for item in set_aside:  # skipped for this contact only
+                heapq.heappush(self.ready, item)
+
+    def _choose(
+        self,
+        available: Callable[[int], bool],
+        skip: Set[int],
+        set_aside: list[tuple[tuple[float, int, int], int, int]],
+    ) -> int | None:
         if self.total <= 0:  # an operator available since the total was read: read again
             return None
         after = self.clock + 1 / self.total
@@ -88,14 +103,19 @@ class _Smooth:
         while self.ready:
             key, operator_id, version = self.ready[0]
             if version == self.version[operator_id] and available(operator_id):
-                break
+                if operator_id not in skip:
+                    break
+                set_aside.append(heapq.heappop(self.ready))
+                continue
             heapq.heappop(self.ready)
         if not self.ready:
             # Nobody available is owed anything (those who left are owed much): the
             # earliest finish of all, which only a whole read can tell.
             if self.window.bound is not None:
                 return None
-            here = [c for i, c in self.by_id.items() if available(i)]
+            here = [c for i, c in self.by_id.items() if available(i) and i not in skip]
+            if not here:  # only operators the contact skips can take one
+                return None
             return smooth_next(
                 [Candidate(c.id, c.weight, 0, 0, start=self.start[c.id]) for c in here],
                 self.clock,
@@ -130,7 +150,9 @@ def assign(
     source who is active and below max_load, by the source's strategy (or to its
     `preferred` operator: affinity). Capacity is shared across sources: every assignment
     uses one unit of the operator's, whichever source it is for. A source stops at its
-    first contact nobody can take, so its older contacts are never overtaken.
+    first contact nobody can take, so its older contacts are never overtaken; a contact
+    only the operators it skips could take (`Queued.skip`: they declined it or let its
+    offer lapse) is passed over, and waits for someone else.
 
     `weights`: per source id, its available operators (for a smooth source, those read in
     its window), with their load; `strategies`: per source id; `preferred`: per contact id,
@@ -175,8 +197,10 @@ def assign(
         wanted = preferred.get(contact.id)
         if source in affinity_sources:
             wanted = just_had.get((contact.lead, source), wanted)
+        skip = contact.skip
         by_affinity = (
             wanted is not None
+            and wanted not in skip
             and load.get(wanted, 0) < limit.get(wanted, 0)
             and any(c.id == wanted for c in candidates)
         )
@@ -185,7 +209,14 @@ def assign(
             chosen_id = wanted
         elif source in smooth:
             state = smooth[source]
-            chosen_id = state.choose(lambda i: load[i] < limit[i]) if state.room else None
+            if not state.room:
+                chosen_id = None
+            elif skip:
+                chosen_id = state.choose(lambda i: load[i] < limit[i], skip)
+                if chosen_id is None and state.window.bound is None:
+                    continue  # read whole: only operators it skips can take it
+            else:
+                chosen_id = state.choose(lambda i: load[i] < limit[i])
             if chosen_id is None and state.room:
                 plan.unread.add(source)
         else:
@@ -195,8 +226,10 @@ def assign(
                     c.id, c.weight, load[c.id], c.max_load, last.get(c.id, c.last_assigned_at)
                 )
                 for c in candidates
-                if load[c.id] < limit[c.id]
+                if load[c.id] < limit[c.id] and c.id not in skip
             ]
+            if not available and skip and any(load[c.id] < limit[c.id] for c in candidates):
+                continue  # only operators it skips can take it
             chosen_id = STRATEGIES[strategies[source]](available, rng).id if available else None
         if chosen_id is None:
             blocked.add(source)

@@ -19,8 +19,8 @@ import asyncpg
 from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage
 
-from schemas.inbound import ContactClose, LeadContact
-from worker import amqp_reads, distribution, log
+from schemas.inbound import ContactAccept, ContactClose, ContactDecline, LeadContact
+from worker import amqp_reads, distribution, log, offers
 from worker.decode import Inbound, decode, shown_routing_key
 from worker.dlq import OUR_PREFIX, replayable
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
@@ -347,10 +347,10 @@ class Consumer:
         dead letters and leaves the rest handled."""
         items = [(d, d.inbound) for d in deliveries if d.inbound is not None]
         keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
-        ids = {i.body.contact_id for _, i in items if isinstance(i.body, ContactClose)}
+        ids = {i.body.contact_id for _, i in items if not isinstance(i.body, LeadContact)}
         async with self._pool.acquire() as conn, conn.transaction():
             scope = await distribution.read_scope(conn, keys, ids)
-            new, closes = [], []
+            new, closes, answers = [], [], []
             for d, inbound in items:
                 d.failure = None
                 body = inbound.body
@@ -366,10 +366,17 @@ class Consumer:
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
-                else:
+                elif isinstance(body, ContactClose):
                     closes.append(body.contact_id)
+                else:
+                    answers.append(_answer(inbound.message_id, body))
             outcome = await distribution.route(
-                conn, scope, new, closes, lease=self._settings.outbox_lease_seconds
+                conn,
+                scope,
+                new,
+                closes,
+                lease=self._settings.outbox_lease_seconds,
+                answers=answers,
             )
         self._relay.committed(outcome.events)
         if outcome.undrained:
@@ -384,6 +391,7 @@ class Consumer:
             late_assignments=outcome.late_assignments,
             closed=len(outcome.closed),
             duplicates=len(outcome.duplicates),
+            **outcome.answered.counts(),
         )
         for d, inbound in items:
             if d.failure is None and isinstance(inbound.body, LeadContact):
@@ -768,6 +776,12 @@ class Consumer:
             except Exception as exc:  # say why, and retry the publish all the same
                 logger.warning("topology_declare_failed", error=type(exc).__name__)
             raise
+
+
+def _answer(message_id: str, body: ContactAccept | ContactDecline) -> offers.Answer:
+    if isinstance(body, ContactAccept):
+        return offers.Answer(message_id, body.contact_id, body.operator_id, accept=True)
+    return offers.Answer(message_id, body.contact_id, body.operator_id, False, body.reason)
 
 
 @dataclass

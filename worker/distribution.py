@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from schemas.inbound import LeadContact
+from worker import offers
 from worker.assignment import Assignment, Plan, Queued, Window, assign
 from worker.outbox import Event, EventWriter
 from worker.retry import in_transaction
@@ -52,10 +53,13 @@ class Route:
     key: str
     strategy: str
     affinity_hours: int | None
+    accept_timeout: int = 0  # seconds; 0: assigns, else offers (worker/offers.py)
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> "Route":
-        return cls(row["id"], row["key"], row["strategy"], row["affinity_hours"])
+        return cls(
+            row["id"], row["key"], row["strategy"], row["affinity_hours"], row["accept_timeout"]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,9 @@ class Outcome:
     # (the contact's operator or their weights changed between reading the scope and locking): the
     # caller routes them right after commit with `drain_after_commit`.
     undrained: set[int] = field(default_factory=set)
+    answered: offers.Answered = field(default_factory=offers.Answered)
+    # Offers taken back (declined or lapsed) in this transaction: contact id -> its row.
+    withdrawn: dict[int, asyncpg.Record] = field(default_factory=dict)
 
     @property
     def late_assignments(self) -> int:
@@ -137,6 +144,10 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.previous_operators, 4),
     (Q.assign_contacts, 9),
     (Q.mark_events_published, 1),
+    (Q.make_offers, 2),
+    (Q.answer_state, 2),
+    (Q.accept_offers, 1),
+    (Q.give_back_shares, 3),
 )
 
 
@@ -150,7 +161,8 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
         for query, arrays in _PREPARED:
             await conn.fetch(query, *([] for _ in range(arrays)))
         await conn.fetch(Q.routing_state, [], [], 0, [], [])
-        await conn.fetch(Q.insert_events, [], [], [], [], None)
+        await conn.fetch(Q.insert_events, [], [], [], [], None, [])
+        await conn.fetch(Q.withdraw_offers, [], "declined", [])
     finally:
         await tx.rollback()
 
@@ -166,11 +178,13 @@ async def route(
     new: Sequence[NewContact] = (),
     close_ids: Sequence[int] = (),
     lease: float | None = None,
+    answers: Sequence[offers.Answer] = (),
 ) -> Outcome:
-    """Close `close_ids`, record `new` and route every affected backlog, in the caller's
-    transaction. Messages naming an unknown source or contact must have been left out.
-    With a `lease` (seconds) the caller publishes `Outcome.events` itself after commit;
-    without, the workers' relays are notified."""
+    """Close `close_ids`, apply the `answers` to offers, record `new` and route every
+    affected backlog, in the caller's transaction. Messages naming an unknown source or
+    contact must have been left out (`scope` read with the answers' contacts among the
+    closes). With a `lease` (seconds) the caller publishes `Outcome.events` itself after
+    commit; without, the workers' relays are notified."""
     outcome = Outcome()
     locked = scope.locks
     if not scope.locked:
@@ -178,23 +192,50 @@ async def route(
     events = EventWriter()
 
     drain: set[int] = set()
+    freed: set[int] = set()
     if close_ids:
         freed = await _close(conn, close_ids, outcome, events)
-        if freed:
-            # Read again under the locks: a contact queued when its scope was read may have been
-            # given to an operator since. Only sources whose lock we hold may be routed
-            # now (taking more locks here, after operator rows, could deadlock); the
-            # others are left to the caller, after commit, not to the sweep.
-            rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
-            drain.update({r["source_id"] for r in rows} & locked)
-            outcome.undrained = {r["source_id"] for r in rows} - locked
+    if answers:
+        freed |= set(await offers.answer(conn, answers, outcome, events))
+        drain.update(r["source_id"] for r in outcome.withdrawn.values())
+    if freed:
+        # Read again under the locks: a contact queued when its scope was read may have been
+        # given to an operator since. Only sources whose lock we hold may be routed
+        # now (taking more locks here, after operator rows, could deadlock); the
+        # others are left to the caller, after commit, not to the sweep.
+        rows = await conn.fetch(Q.sources_of_operators, sorted(freed))
+        drain.update({r["source_id"] for r in rows} & locked)
+        outcome.undrained = {r["source_id"] for r in rows} - locked
     drain.update(scope.sources[n.body.source].id for n in new)
     routes = [r for r in scope.sources.values() if r.id in drain]
     missing = drain - {r.id for r in routes}
     if missing:
         routes += [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(missing))]
     await _drain(conn, routes, outcome, events, new)
+    if outcome.withdrawn:
+        offers.queue_again(outcome, events)
     outcome.events = await events.write(conn, lease)
+    return outcome
+
+
+async def expire(conn: asyncpg.Connection, source_id: int, contact_ids: Sequence[int]) -> Outcome:
+    """Expire these lapsed offers of a source (its lock held) and route them on at once,
+    with the rest of its backlog; the events go to the outbox for the relays. Sources
+    that the operators' freed capacity serves besides this one are left to the caller
+    (`Outcome.undrained`)."""
+    outcome = Outcome()
+    events = EventWriter()
+    rows = await offers.withdraw(
+        conn, contact_ids, "expired", [None] * len(contact_ids), outcome, events
+    )
+    freed = sorted({r["operator_id"] for r in rows})
+    if freed:
+        others = await conn.fetch(Q.sources_of_operators, freed)
+        outcome.undrained = {r["source_id"] for r in others} - {source_id}
+    routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, [source_id])]
+    await _drain(conn, routes, outcome, events)
+    offers.queue_again(outcome, events)
+    await events.write(conn, lease=None)
     return outcome
 
 
@@ -330,7 +371,8 @@ async def _read_state(
             windows[r["source_id"]] = (r, r["read_limit"])
             takes[r["source_id"]] = MAX_DRAIN if r["take"] is None else r["take"]
         elif kind == "queued":
-            queued.append(Queued(r["id"], r["source_id"], r["lead_external_id"]))
+            skip = frozenset(r["skip"]) if r["skip"] else _NOBODY
+            queued.append(Queued(r["id"], r["source_id"], r["lead_external_id"], skip))
         else:
             known.add(r["message_id"])
     queued.sort(key=lambda q: (q.source_id, q.id))
@@ -397,15 +439,18 @@ async def _write_decisions(
     # The smooth strategy's state goes with the first write, so that an operator filled
     # by the second one leaves at the batch's final clock (see migration 0013's trigger).
     smooth = _smooth_arrays(decided)
+    offering = offers.Offering()
     if earlier:
-        await _assign_queued(conn, earlier, by_id, outcome, events, smooth)
+        await _assign_queued(conn, earlier, by_id, outcome, events, smooth, offering)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
         stored = _NO_SMOOTH if earlier else smooth
-        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, stored)
+        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, stored, offering)
+    await offers.make(conn, offering, events)
 
 
 _NO_SMOOTH: list[list[Any]] = [[], [], [], [], []]
+_NOBODY: frozenset[int] = frozenset()
 
 
 def _smooth_arrays(plan: Plan) -> list[list[Any]]:
@@ -434,6 +479,7 @@ async def _assign_queued(
     outcome: Outcome,
     events: EventWriter,
     smooth: list[list[Any]],
+    offering: offers.Offering,
 ) -> None:
     rows = {
         r["id"]: r
@@ -451,9 +497,12 @@ async def _assign_queued(
         # batch back rather than record a half-done routing, and retry it.
         raise CapacityTaken(f"assigned {len(rows)} of {len(assignments)} contacts")
     for a in assignments:
-        row = rows[a.contact_id]
-        _assigned(outcome, routes[a.source_id], a.contact_id, a.operator_id)
-        events.assigned(row, row["lead_external_id"], routes[a.source_id].key, a)
+        row, route_ = rows[a.contact_id], routes[a.source_id]
+        _assigned(outcome, route_, a.contact_id, a.operator_id)
+        if route_.accept_timeout:
+            offering.add(row, row["lead_external_id"], route_.key, a, route_.accept_timeout)
+        else:
+            events.assigned(row, row["lead_external_id"], route_.key, a)
 
 
 async def _insert(
@@ -465,6 +514,7 @@ async def _insert(
     outcome: Outcome,
     events: EventWriter,
     smooth: list[list[Any]],
+    offering: offers.Offering,
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
     claiming the operators' capacity in the same statement."""
@@ -500,14 +550,19 @@ async def _insert(
         else:
             a = placed[position[message_id]]
             _assigned(outcome, route_, row["id"], a.operator_id)
-            events.assigned(row, external_id, route_.key, a)
+            if route_.accept_timeout:
+                offering.add(row, external_id, route_.key, a, route_.accept_timeout)
+            else:
+                events.assigned(row, external_id, route_.key, a)
     # Inserted by a concurrent transaction after our check: duplicates all the same.
     outcome.duplicates.update(position.keys() - {r["inbound_message_id"] for r in rows})
 
 
 def _assigned(outcome: Outcome, route_: Route, contact_id: int, operator_id: int) -> None:
+    """Given an operator: assigned, or offered (an assignment once accepted)."""
     outcome.assigned[contact_id] = operator_id
-    outcome.assignments[(route_.key, route_.strategy)] += 1
+    if not route_.accept_timeout:
+        outcome.assignments[(route_.key, route_.strategy)] += 1
 
 
 async def _previous_operators(

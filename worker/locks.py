@@ -18,3 +18,6 @@ class LockSpace(IntEnum):
     MIGRATIONS = 1281
     # (1282, 0), until commit: one `leadrouter apply` at a time.
     APPLY = 1282
+    # (1283, source id), until commit, tried without waiting: one worker at a time
+    # expires the source's lapsed offers (worker/offers.py); the others skip the source.
+    OFFER_DEADLINES = 1283

@@ -60,7 +60,7 @@ class EventWriter:
     every operator row is locked: outbox order is then commit order per operator."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[uuid.UUID, int, str, str]] = []
+        self.rows: list[tuple[uuid.UUID, int, str, str, int]] = []
 
     def closed(self, row: asyncpg.Record) -> None:
         self._add(
@@ -70,22 +70,47 @@ class EventWriter:
         )
 
     def assigned(
-        self, row: asyncpg.Record, lead_external_id: str, source_key: str, a: Assignment
+        self,
+        row: asyncpg.Record,
+        lead_external_id: str,
+        source_key: str,
+        a: Assignment,
+        attempt: int = 0,
     ) -> None:
         waited = max((row["assigned_at"] - row["created_at"]).total_seconds(), 0.0)
-        self._add(
-            "contact.assigned",
-            row["assigned_at"],
-            _data(
-                row,
-                "open",
-                lead_external_id,
-                source_key,
-                a.operator_id,
-                queued_seconds=round(waited, 3),
-                affinity=a.affinity,
-            ),
+        data = _data(
+            row,
+            "open",
+            lead_external_id,
+            source_key,
+            a.operator_id,
+            queued_seconds=round(waited, 3),
+            affinity=a.affinity,
         )
+        if attempt:  # accepted: which offer it was
+            data["attempt"] = attempt
+        self._add("contact.assigned", row["assigned_at"], data, attempt)
+
+    def offer_event(
+        self,
+        key: str,
+        row: asyncpg.Record,
+        time: datetime,
+        lead_external_id: str,
+        source_key: str,
+        operator_id: int | None,
+        attempt: int | None,
+        event_id: uuid.UUID | None = None,
+        status: str = "open",
+        **extra: Any,
+    ) -> None:
+        """An event of a source that makes offers (worker/offers.py): offered, declined,
+        expired, queued again, or an answer rejected (with `event_id` given)."""
+        data = _data(row, status, lead_external_id, source_key, operator_id)
+        if attempt is not None:
+            data["attempt"] = attempt
+        data.update(extra)
+        self._add(key, time, data, attempt or 0, event_id)
 
     def queued(self, row: asyncpg.Record, lead_external_id: str, source_key: str) -> None:
         self._add(
@@ -94,19 +119,33 @@ class EventWriter:
             _data(row, "open", lead_external_id, source_key, None),
         )
 
-    def _add(self, key: str, time: datetime, data: dict[str, Any]) -> None:
-        event_id = uuid.uuid4()
+    def _add(
+        self,
+        key: str,
+        time: datetime,
+        data: dict[str, Any],
+        attempt: int = 0,
+        event_id: uuid.UUID | None = None,
+    ) -> None:
+        event_id = event_id or uuid.uuid4()
         payload = json.dumps(envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, data["contact_id"], key, payload))
+        self.rows.append((event_id, data["contact_id"], key, payload, attempt))
 
     async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
         if not self.rows:
             return []
-        written = await conn.fetch(Q.insert_events, *map(list, zip(*self.rows, strict=True)), lease)
+        columns = list(map(list, zip(*self.rows, strict=True)))
+        written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4])
         if lease is None:
             await conn.execute(Q.notify_outbox)
         ids = {str(r["event_id"]): r["id"] for r in written}
-        return [Event(ids[str(e)], str(e), key, payload) for e, _, key, payload in self.rows]
+        # An event id written before (a rejected answer that came again) is not written
+        # twice, nor published again by this writer.
+        return [
+            Event(ids[str(e)], str(e), key, payload)
+            for e, _, key, payload, _ in self.rows
+            if str(e) in ids
+        ]
 
 
 def _data(

@@ -2,15 +2,16 @@
 -- says what it does and lists its asyncpg parameters.
 --
 -- Advisory locks are (namespace, id), the namespaces named in worker/locks.py
--- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`.
+-- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`, 1283
+-- expiring a source's offers.
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
-SELECT id, key, name, description, strategy, affinity_hours FROM sources WHERE key = $1;
+SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM sources WHERE key = $1;
 
 -- name: sources_by_ids
 -- Sources by id, in lock order ($1 source ids).
-SELECT id, key, strategy, affinity_hours FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
+SELECT id, key, strategy, affinity_hours, accept_timeout FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
 
 -- name: claim_pending_events
 -- Lock a batch of unpublished events for one relay; other relays skip them, and rows
@@ -75,16 +76,20 @@ WHERE id = $1
 RETURNING id, name, is_active, max_load, open_load AS load;
 
 -- name: insert_source
--- A new source ($1 key, $2 name, $3 description, $4 strategy, $5 affinity hours).
-INSERT INTO sources (key, name, description, strategy, affinity_hours) VALUES ($1, $2, $3, $4, $5)
-RETURNING id, key, name, description, strategy, affinity_hours;
+-- A new source ($1 key, $2 name, $3 description, $4 strategy, $5 affinity hours,
+-- $6 accept timeout in seconds, 0: offers off).
+INSERT INTO sources (key, name, description, strategy, affinity_hours, accept_timeout)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id, key, name, description, strategy, affinity_hours, accept_timeout;
 
 -- name: update_source
--- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6. A new
+-- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6, $7 the
+-- accept timeout in seconds (0: offers off; offers pending then still run their course). A new
 -- strategy starts afresh: what the smooth strategy owed operators before is forgotten,
 -- under the source's lock (a batch that read the old strategy while waiting for that
 -- lock may still store its state once after)
--- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours).
+-- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours,
+-- $7 accept timeout).
 WITH old AS (
     SELECT id, strategy, pg_advisory_xact_lock(1280, id::integer) AS locked
     FROM sources
@@ -94,22 +99,23 @@ WITH old AS (
     SET name           = COALESCE($2, s.name),
         description    = COALESCE($3, s.description),
         strategy       = COALESCE($4, s.strategy),
-        affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE s.affinity_hours END
+        affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE s.affinity_hours END,
+        accept_timeout = COALESCE($7::integer, s.accept_timeout)
     FROM old
     WHERE s.id = old.id
     RETURNING s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours,
-              s.strategy <> old.strategy AS strategy_changed
+              s.accept_timeout, s.strategy <> old.strategy AS strategy_changed
 ), reset AS (
     UPDATE source_weights w
     SET smooth_start = CASE WHEN w.available THEN s.smooth_clock ELSE 0 END
     FROM updated u, sources s
     WHERE w.source_id = u.id AND u.strategy_changed AND s.id = u.id
 )
-SELECT id, key, name, description, strategy, affinity_hours FROM updated;
+SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM updated;
 
 -- name: list_sources
 -- Every source.
-SELECT id, key, name, description, strategy, affinity_hours FROM sources ORDER BY id;
+SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM sources ORDER BY id;
 
 -- name: delete_weights
 -- Remove all weights of a source ($1 source id).
@@ -255,14 +261,15 @@ SELECT pg_advisory_xact_lock(1282, 0);
 
 -- name: sources_by_keys
 -- The sources a batch names ($1 keys).
-SELECT id, key, strategy, affinity_hours FROM sources WHERE key = ANY($1::text[]);
+SELECT id, key, strategy, affinity_hours, accept_timeout FROM sources WHERE key = ANY($1::text[]);
 
 -- name: lock_sources_by_keys
 -- The sources a batch of new contacts names, each one's routing serialised until commit
 -- (one round trip instead of two). The locks are taken in ascending id order, as
 -- everywhere: PostgreSQL evaluates a select list after ORDER BY unless ORDER BY
 -- refers to it (SELECT reference, "ORDER BY") ($1 keys).
-SELECT id, key, strategy, affinity_hours, pg_advisory_xact_lock(1280, id::integer) AS locked
+SELECT id, key, strategy, affinity_hours, accept_timeout,
+       pg_advisory_xact_lock(1280, id::integer) AS locked
 FROM sources
 WHERE key = ANY($1::text[])
 ORDER BY id;
@@ -346,9 +353,9 @@ FROM contacts c
 WHERE c.id = ANY($1::bigint[]);
 
 -- name: close_contacts
--- Close the open ones of these contacts ($1 contact ids).
+-- Close the open ones of these contacts, ending a pending offer ($1 contact ids).
 UPDATE contacts c
-SET status = 'closed', closed_at = now()
+SET status = 'closed', closed_at = now(), offer_expires_at = NULL
 FROM leads l, sources s
 WHERE c.id = ANY($1::bigint[]) AND c.status = 'open' AND l.id = c.lead_id AND s.id = c.source_id
 RETURNING c.id, c.operator_id, c.inbound_message_id, c.closed_at,
@@ -375,7 +382,8 @@ WHERE o.id = t.id;
 --   plus 8) in the smooth order whose start is below `bound`: who can be chosen within
 --   this batch, whatever the size of the team (the caller checks that it was enough);
 -- 'queued': a source's oldest queued contacts, as many as its available operators could
---   take (at most $3, the clock row's `take`); only a source that has any sums its
+--   take (at most $3, the clock row's `take`), each with the operators its offers skip
+--   (`skip`, empty unless the source makes offers); only a source that has any sums its
 --   operators' free capacity (NULL `take` otherwise);
 -- 'known': those of the batch's inbound message ids that already made a contact (one
 --   index probe per id: the plan cached for `= ANY($2)` while the table was small, in a
@@ -409,10 +417,10 @@ WITH folded AS (
       AND EXISTS (SELECT 1 FROM contacts c
                   WHERE c.source_id = src.id AND c.status = 'open' AND c.operator_id IS NULL)
 ), queued AS MATERIALIZED (
-    SELECT q.source_id, q.id, l.external_id
+    SELECT q.source_id, q.id, l.external_id, q.offer_skip
     FROM takes
     CROSS JOIN LATERAL (
-        SELECT c.id, c.source_id, c.lead_id
+        SELECT c.id, c.source_id, c.lead_id, c.offer_skip
         FROM contacts c
         WHERE c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
         ORDER BY c.id
@@ -434,11 +442,12 @@ WITH folded AS (
 )
 SELECT 'clock' AS kind, id AS source_id, NULL::bigint AS id, weight, NULL::integer AS open_load,
        NULL::integer AS max_load, NULL::timestamptz AS last_assigned_at, clock AS start,
-       bound, read_limit, take, NULL::text AS lead_external_id, NULL::text AS message_id
+       bound, read_limit, take, NULL::text AS lead_external_id, NULL::text AS message_id,
+       NULL::bigint[] AS skip
 FROM windows
 UNION ALL
 SELECT 'candidate', windows.id, c.operator_id, c.weight, c.open_load, c.max_load,
-       c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL
+       c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL, NULL
 FROM windows
 CROSS JOIN LATERAL (
     SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
@@ -450,10 +459,12 @@ CROSS JOIN LATERAL (
     LIMIT windows.read_limit
 ) AS c
 UNION ALL
-SELECT 'queued', source_id, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, external_id, NULL
+SELECT 'queued', source_id, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, external_id, NULL,
+       offer_skip
 FROM queued
 UNION ALL
-SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id
+SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id,
+       NULL
 FROM unnest($2::text[]) AS m (id)
 CROSS JOIN LATERAL (
     SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
@@ -524,15 +535,146 @@ RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_
 -- name: insert_events
 -- Events of a batch. A writer that publishes them itself after commit leases them for
 -- $5 seconds from now (not from the transaction's start, which lock waits may have made
--- long ago); NULL leaves them to the relays at once ($1 event ids, $2 contact ids,
--- $3 routing keys, $4 JSON payloads, $5 lease seconds).
-INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until)
+-- long ago); NULL leaves them to the relays at once. An event id written before (a
+-- rejected answer's, derived from its message id, when the message comes again) is
+-- written once ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads,
+-- $5 lease seconds, $6 offer attempts: 0 for a contact never offered).
+INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until, attempt)
 SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb,
-       statement_timestamp() + make_interval(secs => $5::double precision)
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
-    AS t (event_id, contact_id, routing_key, payload)
+       statement_timestamp() + make_interval(secs => $5::double precision), t.attempt
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $6::integer[])
+    AS t (event_id, contact_id, routing_key, payload, attempt)
+ON CONFLICT (event_id) DO NOTHING
 RETURNING id, event_id;
 
 -- name: notify_outbox
 -- Wake the workers' relays at commit: events were written for them to claim.
 SELECT pg_notify('leadrouter_outbox', '');
+
+-- Offers (worker/offers.py): a source with an accept timeout offers each contact it
+-- routes; the operator accepts or declines on leads.inbound, and the workers keep the
+-- deadlines (migration 0017 describes the columns).
+
+-- name: make_offers
+-- Turn contacts this transaction has just given an operator into offers: a deadline
+-- per contact, the next attempt, and the offer's row ($1 contact ids, $2 their sources'
+-- accept timeouts in seconds).
+WITH made AS (
+    UPDATE contacts c
+    SET offer_expires_at = statement_timestamp() + make_interval(secs => t.timeout::double precision),
+        offer_attempt    = c.offer_attempt + 1
+    FROM unnest($1::bigint[], $2::integer[]) AS t (id, timeout)
+    WHERE c.id = t.id
+    RETURNING c.id, c.source_id, c.operator_id, c.offer_attempt, c.offer_expires_at
+), recorded AS (
+    INSERT INTO offers (contact_id, attempt, source_id, operator_id, offered_at, expires_at)
+    SELECT id, offer_attempt, source_id, operator_id, statement_timestamp(), offer_expires_at
+    FROM made
+)
+SELECT id, offer_attempt AS attempt, offer_expires_at FROM made;
+
+-- name: answer_state
+-- What answers to offers are judged on, per answer: its contact's state, whether the
+-- offer's deadline has passed, and how the latest offer of that contact to the answering
+-- operator ended, if there was one ($1 contact ids, $2 answering operator ids).
+SELECT t.contact_id AS id, t.operator_id AS answering, c.status, c.operator_id,
+       c.lead_id, l.external_id AS lead_external_id, s.key AS source_key,
+       c.inbound_message_id, statement_timestamp() AS at,
+       c.offer_expires_at IS NOT NULL AS offered,
+       coalesce(c.offer_expires_at <= statement_timestamp(), false) AS lapsed,
+       (SELECT o.outcome FROM offers o
+        WHERE o.contact_id = t.contact_id AND o.operator_id = t.operator_id
+        ORDER BY o.attempt DESC LIMIT 1) AS last_outcome
+FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS t (contact_id, operator_id, n)
+JOIN contacts c ON c.id = t.contact_id
+JOIN leads l ON l.id = c.lead_id
+JOIN sources s ON s.id = c.source_id
+ORDER BY t.n;
+
+-- name: accept_offers
+-- The operators take the contacts offered to them: no deadline any more, assigned from
+-- now, and their offers' rows say so ($1 contact ids).
+WITH accepted AS (
+    UPDATE contacts c
+    SET offer_expires_at = NULL, assigned_at = statement_timestamp()
+    FROM leads l, sources s
+    WHERE c.id = ANY($1::bigint[]) AND c.offer_expires_at IS NOT NULL
+      AND l.id = c.lead_id AND s.id = c.source_id
+    RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, s.key AS source_key,
+              c.source_id, c.operator_id, c.inbound_message_id, c.created_at, c.assigned_at,
+              c.offer_attempt AS attempt
+), answered AS (
+    UPDATE offers o
+    SET outcome = 'accepted', answered_at = statement_timestamp()
+    FROM accepted a
+    WHERE o.contact_id = a.id AND o.attempt = a.attempt
+)
+SELECT * FROM accepted ORDER BY id;
+
+-- name: withdraw_offers
+-- Take pending offers back from their operators (declined, or lapsed): each contact
+-- queues again with its operator added to its skip list, which starts over (without
+-- that operator, unless nobody else is weighted) once it holds everyone weighted on the
+-- source; the offers' rows say how they ended. The caller gives back the capacity
+-- ($1 contact ids, $2 outcome: declined or expired, $3 reasons or NULL, per contact).
+WITH taken AS (
+    SELECT c.id, c.operator_id, c.offer_attempt, t.reason
+    FROM unnest($1::bigint[], $3::text[]) AS t (id, reason)
+    JOIN contacts c ON c.id = t.id
+    WHERE c.offer_expires_at IS NOT NULL
+    ORDER BY c.id
+    FOR UPDATE OF c
+), withdrawn AS (
+    UPDATE contacts c
+    SET operator_id = NULL, assigned_at = NULL, offer_expires_at = NULL,
+        offer_skip = CASE
+            WHEN EXISTS (SELECT 1 FROM source_weights w
+                         WHERE w.source_id = c.source_id
+                           AND w.operator_id <> ALL (c.offer_skip || t.operator_id))
+                THEN c.offer_skip || t.operator_id
+            WHEN EXISTS (SELECT 1 FROM source_weights w
+                         WHERE w.source_id = c.source_id AND w.operator_id <> t.operator_id)
+                THEN ARRAY[t.operator_id]
+            ELSE ARRAY[]::bigint[] END
+    FROM taken t, leads l, sources s
+    WHERE c.id = t.id AND l.id = c.lead_id AND s.id = c.source_id
+    RETURNING c.id, t.operator_id, t.offer_attempt AS attempt, t.reason, c.lead_id,
+              l.external_id AS lead_external_id, s.key AS source_key, c.source_id,
+              c.inbound_message_id, c.created_at, statement_timestamp() AS at
+), answered AS (
+    UPDATE offers o
+    SET outcome = $2, answered_at = statement_timestamp(), reason = w.reason
+    FROM withdrawn w
+    WHERE o.contact_id = w.id AND o.attempt = w.attempt
+)
+SELECT * FROM withdrawn ORDER BY id;
+
+-- name: give_back_shares
+-- A declined or lapsed offer does not use up the operator's smooth share: their smooth
+-- start moves back by what it advanced, under their row lock (the caller released them
+-- first) ($1 source ids, $2 operator ids, $3 offers each).
+UPDATE source_weights w
+SET smooth_start = w.smooth_start - t.n::double precision / w.weight
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS t (source_id, operator_id, n)
+WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
+
+-- name: offer_deadlines
+-- For the workers' deadline keeper: the sources with offers past their deadline, and
+-- how many seconds until the soonest one still ahead (NULL: none).
+SELECT array(SELECT DISTINCT source_id FROM contacts
+             WHERE offer_expires_at <= statement_timestamp()) AS due,
+       extract(epoch FROM (SELECT min(offer_expires_at) FROM contacts
+                           WHERE offer_expires_at > statement_timestamp())
+                          - statement_timestamp())::double precision AS next_in;
+
+-- name: try_lock_offer_deadlines
+-- One worker at a time expires a source's offers, until commit; the others skip it
+-- ($1 source id).
+SELECT pg_try_advisory_xact_lock(1283, $1::integer);
+
+-- name: due_offers
+-- A source's offers past their deadline, under its lock ($1 source id, $2 limit).
+SELECT id FROM contacts
+WHERE offer_expires_at <= statement_timestamp() AND source_id = $1
+ORDER BY id
+LIMIT $2;

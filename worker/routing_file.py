@@ -18,6 +18,7 @@ The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`)::
     description = "Main bot"    # optional, default ""
     strategy = "smooth"         # optional: smooth (default) | weighted_random | least_loaded
     affinity_hours = 24         # optional; absent or 0 = off
+    accept_timeout = 30         # optional: offers, answered within this many seconds; 0 = off
     weights = { Alice = 1, Bob = 3 }   # optional: operator name -> weight (> 0)
 
 The same in YAML::
@@ -90,6 +91,7 @@ class SourceSpec(_Spec):
     description: Annotated[str, Field(max_length=2000)] = ""
     strategy: str = DEFAULT_STRATEGY
     affinity_hours: Annotated[int, Field(ge=0, le=24 * 365)] = 0
+    accept_timeout: Annotated[int, Field(ge=0, le=86_400)] = 0
     weights: dict[Name, Annotated[int, Field(gt=0, le=INT32_MAX)]] | None = None
 
     @field_validator("key")
@@ -229,6 +231,7 @@ class Source:
     strategy: str
     affinity_hours: int | None
     weights: Mapping[int, int] = field(default_factory=dict)  # operator id -> weight
+    accept_timeout: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +317,16 @@ def _source_change(found: Source | None, spec: SourceSpec) -> Change:
             "description": s.description,
             "strategy": s.strategy,
             "affinity_hours": s.affinity_hours or None,  # 0 and NULL both mean off
+            "accept_timeout": s.accept_timeout or None,  # 0: offers off
         }
 
-    return _change("source", spec.key, None if found is None else fields(found), fields(spec))
+    old, new = None if found is None else fields(found), fields(spec)
+    if not spec.accept_timeout and not (found and found.accept_timeout):
+        # Offers off before and after: the diff reads as it did before offers existed.
+        new.pop("accept_timeout")
+        if old is not None:
+            old.pop("accept_timeout")
+    return _change("source", spec.key, old, new)
 
 
 def _change(
@@ -357,7 +367,7 @@ def _weights_change(
 
 def _show(value: object, none: str = "off") -> str:
     if value is None:
-        return none  # only affinity_hours (and absent weights) can be None
+        return none  # only affinity_hours, accept_timeout (and absent weights) can be None
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
@@ -417,6 +427,7 @@ async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
                     r["strategy"],
                     r["affinity_hours"],
                     weights,
+                    r["accept_timeout"],
                 )
             )
     return State(operators, tuple(sources))
@@ -462,7 +473,13 @@ async def _execute(
         if change == "create":
             try:
                 row = await conn.fetchrow(
-                    Q.insert_source, spec.key, title, spec.description, spec.strategy, hours
+                    Q.insert_source,
+                    spec.key,
+                    title,
+                    spec.description,
+                    spec.strategy,
+                    hours,
+                    spec.accept_timeout,
                 )
             except asyncpg.UniqueViolationError:  # `sources add` does not take the apply lock
                 raise UserError(
@@ -471,7 +488,14 @@ async def _execute(
             source_ids[spec.key] = row["id"]
         elif change == "update":
             await conn.execute(
-                Q.update_source, spec.key, title, spec.description, spec.strategy, True, hours
+                Q.update_source,
+                spec.key,
+                title,
+                spec.description,
+                spec.strategy,
+                True,
+                hours,
+                spec.accept_timeout,
             )
         if spec.weights is not None and ("weights", spec.key) in todo:
             source_id = source_ids[spec.key]

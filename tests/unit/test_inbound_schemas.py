@@ -30,7 +30,12 @@ def with_lead(**fields: Any) -> dict[str, Any]:
 
 
 def test_routing_keys_map_to_models() -> None:
-    assert sorted(ROUTING_KEYS) == ["contact.close", "lead.contact"]
+    assert sorted(ROUTING_KEYS) == [
+        "contact.accept",
+        "contact.close",
+        "contact.decline",
+        "lead.contact",
+    ]
     assert ROUTING_KEYS["lead.contact"] is LeadContact
     assert ROUTING_KEYS["contact.close"] is ContactClose
 

@@ -33,6 +33,17 @@ EVENT_MEANINGS = {
     "contact.queued": "Nobody could take the contact on arrival: it waits, open, without "
     "an operator, and is assigned (contact.assigned) as soon as someone can take it.",
     "contact.closed": "The contact was closed and its operator freed.",
+    "contact.offered": "A source with offers on (an accept timeout) offered the contact to "
+    "the operator: it counts toward their load until they accept (contact.assigned), "
+    "decline (contact.declined) or let it lapse at offer_expires_at (contact.expired). "
+    "attempt counts the contact's offers, from 1.",
+    "contact.declined": "The operator declined the offer (reason: theirs, if given); the "
+    "contact is offered at once to the next operator (contact.offered), skipping those who "
+    "declined it or let it lapse, or queued (contact.queued) when nobody else can take it.",
+    "contact.expired": "The offer lapsed unanswered; the contact moves on as after a decline.",
+    "contact.answer_rejected": "An answer to an offer changed nothing: reason expired (too "
+    "late), not_offered (the contact is not offered to that operator) or closed. Tell the "
+    "person; the message was not dead-lettered.",
 }
 if set(EVENT_MEANINGS) != set(events.ROUTING_KEYS):  # a new event must be documented
     raise RuntimeError("EVENT_MEANINGS does not match schemas.events.ROUTING_KEYS")
@@ -420,9 +431,18 @@ _INBOUND_EXAMPLES: dict[str, Any] = {
     "contact.close": inbound.ContactClose(contact_id=123).model_dump(
         mode="json", exclude_none=True
     ),
+    "contact.accept": inbound.ContactAccept(contact_id=123, operator_id=3).model_dump(
+        mode="json", exclude_none=True
+    ),
+    "contact.decline": inbound.ContactDecline(
+        contact_id=123, operator_id=3, reason="busy"
+    ).model_dump(mode="json", exclude_none=True),
 }
 if set(_INBOUND_EXAMPLES) != set(inbound.ROUTING_KEYS):
     raise RuntimeError("_INBOUND_EXAMPLES does not match schemas.inbound.ROUTING_KEYS")
+
+
+_OFFER_EVENTS = ("contact.offered", "contact.declined", "contact.expired")
 
 
 def _event_example(routing_key: str) -> Any:
@@ -435,6 +455,14 @@ def _event_example(routing_key: str) -> Any:
         operator_id=None if routing_key == "contact.queued" else 3,
         inbound_message_id="tg:42:1001",
         queued_seconds=0.0 if routing_key == "contact.assigned" else None,
+        offer_expires_at=(
+            datetime(2024, 5, 6, 7, 8, 39, 123000, tzinfo=UTC)
+            if routing_key == "contact.offered"
+            else None
+        ),
+        attempt=1 if routing_key in _OFFER_EVENTS else None,
+        reason={"contact.declined": "busy", "contact.answer_rejected": "expired"}.get(routing_key),
+        answer="accept" if routing_key == "contact.answer_rejected" else None,
     )
     time = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
     event_id = "6f1c2b9e-7d3a-4f8e-9b21-0c5d4e3f2a10"
