@@ -19,16 +19,24 @@ class ContactEventData(BaseModel):
     operator_id: int | None = Field(description="Null while the contact is queued")
     inbound_message_id: str
     queued_seconds: float | None = Field(
-        default=None, description="contact.assigned only: how long the contact waited in the queue"
+        default=None,
+        description="contact.assigned and contact.waiting only: how long the contact has waited"
+        " in the queue",
     )
     affinity: bool = Field(
         default=False,
         description="contact.assigned only: went back to the operator who had this lead before",
     )
+    overflow_to: str | None = Field(
+        default=None,
+        description="contact.overflowed only: key of the source whose operators may now take"
+        " the contact too (it keeps its own source)",
+    )
 
 
 class ContactEvent(BaseModel):
-    """Envelope shared by contact.assigned, contact.queued and contact.closed."""
+    """Envelope shared by contact.assigned, contact.queued, contact.closed,
+    contact.overflowed and contact.waiting."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -42,6 +50,8 @@ class ContactEvent(BaseModel):
         "org.leadrouter.contact.assigned",
         "org.leadrouter.contact.queued",
         "org.leadrouter.contact.closed",
+        "org.leadrouter.contact.overflowed",
+        "org.leadrouter.contact.waiting",
     ]
     time: datetime
     subject: str = Field(min_length=1, description="contacts/ID")
@@ -49,7 +59,13 @@ class ContactEvent(BaseModel):
     data: ContactEventData
 
 
-ROUTING_KEYS = ("contact.assigned", "contact.queued", "contact.closed")
+ROUTING_KEYS = (
+    "contact.assigned",
+    "contact.queued",
+    "contact.closed",
+    "contact.overflowed",
+    "contact.waiting",
+)
 
 
 def envelope(

@@ -85,7 +85,7 @@ _INVALID_SOURCE = (
 
 
 async def add_source(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     key: str,
     name: str | None,
     description: str,
@@ -107,7 +107,7 @@ async def add_source(
 
 
 async def update_source(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     key: str,
     name: str | None = None,
     description: str | None = None,

@@ -15,7 +15,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_reads, amqp_writes, distribution, log, nodes, topology
+from worker import amqp_reads, amqp_writes, distribution, log, nodes, timers, topology
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
@@ -139,6 +139,12 @@ class Worker:
             asyncio.create_task(self._sweep_backlog(), name="backlog-sweep"),
             asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
+            asyncio.create_task(
+                timers.run_timers(
+                    self._pool, self._stop, self.metrics, self.relay.wake, s.retry_max_seconds
+                ),
+                name="timers",
+            ),
         ]
         for task in self._tasks:
             task.add_done_callback(self._side_task_done)

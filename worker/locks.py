@@ -18,3 +18,7 @@ class LockSpace(IntEnum):
     MIGRATIONS = 1281
     # (1282, 0), until commit: one `leadrouter apply` at a time.
     APPLY = 1282
+    # (1284, source id), until commit: one worker keeps a source's timers (timers.py) at a
+    # time, taken before the source's routing lock; (1284, 0), until commit: one change of
+    # overflow settings at a time (source_queueing.py).
+    TIMERS = 1284

@@ -33,6 +33,11 @@ EVENT_MEANINGS = {
     "contact.queued": "Nobody could take the contact on arrival: it waits, open, without "
     "an operator, and is assigned (contact.assigned) as soon as someone can take it.",
     "contact.closed": "The contact was closed and its operator freed.",
+    "contact.overflowed": "The contact has waited its source's overflow time: from now on "
+    "the operators of the source named in `overflow_to` may take it too (by that source's "
+    "weights and strategy); it keeps its own source. Once per contact.",
+    "contact.waiting": "The contact is still queued after its source's alert time "
+    "(`queued_seconds`: how long it has waited). Once per contact.",
 }
 if set(EVENT_MEANINGS) != set(events.ROUTING_KEYS):  # a new event must be documented
     raise RuntimeError("EVENT_MEANINGS does not match schemas.events.ROUTING_KEYS")
