@@ -389,12 +389,9 @@ async def sources_add(
     """Add a source that bots publish with KEY."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
-        if change.is_empty():
-            row = await admin.add_source(pool, key, name, description, strategy, affinity_hours)
-        else:
-            row = await source_queueing.add_source(
-                pool, key, name, description, strategy, affinity_hours, change
-            )
+        row = await source_queueing.add_source(
+            pool, key, name, description, strategy, affinity_hours, change
+        )
     _print_one(row, as_json)
 
 
@@ -422,12 +419,9 @@ async def sources_update(
     """Change a source's name, description, strategy, affinity or queueing."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
-        if change.is_empty():
-            row = await admin.update_source(pool, key, name, description, strategy, affinity_hours)
-        else:
-            row = await source_queueing.update_source(
-                pool, key, name, description, strategy, affinity_hours, change
-            )
+        row = await source_queueing.update_source(
+            pool, key, name, description, strategy, affinity_hours, change
+        )
     _print_one(row, as_json)
 
 
@@ -591,6 +585,9 @@ async def leads_show(external_id: str, as_json: bool) -> None:
 @click.option("--phone")
 @click.option("--message", default="")
 @click.option("--message-id", help="Idempotency key (default: a new uuid).")
+@click.option(
+    "--priority", type=click.IntRange(0, 9), default=0, help="0-9, higher first (default 0)."
+)
 @run_async
 async def publish(
     source_key: str,
@@ -600,6 +597,7 @@ async def publish(
     phone: str | None,
     message: str,
     message_id: str | None,
+    priority: int,
 ) -> None:
     """Publish one lead.contact message, as a bot would (to try the contract)."""
     import uuid
@@ -615,6 +613,7 @@ async def publish(
             source=source_key,
             lead=Lead(external_id=external_id, name=name, email=email, phone=phone),
             message=message,
+            priority=priority,
         )
     except ValidationError as exc:
         raise click.UsageError(f"invalid message: {describe(exc)}") from None
