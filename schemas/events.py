@@ -19,7 +19,9 @@ class ContactEventData(BaseModel):
     operator_id: int | None = Field(description="Null while the contact is queued")
     inbound_message_id: str
     queued_seconds: float | None = Field(
-        default=None, description="contact.assigned only: how long the contact waited in the queue"
+        default=None,
+        description="contact.assigned and contact.waiting only: how long the contact has waited"
+        " in the queue",
     )
     affinity: bool = Field(
         default=False,
@@ -41,12 +43,17 @@ class ContactEventData(BaseModel):
     answer: Literal["accept", "decline"] | None = Field(
         default=None, description="contact.answer_rejected only: the answer rejected"
     )
+    overflow_to: str | None = Field(
+        default=None,
+        description="contact.overflowed only: key of the source whose operators may now take"
+        " the contact too (it keeps its own source)",
+    )
 
 
 class ContactEvent(BaseModel):
     """Envelope shared by every contact event: contact.assigned, contact.queued,
-    contact.closed and, for sources with offers on, contact.offered, contact.declined,
-    contact.expired and contact.answer_rejected."""
+    contact.closed, contact.overflowed, contact.waiting and, for sources with offers on,
+    contact.offered, contact.declined, contact.expired and contact.answer_rejected."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -64,6 +71,8 @@ class ContactEvent(BaseModel):
         "org.leadrouter.contact.declined",
         "org.leadrouter.contact.expired",
         "org.leadrouter.contact.answer_rejected",
+        "org.leadrouter.contact.overflowed",
+        "org.leadrouter.contact.waiting",
     ]
     time: datetime
     subject: str = Field(min_length=1, description="contacts/ID")
@@ -79,6 +88,8 @@ ROUTING_KEYS = (
     "contact.declined",
     "contact.expired",
     "contact.answer_rejected",
+    "contact.overflowed",
+    "contact.waiting",
 )
 
 

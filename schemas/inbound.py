@@ -76,6 +76,10 @@ class LeadContact(_Strict):
         default=None,
         description="Idempotency key; takes precedence over the AMQP message_id property",
     )
+    priority: Annotated[int, Field(ge=0, le=9)] = Field(
+        default=0,
+        description="0-9, higher first: the source's backlog is served by priority, then age",
+    )
 
 
 class ContactClose(_Strict):

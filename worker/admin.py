@@ -86,7 +86,7 @@ _INVALID_SOURCE = (
 
 
 async def add_source(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     key: str,
     name: str | None,
     description: str,
@@ -116,7 +116,7 @@ async def add_source(
 
 
 async def update_source(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     key: str,
     name: str | None = None,
     description: str | None = None,

@@ -15,7 +15,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_reads, amqp_writes, distribution, log, nodes, offers, topology
+from worker import amqp_reads, amqp_writes, distribution, log, nodes, offers, timers, topology
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
@@ -144,6 +144,12 @@ class Worker:
                     self._pool, self._stopped_within, self.relay.wake, s.retry_max_seconds
                 ).run(),
                 name="offer-deadlines",
+            ),
+            asyncio.create_task(
+                timers.run_timers(
+                    self._pool, self._stop, self.metrics, self.relay.wake, s.retry_max_seconds
+                ),
+                name="timers",
             ),
         ]
         for task in self._tasks:

@@ -12,13 +12,14 @@ from worker.strategies import STRATEGIES, Candidate, finish_key, smooth_next
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """An open contact without an operator, oldest first within its source."""
+    """An open contact without an operator, in its source's order (queue_order.py)."""
 
     id: int  # below zero: a contact of this batch, not yet inserted
-    source_id: int
+    source_id: int  # the source routing it (another than its own when it overflowed)
     lead: str  # its lead's external id
     # Operators its offers skip (they declined it or let it lapse): never chosen for it.
     skip: frozenset[int] = frozenset()
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +147,14 @@ def assign(
     affinity_sources: Set[int] = frozenset(),
     windows: Mapping[int, Window] | None = None,
 ) -> Plan:
-    """Walk each source's queue oldest first and give each contact to an operator of that
-    source who is active and below max_load, by the source's strategy (or to its
-    `preferred` operator: affinity). Capacity is shared across sources: every assignment
-    uses one unit of the operator's, whichever source it is for. A source stops at its
-    first contact nobody can take, so its older contacts are never overtaken; a contact
-    only the operators it skips could take (`Queued.skip`: they declined it or let its
-    offer lapse) is passed over, and waits for someone else.
+    """Walk the queues in the order given (each source's in its own order, see
+    queue_order.py) and give each contact to an operator of that source who is active and
+    below max_load, by the source's strategy (or to its `preferred` operator: affinity).
+    Capacity is shared across sources: every assignment uses one unit of the operator's,
+    whichever source it is for. A source stops at its first contact nobody can take, so
+    the contacts before it in its order are never overtaken; a contact only the operators
+    it skips could take (`Queued.skip`: they declined it or let its offer lapse) is passed
+    over, and waits for someone else.
 
     `weights`: per source id, its available operators (for a smooth source, those read in
     its window), with their load; `strategies`: per source id; `preferred`: per contact id,
@@ -189,9 +191,10 @@ def assign(
     just_had: dict[tuple[str, int], int] = {}  # (lead, source) -> operator, this batch
     plan = Plan([])
     blocked: set[int] = set()
+    done: set[int] = set()  # an overflowed contact is in two sources' queues
     for contact in queued:
         source = contact.source_id
-        if source in blocked:
+        if source in blocked or contact.id in done:
             continue
         candidates = weights.get(source, ())
         wanted = preferred.get(contact.id)
@@ -252,6 +255,7 @@ def assign(
                 state.room -= 1
                 left_at[(other, chosen_id)] = state.clock
         plan.assignments.append(Assignment(contact.id, source, chosen_id, by_affinity))
+        done.add(contact.id)
     for (source, operator_id), clock in left_at.items():
         state = smooth[source]
         shifted = state.start[operator_id] + (state.clock - clock)

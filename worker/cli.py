@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from yarl import URL
 
-from worker import admin, log
+from worker import admin, log, source_queueing
 from worker.errors import Reason, UserError
 from worker.settings import Settings, mask_url, split_urls
 from worker.stats import parse_duration
@@ -331,6 +331,39 @@ AFFINITY = click.option(
     help="Send a lead who wrote within N hours back to the same operator (0: off).",
 )
 
+SECONDS = click.IntRange(0, source_queueing.MAX_SECONDS)
+
+
+def _queueing_options(f: Any) -> Any:
+    """The per-source queueing settings (source_queueing.py), the same on add and update."""
+    for option in reversed(
+        (
+            click.option(
+                "--queue-order",
+                type=click.Choice(source_queueing.QUEUE_ORDERS),
+                help="Serve the backlog oldest (fifo, the default) or newest (lifo) first,"
+                " within each priority.",
+            ),
+            click.option(
+                "--overflow-to",
+                metavar="KEY",
+                help="After --overflow-after seconds queued, a contact may also go to this"
+                " source's operators.",
+            ),
+            click.option(
+                "--overflow-after", type=SECONDS, help="Seconds before overflowing (0: off)."
+            ),
+            click.option(
+                "--alert-after",
+                type=SECONDS,
+                help="Emit contact.waiting once for a contact still queued after this many"
+                " seconds (0: off).",
+            ),
+        )
+    ):
+        f = option(f)
+    return f
+
 
 @sources.command("add")
 @click.argument("key")
@@ -338,6 +371,7 @@ AFFINITY = click.option(
 @click.option("--description", default="")
 @STRATEGY
 @AFFINITY
+@_queueing_options
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_add(
@@ -346,11 +380,18 @@ async def sources_add(
     description: str,
     strategy: str | None,
     affinity_hours: int | None,
+    queue_order: str | None,
+    overflow_to: str | None,
+    overflow_after: int | None,
+    alert_after: int | None,
     as_json: bool,
 ) -> None:
     """Add a source that bots publish with KEY."""
+    change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
-        row = await admin.add_source(pool, key, name, description, strategy, affinity_hours)
+        row = await source_queueing.add_source(
+            pool, key, name, description, strategy, affinity_hours, change
+        )
     _print_one(row, as_json)
 
 
@@ -360,6 +401,7 @@ async def sources_add(
 @click.option("--description")
 @STRATEGY
 @AFFINITY
+@_queueing_options
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_update(
@@ -368,11 +410,18 @@ async def sources_update(
     description: str | None,
     strategy: str | None,
     affinity_hours: int | None,
+    queue_order: str | None,
+    overflow_to: str | None,
+    overflow_after: int | None,
+    alert_after: int | None,
     as_json: bool,
 ) -> None:
-    """Change a source's name, description, strategy or affinity."""
+    """Change a source's name, description, strategy, affinity or queueing."""
+    change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
-        row = await admin.update_source(pool, key, name, description, strategy, affinity_hours)
+        row = await source_queueing.update_source(
+            pool, key, name, description, strategy, affinity_hours, change
+        )
     _print_one(row, as_json)
 
 
@@ -383,6 +432,8 @@ async def sources_list(as_json: bool) -> None:
     """Every source."""
     async with await _pool(_settings()) as pool:
         rows = await admin.list_sources(pool)
+    # The queueing settings (queue_order, overflow_to, overflow_after, alert_after) are in
+    # --json; the table stays narrow enough to read.
     _print_rows(rows, ["id", "key", "name", "description", "strategy", "affinity_hours"], as_json)
 
 
@@ -534,6 +585,9 @@ async def leads_show(external_id: str, as_json: bool) -> None:
 @click.option("--phone")
 @click.option("--message", default="")
 @click.option("--message-id", help="Idempotency key (default: a new uuid).")
+@click.option(
+    "--priority", type=click.IntRange(0, 9), default=0, help="0-9, higher first (default 0)."
+)
 @run_async
 async def publish(
     source_key: str,
@@ -543,6 +597,7 @@ async def publish(
     phone: str | None,
     message: str,
     message_id: str | None,
+    priority: int,
 ) -> None:
     """Publish one lead.contact message, as a bot would (to try the contract)."""
     import uuid
@@ -558,6 +613,7 @@ async def publish(
             source=source_key,
             lead=Lead(external_id=external_id, name=name, email=email, phone=phone),
             message=message,
+            priority=priority,
         )
     except ValidationError as exc:
         raise click.UsageError(f"invalid message: {describe(exc)}") from None

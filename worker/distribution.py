@@ -28,6 +28,7 @@ from schemas.inbound import LeadContact
 from worker import offers
 from worker.assignment import Assignment, Plan, Queued, Window, assign
 from worker.outbox import Event, EventWriter
+from worker.queue_order import Heads, serving_order
 from worker.retry import in_transaction
 from worker.sql import Q
 from worker.strategies import Candidate
@@ -54,11 +55,19 @@ class Route:
     strategy: str
     affinity_hours: int | None
     accept_timeout: int = 0  # seconds; 0: assigns, else offers (worker/offers.py)
+    lifo: bool = False  # newest first within a priority
+    receives_overflow: bool = False  # another source's contacts may overflow to it
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> "Route":
         return cls(
-            row["id"], row["key"], row["strategy"], row["affinity_hours"], row["accept_timeout"]
+            row["id"],
+            row["key"],
+            row["strategy"],
+            row["affinity_hours"],
+            row["accept_timeout"],
+            row["queue_order"] == "lifo",
+            row["receives_overflow"],
         )
 
 
@@ -140,7 +149,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.release_operators, 2),
     (Q.sources_of_operators, 1),
     (Q.sources_by_ids, 1),
-    (Q.record_contacts, 14),
+    (Q.record_contacts, 15),
     (Q.previous_operators, 4),
     (Q.assign_contacts, 9),
     (Q.mark_events_published, 1),
@@ -163,6 +172,7 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
         await conn.fetch(Q.routing_state, [], [], 0, [], [])
         await conn.fetch(Q.insert_events, [], [], [], [], None, [])
         await conn.fetch(Q.withdraw_offers, [], "declined", [])
+        await conn.fetch(Q.overflowed_queued, [], [], 0)
     finally:
         await tx.rollback()
 
@@ -243,6 +253,8 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     """Route the backlog of these sources (their locks must be held). Returns how many
     queued contacts were assigned, per source and strategy."""
     outcome = Outcome()
+    if not source_ids:  # nothing to read (nor to ask of a database older than this code)
+        return outcome.assignments
     routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
     events = EventWriter()
     await _drain(conn, routes, outcome, events)
@@ -307,6 +319,7 @@ async def _drain(
     if not routes:
         return
     by_id = {r.id: r for r in routes}
+    homes: dict[int, str] = {}  # overflowed contact id -> its own source's key
     whole = {r.id for r in routes if r.strategy != "smooth"}
     while True:
         state = await _read_state(conn, by_id, new, whole)
@@ -314,15 +327,19 @@ async def _drain(
         takes = state.takes
         sources = [s for s in sorted(takes) if takes[s] > 0]
         source_ids = {r.key: r.id for r in routes}
-        newcomers = _placeable_newcomers(fresh, state.queued, takes, sources, source_ids)
-        decided = await _decide(conn, state, newcomers, sources, by_id)
+        heads = state.heads
+        receiving = [s for s in sources if by_id[s].receives_overflow]
+        if receiving:
+            homes = await _read_overflowed(conn, receiving, by_id, heads)
+        wanted = _serving_order(fresh, heads, sources, source_ids)
+        decided = await _decide(conn, state, wanted, sources, by_id)
         if not decided.unread:
             break
         # A smooth source's window did not hold the choice for sure (many operators
         # ahead of their share with early finishes): read its candidates whole, once.
         whole |= decided.unread
         outcome.duplicates.clear()
-    await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events)
+    await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events, homes)
 
 
 @dataclass
@@ -332,7 +349,7 @@ class _State:
     weights: dict[int, list[Candidate]]  # per source, available operators it may choose
     windows: dict[int, Window]  # per source with an available operator
     takes: dict[int, int]  # per source with an available operator: what may be assigned
-    queued: list[Queued]  # its queued contacts, oldest first per source
+    heads: dict[int, Heads]  # per source: its first queued contacts in its order
     known: set[str]  # message ids of the batch's new contacts already recorded
 
 
@@ -342,7 +359,7 @@ async def _read_state(
     weights: dict[int, list[Candidate]] = defaultdict(list)
     windows: dict[int, tuple[asyncpg.Record, int | None]] = {}
     takes: dict[int, int] = {}
-    queued: list[Queued] = []
+    queued: dict[int, list[Queued]] = defaultdict(list)
     known: set[str] = set()
     arriving = Counter(n.body.source for n in new)
     ids = list(by_id)
@@ -372,47 +389,82 @@ async def _read_state(
             takes[r["source_id"]] = MAX_DRAIN if r["take"] is None else r["take"]
         elif kind == "queued":
             skip = frozenset(r["skip"]) if r["skip"] else _NOBODY
-            queued.append(Queued(r["id"], r["source_id"], r["lead_external_id"], skip))
+            queued[r["source_id"]].append(
+                Queued(r["id"], r["source_id"], r["lead_external_id"], skip, r["priority"])
+            )
         else:
             known.add(r["message_id"])
-    queued.sort(key=lambda q: (q.source_id, q.id))
+    heads = {s: Heads(r.lifo, []) for s, r in by_id.items()}
+    for source, contacts in queued.items():
+        heads[source].add(contacts, full=len(contacts) >= takes[source])
     read: dict[int, Window] = {}
     for source, (r, read_limit) in windows.items():
         cs = weights.get(source, [])
         limited = read_limit is not None and len(cs) >= read_limit
         last = (cs[-1].start + 1 / cs[-1].weight, -cs[-1].weight, cs[-1].id) if limited else None
         read[source] = Window(r["start"], r["weight"], r["bound"], last)
-    return _State(weights, read, takes, queued, known)
+    return _State(weights, read, takes, heads, known)
 
 
-def _placeable_newcomers(
+async def _read_overflowed(
+    conn: asyncpg.Connection,
+    receiving: Sequence[int],
+    by_id: dict[int, Route],
+    heads: dict[int, Heads],
+) -> dict[int, str]:
+    """Add to `heads` the queued contacts of other sources that overflowed to these ones
+    (in each one's order, as many as its operators could take). Returns their own
+    sources' keys, which their events carry."""
+    rows = await conn.fetch(
+        Q.overflowed_queued, list(receiving), [by_id[s].lifo for s in receiving], MAX_DRAIN
+    )
+    read: dict[int, list[Queued]] = defaultdict(list)
+    homes: dict[int, str] = {}
+    for r in rows:
+        read[r["source_id"]].append(
+            Queued(r["id"], r["source_id"], r["lead_external_id"], priority=r["priority"])
+        )
+        homes[r["id"]] = r["home_key"]
+    takes = {r["source_id"]: r["take"] for r in rows}
+    for source in receiving:
+        contacts = read.get(source, [])
+        heads[source].add(contacts, full=len(contacts) >= takes.get(source, MAX_DRAIN))
+    return homes
+
+
+def _serving_order(
     fresh: Sequence[NewContact],
-    queued: Sequence[Queued],
-    takes: dict[int, int],
+    heads: dict[int, Heads],
     sources: Sequence[int],
     source_ids: dict[str, int],
 ) -> list[Queued]:
-    """The fresh contacts that may be assigned now, as queued contacts with ids below
-    zero until inserted. Where the heads filled a source's take, older contacts may wait
-    beyond them: its fresh ones must queue behind."""
-    heads = Counter(q.source_id for q in queued)
-    placeable = {s for s in sources if heads[s] < takes[s]}
-    return [
-        Queued(-i, source_ids[n.body.source], n.body.lead.external_id)
-        for i, n in enumerate(fresh, 1)
-        if source_ids[n.body.source] in placeable
-    ]
+    """Who is served first: each source's queue in its order, the fresh contacts that may
+    be assigned now among them (with ids below zero until inserted: newer than any stored
+    one), and the sources merged by priority, then age. A fresh contact may be placed
+    only before everything its source did not read (a read that filled the source's take
+    may have left older or more urgent contacts unread): else it is queued."""
+    placeable = set(sources)
+    queues = {s: list(heads[s].contacts) for s in sources}
+    for i, n in enumerate(fresh, 1):
+        source = source_ids[n.body.source]
+        q = Queued(-i, source, n.body.lead.external_id, priority=n.body.priority)
+        if source in placeable and heads[source].placeable(q):
+            queues[source].append(q)
+    ordered = {}
+    for s in sources:
+        h = Heads(heads[s].lifo, queues[s])
+        ordered[s] = h.ordered()
+    return serving_order(ordered)
 
 
 async def _decide(
     conn: asyncpg.Connection,
     state: _State,
-    newcomers: list[Queued],
+    wanted: list[Queued],
     sources: Sequence[int],
     by_id: dict[int, Route],
 ) -> Plan:
-    """Who takes which contact: the backlog first, then the newcomers behind it."""
-    wanted = state.queued + newcomers
+    """Who takes which contact, in the serving order."""
     preferred = await _previous_operators(conn, wanted, by_id, state.weights)
     return assign(
         wanted,
@@ -433,6 +485,7 @@ async def _write_decisions(
     source_ids: dict[str, int],
     outcome: Outcome,
     events: EventWriter,
+    homes: dict[int, str],
 ) -> None:
     """Assign the queued contacts given an operator, then insert the fresh ones."""
     earlier = [a for a in decided.assignments if a.contact_id > 0]
@@ -441,7 +494,7 @@ async def _write_decisions(
     smooth = _smooth_arrays(decided)
     offering = offers.Offering()
     if earlier:
-        await _assign_queued(conn, earlier, by_id, outcome, events, smooth, offering)
+        await _assign_queued(conn, earlier, by_id, outcome, events, smooth, offering, homes)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
         stored = _NO_SMOOTH if earlier else smooth
@@ -480,6 +533,7 @@ async def _assign_queued(
     events: EventWriter,
     smooth: list[list[Any]],
     offering: offers.Offering,
+    homes: dict[int, str],
 ) -> None:
     rows = {
         r["id"]: r
@@ -499,10 +553,11 @@ async def _assign_queued(
     for a in assignments:
         row, route_ = rows[a.contact_id], routes[a.source_id]
         _assigned(outcome, route_, a.contact_id, a.operator_id)
+        key = homes.get(a.contact_id, route_.key)  # an overflowed one keeps its own
         if route_.accept_timeout:
-            offering.add(row, row["lead_external_id"], route_.key, a, route_.accept_timeout)
+            offering.add(row, row["lead_external_id"], key, a, route_.accept_timeout)
         else:
-            events.assigned(row, row["lead_external_id"], route_.key, a)
+            events.assigned(row, row["lead_external_id"], key, a)
 
 
 async def _insert(
@@ -536,6 +591,7 @@ async def _insert(
         [i.body.message for i in fresh],
         [i.message_id for i in fresh],
         *smooth,
+        [i.body.priority for i in fresh],
     )
     if not all(r["claimed"] for r in rows):
         raise CapacityTaken("an operator's capacity was taken meanwhile: nothing recorded")

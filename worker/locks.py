@@ -21,3 +21,7 @@ class LockSpace(IntEnum):
     # (1283, source id), until commit, tried without waiting: one worker at a time
     # expires the source's lapsed offers (worker/offers.py); the others skip the source.
     OFFER_DEADLINES = 1283
+    # (1284, source id), until commit: one worker keeps a source's timers (timers.py) at a
+    # time, taken before the source's routing lock; (1284, 0), until commit: one change of
+    # overflow settings at a time (source_queueing.py).
+    TIMERS = 1284

@@ -50,6 +50,12 @@ class Metrics:
             "Open contacts waiting for an operator (all sources)",
             registry=r,
         )
+        self.oldest_queued = Gauge(
+            "leadrouter_oldest_queued_seconds",
+            "How long the oldest queued contact of each source has waited (0: none queued)",
+            ["source"],
+            registry=r,
+        )
         self.outbox_pending = Gauge(
             "leadrouter_outbox_pending",
             "Events committed but not yet confirmed by the broker",

@@ -119,6 +119,20 @@ class EventWriter:
             _data(row, "open", lead_external_id, source_key, None),
         )
 
+    def waiting(
+        self, row: asyncpg.Record, source_key: str, time: datetime, queued_seconds: float
+    ) -> None:
+        """contact.waiting: still queued after the source's alert time (timers.py)."""
+        data = _data(row, "open", row["lead_external_id"], source_key, None, queued_seconds)
+        self._add("contact.waiting", time, data)
+
+    def overflowed(
+        self, row: asyncpg.Record, source_key: str, time: datetime, target_key: str
+    ) -> None:
+        """contact.overflowed: may also go to `target_key`'s operators now (timers.py)."""
+        data = _data(row, "open", row["lead_external_id"], source_key, None)
+        self._add("contact.overflowed", time, {**data, "overflow_to": target_key})
+
     def _add(
         self,
         key: str,

@@ -15,7 +15,10 @@ logger = log.get(__name__)
 
 
 def lead_contact_message(body: LeadContact, message_id: str) -> aio_pika.Message:
-    return _message(body.model_dump(exclude_none=True), message_id)
+    payload = body.model_dump(exclude_none=True)
+    if not body.priority:  # the default: the message as it was before priorities
+        del payload["priority"]
+    return _message(payload, message_id)
 
 
 def contact_close_message(body: ContactClose, message_id: str) -> aio_pika.Message:

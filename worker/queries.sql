@@ -3,7 +3,8 @@
 --
 -- Advisory locks are (namespace, id), the namespaces named in worker/locks.py
 -- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`, 1283
--- expiring a source's offers.
+-- expiring a source's offers, 1284 a source's timers (and id 0: changing overflow
+-- settings).
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
@@ -11,7 +12,8 @@ SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM
 
 -- name: sources_by_ids
 -- Sources by id, in lock order ($1 source ids).
-SELECT id, key, strategy, affinity_hours, accept_timeout FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
+SELECT id, key, strategy, affinity_hours, accept_timeout, queue_order, receives_overflow
+FROM sources WHERE id = ANY($1::bigint[]) ORDER BY id;
 
 -- name: claim_pending_events
 -- Lock a batch of unpublished events for one relay; other relays skip them, and rows
@@ -114,8 +116,12 @@ WITH old AS (
 SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM updated;
 
 -- name: list_sources
--- Every source.
-SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM sources ORDER BY id;
+-- Every source, with its queueing settings (the overflow target by key).
+SELECT s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours, s.accept_timeout,
+       s.queue_order,
+       t.key AS overflow_to, s.overflow_after, s.alert_after
+FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
+ORDER BY s.id;
 
 -- name: delete_weights
 -- Remove all weights of a source ($1 source id).
@@ -204,10 +210,22 @@ WHERE $1::text IS NULL OR s.key = $1
 ORDER BY s.key, o.id;
 
 -- name: stats_sources
--- Every source (or one) with its queued contacts now ($1 source key or NULL).
-SELECT s.key AS source, s.strategy,
+-- Every source (or one) with its queued contacts now, how long the oldest has waited
+-- (seconds, 0 when none), and its contacts since $2 that overflowed or were alerted
+-- ($1 source key or NULL, $2 since).
+SELECT s.key AS source, s.strategy, s.queue_order,
        (SELECT count(*) FROM contacts c
-        WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL) AS queued_now
+        WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL) AS queued_now,
+       coalesce(extract(epoch FROM statement_timestamp() - (
+           SELECT min(c.created_at) FROM contacts c
+           WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL
+       )), 0)::double precision AS oldest_queued_seconds,
+       (SELECT count(*) FROM contacts c JOIN outbox o ON o.contact_id = c.id
+        WHERE c.source_id = s.id AND c.created_at >= $2
+          AND o.routing_key = 'contact.overflowed') AS overflowed,
+       (SELECT count(*) FROM contacts c JOIN outbox o ON o.contact_id = c.id
+        WHERE c.source_id = s.id AND c.created_at >= $2
+          AND o.routing_key = 'contact.waiting') AS waiting_alerts
 FROM sources s
 WHERE $1::text IS NULL OR s.key = $1
 ORDER BY s.key;
@@ -261,14 +279,15 @@ SELECT pg_advisory_xact_lock(1282, 0);
 
 -- name: sources_by_keys
 -- The sources a batch names ($1 keys).
-SELECT id, key, strategy, affinity_hours, accept_timeout FROM sources WHERE key = ANY($1::text[]);
+SELECT id, key, strategy, affinity_hours, accept_timeout, queue_order, receives_overflow
+FROM sources WHERE key = ANY($1::text[]);
 
 -- name: lock_sources_by_keys
 -- The sources a batch of new contacts names, each one's routing serialised until commit
 -- (one round trip instead of two). The locks are taken in ascending id order, as
 -- everywhere: PostgreSQL evaluates a select list after ORDER BY unless ORDER BY
 -- refers to it (SELECT reference, "ORDER BY") ($1 keys).
-SELECT id, key, strategy, affinity_hours, accept_timeout,
+SELECT id, key, strategy, affinity_hours, accept_timeout, queue_order, receives_overflow,
        pg_advisory_xact_lock(1280, id::integer) AS locked
 FROM sources
 WHERE key = ANY($1::text[])
@@ -293,7 +312,7 @@ SELECT pg_advisory_xact_lock(1280, id) FROM unnest($1::integer[]) AS id;
 -- operator counts as paid) ($1 external ids, $2 names, $3 e-mails, $4 phones; per
 -- contact: $5 external ids, $6 source ids, $7 operator ids or NULL, $8 message texts,
 -- $9 inbound message ids; smooth starts: $10 source ids, $11 operator ids, $12 starts;
--- smooth clocks: $13 source ids, $14 clocks).
+-- smooth clocks: $13 source ids, $14 clocks; $15 per contact: priorities).
 WITH locked AS MATERIALIZED (
     SELECT o.id FROM operators o
     WHERE o.id = ANY($7::bigint[]) OR o.id = ANY($11::bigint[])
@@ -310,11 +329,12 @@ WITH locked AS MATERIALIZED (
         updated_at = now()
     RETURNING id, external_id
 ), contact_rows AS (
-    INSERT INTO contacts (lead_id, source_id, operator_id, assigned_at, message, inbound_message_id)
+    INSERT INTO contacts (lead_id, source_id, operator_id, assigned_at, message, inbound_message_id,
+                          priority)
     SELECT lead_rows.id, t.source_id, t.operator_id,
-           CASE WHEN t.operator_id IS NOT NULL THEN now() END, t.message, t.message_id
-    FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY
-        AS t (external_id, source_id, operator_id, message, message_id, n)
+           CASE WHEN t.operator_id IS NOT NULL THEN now() END, t.message, t.message_id, t.priority
+    FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $15::smallint[])
+        WITH ORDINALITY AS t (external_id, source_id, operator_id, message, message_id, priority, n)
     JOIN lead_rows USING (external_id)
     ORDER BY t.n
     ON CONFLICT (inbound_message_id) DO NOTHING
@@ -385,6 +405,10 @@ WHERE o.id = t.id;
 --   take (at most $3, the clock row's `take`), each with the operators its offers skip
 --   (`skip`, empty unless the source makes offers); only a source that has any sums its
 --   operators' free capacity (NULL `take` otherwise);
+-- 'queued': a source's first queued contacts in its order (priority, then oldest first,
+--   or newest first for a `lifo` source: one priority at a time, backwards), as many as
+--   its available operators could take (at most $3, the clock row's `take`); only a
+--   source that has any sums its operators' free capacity (NULL `take` otherwise);
 -- 'known': those of the batch's inbound message ids that already made a contact (one
 --   index probe per id: the plan cached for `= ANY($2)` while the table was small, in a
 --   new database, is a sequential scan, kept until the next ANALYZE)
@@ -401,13 +425,13 @@ WITH folded AS (
     WHERE s.id = f.source_id
     RETURNING s.id, s.available_weight
 ), src AS MATERIALIZED (
-    SELECT t.id, t.arriving, t.whole, s.smooth_clock AS clock,
+    SELECT t.id, t.arriving, t.whole, s.queue_order = 'lifo' AS lifo, s.smooth_clock AS clock,
            coalesce(totals.available_weight, s.available_weight) AS weight
     FROM unnest($1::bigint[], $4::integer[], $5::boolean[]) AS t (id, arriving, whole)
     JOIN sources s ON s.id = t.id
     LEFT JOIN totals ON totals.id = t.id
 ), takes AS (
-    SELECT src.id AS source_id,
+    SELECT src.id AS source_id, src.lifo,
            least($3::integer,
                  (SELECT sum(o.max_load - o.open_load)
                   FROM source_weights w JOIN operators o ON o.id = w.operator_id
@@ -417,16 +441,32 @@ WITH folded AS (
       AND EXISTS (SELECT 1 FROM contacts c
                   WHERE c.source_id = src.id AND c.status = 'open' AND c.operator_id IS NULL)
 ), queued AS MATERIALIZED (
-    SELECT q.source_id, q.id, l.external_id, q.offer_skip
+    -- The lead's external id looked up per contact (the planner, not knowing how few
+    -- `take` is, would otherwise hash the whole leads table: 8 ms at 20,000 leads).
+    SELECT q.source_id, q.id, q.priority, q.offer_skip,
+           (SELECT l.external_id FROM leads l WHERE l.id = q.lead_id) AS external_id
     FROM takes
     CROSS JOIN LATERAL (
-        SELECT c.id, c.source_id, c.lead_id, c.offer_skip
-        FROM contacts c
-        WHERE c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
-        ORDER BY c.id
-        LIMIT takes.take
+        (SELECT c.id, c.source_id, c.lead_id, c.priority, c.offer_skip
+         FROM contacts c
+         WHERE NOT takes.lifo
+           AND c.source_id = takes.source_id AND c.status = 'open' AND c.operator_id IS NULL
+         ORDER BY c.priority DESC, c.id
+         LIMIT takes.take)
+        UNION ALL
+        (SELECT n.id, n.source_id, n.lead_id, n.priority, n.offer_skip
+         FROM generate_series(9, 0, -1) AS p (priority)
+         CROSS JOIN LATERAL (
+             SELECT c.id, c.source_id, c.lead_id, c.priority, c.offer_skip
+             FROM contacts c
+             WHERE c.source_id = takes.source_id AND c.priority = p.priority
+               AND c.status = 'open' AND c.operator_id IS NULL
+             ORDER BY c.id DESC
+             LIMIT takes.take
+         ) AS n
+         WHERE takes.lifo
+         LIMIT takes.take)
     ) AS q
-    JOIN leads l ON l.id = q.lead_id
 ), windows AS MATERIALIZED (
     SELECT src.id, src.clock, src.weight, takes.take,
            CASE WHEN NOT src.whole THEN 2 * n.k + 8 END AS read_limit,
@@ -443,11 +483,11 @@ WITH folded AS (
 SELECT 'clock' AS kind, id AS source_id, NULL::bigint AS id, weight, NULL::integer AS open_load,
        NULL::integer AS max_load, NULL::timestamptz AS last_assigned_at, clock AS start,
        bound, read_limit, take, NULL::text AS lead_external_id, NULL::text AS message_id,
-       NULL::bigint[] AS skip
+       NULL::bigint[] AS skip, NULL::smallint AS priority
 FROM windows
 UNION ALL
 SELECT 'candidate', windows.id, c.operator_id, c.weight, c.open_load, c.max_load,
-       c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL, NULL
+       c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM windows
 CROSS JOIN LATERAL (
     SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
@@ -460,11 +500,11 @@ CROSS JOIN LATERAL (
 ) AS c
 UNION ALL
 SELECT 'queued', source_id, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, external_id, NULL,
-       offer_skip
+       offer_skip, priority
 FROM queued
 UNION ALL
 SELECT 'known', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.inbound_message_id,
-       NULL
+       NULL, NULL
 FROM unnest($2::text[]) AS m (id)
 CROSS JOIN LATERAL (
     SELECT inbound_message_id FROM contacts WHERE inbound_message_id = m.id LIMIT 1
@@ -678,3 +718,194 @@ SELECT id FROM contacts
 WHERE offer_expires_at <= statement_timestamp() AND source_id = $1
 ORDER BY id
 LIMIT $2;
+-- name: overflowed_queued
+-- Queued contacts of other sources that may go to these sources' operators (they
+-- overflowed to them), per source in its order (priority, then oldest or, $2, newest
+-- first), as many as its available operators could take (at most $3), with their own
+-- source's key ($1 source ids, $2 newest first, aligned with $1, $3 most per source).
+SELECT t.source_id, c.id, c.priority, c.home_key, l.external_id AS lead_external_id, k.take
+FROM unnest($1::bigint[], $2::boolean[]) AS t (source_id, lifo)
+CROSS JOIN LATERAL (
+    SELECT least($3::integer,
+                 (SELECT sum(o.max_load - o.open_load)
+                  FROM source_weights w JOIN operators o ON o.id = w.operator_id
+                  WHERE w.source_id = t.source_id AND w.available))::integer AS take
+) AS k
+CROSS JOIN LATERAL (
+    SELECT c.id, c.priority, c.lead_id, s.key AS home_key
+    FROM contact_overflows f
+    JOIN contacts c ON c.id = f.contact_id
+    JOIN sources s ON s.id = c.source_id
+    WHERE f.source_id = t.source_id AND c.status = 'open' AND c.operator_id IS NULL
+    ORDER BY f.priority DESC, CASE WHEN t.lifo THEN -f.contact_id ELSE f.contact_id END
+    LIMIT k.take
+) AS c
+JOIN leads l ON l.id = c.lead_id;
+
+-- name: source_queueing
+-- A source's queueing settings and what every source overflows to, for the cycle check
+-- ($1 source id).
+SELECT s.id, s.key, s.queue_order, s.overflow_to, s.overflow_after, s.alert_after
+FROM sources s WHERE s.id = $1;
+
+-- name: overflow_targets
+-- Every source that overflows, and where to.
+SELECT id, key, overflow_to FROM sources WHERE overflow_to IS NOT NULL;
+
+-- name: lock_overflow_settings
+-- One change of overflow settings at a time, until commit, so that two changes cannot
+-- make a cycle together.
+SELECT pg_advisory_xact_lock(1284, 0);
+
+-- name: store_queueing
+-- Store a source's queueing settings; when its overflow changed, forget where its
+-- contacts had overflowed to (they follow the new setting from the start; each emits
+-- contact.overflowed once all the same); then mark which sources receive overflow
+-- ($1 source id, $2 queue order, $3 overflow target id, $4 overflow seconds, $5 alert
+-- seconds, $6 whether the overflow changed).
+WITH updated AS (
+    UPDATE sources
+    SET queue_order = $2, overflow_to = $3, overflow_after = $4, alert_after = $5,
+        overflowed_through = CASE WHEN $6::boolean THEN 0 ELSE overflowed_through END
+    WHERE id = $1
+    RETURNING id
+), forgotten AS (
+    DELETE FROM contact_overflows f
+    USING contacts c
+    WHERE $6::boolean AND c.id = f.contact_id AND c.source_id = $1
+)
+SELECT id FROM updated;
+
+-- name: mark_receiving_sources
+-- Which sources some source overflows to (routing reads overflowed contacts only there).
+UPDATE sources s
+SET receives_overflow = r.receives
+FROM (SELECT t.id, EXISTS (SELECT 1 FROM sources o WHERE o.overflow_to = t.id) AS receives
+      FROM sources t) AS r
+WHERE s.id = r.id AND s.receives_overflow IS DISTINCT FROM r.receives;
+
+-- name: notify_timers
+-- Wake the workers' timers at commit: a source's timer settings changed.
+SELECT pg_notify('leadrouter_timers', '');
+
+-- name: timer_sources
+-- The sources with a timer: waiting alerts, overflow, or overflowed contacts to forget.
+SELECT id FROM sources
+WHERE alert_after IS NOT NULL OR overflow_to IS NOT NULL OR receives_overflow
+ORDER BY id;
+
+-- name: try_lock_source_timers
+-- This worker keeps the source's timers now, until commit; another one already does
+-- when false ($1 source id).
+SELECT pg_try_advisory_xact_lock(1284, $1::integer) AS mine;
+
+-- name: source_timers
+-- A source's timer settings and watermarks, read under its routing lock ($1 source id).
+SELECT s.id, s.key, s.alert_after, s.overflow_after, s.alerted_through, s.overflowed_through,
+       s.receives_overflow, t.id AS target_id, t.key AS target_key
+FROM sources s
+LEFT JOIN sources t ON t.id = s.overflow_to
+WHERE s.id = $1;
+
+-- name: queued_after
+-- A source's queued contacts after contact id $2, in id order (one index range per
+-- priority), at most $3, with how long each has waited ($1 source id, $2 contact id,
+-- $3 limit).
+SELECT c.id, c.lead_id, c.inbound_message_id, c.priority, c.created_at,
+       l.external_id AS lead_external_id,
+       extract(epoch FROM statement_timestamp() - c.created_at)::double precision AS waited
+FROM generate_series(0, 9) AS p (priority)
+CROSS JOIN LATERAL (
+    SELECT c.id, c.lead_id, c.inbound_message_id, c.priority, c.created_at
+    FROM contacts c
+    WHERE c.source_id = $1 AND c.priority = p.priority
+      AND c.status = 'open' AND c.operator_id IS NULL AND c.id > $2
+    ORDER BY c.id
+    LIMIT $3
+) AS c
+JOIN leads l ON l.id = c.lead_id
+ORDER BY c.id
+LIMIT $3;
+
+-- name: advance_timers
+-- Record how far the source's alerts and overflow got ($1 source id, $2 alerted through,
+-- $3 overflowed through).
+UPDATE sources SET alerted_through = $2, overflowed_through = $3 WHERE id = $1;
+
+-- name: overflow_contacts
+-- Let these contacts also go to the target's operators ($1 contact ids, $2 priorities,
+-- $3 target source id).
+INSERT INTO contact_overflows (contact_id, source_id, priority)
+SELECT t.id, $3, t.priority FROM unnest($1::bigint[], $2::smallint[]) AS t (id, priority)
+ON CONFLICT DO NOTHING;
+
+-- name: forward_overflows
+-- Overflow chains: contacts that overflowed to this source and have waited its own
+-- overflow time since, still queued, may also go to its target (never back to their own
+-- source) ($1 source id, $2 seconds, $3 target source id). Returns the contacts passed on.
+WITH due AS (
+    UPDATE contact_overflows f
+    SET forwarded = true
+    FROM contacts c
+    WHERE f.source_id = $1 AND NOT f.forwarded
+      AND f.overflowed_at <= statement_timestamp() - make_interval(secs => $2::double precision)
+      AND c.id = f.contact_id AND c.status = 'open' AND c.operator_id IS NULL
+    RETURNING f.contact_id, f.priority, c.source_id AS home
+)
+INSERT INTO contact_overflows (contact_id, source_id, priority)
+SELECT contact_id, $3, priority FROM due WHERE home <> $3
+ON CONFLICT DO NOTHING
+RETURNING contact_id;
+
+-- name: forget_overflows
+-- Overflow rows of contacts that are no longer queued ($1 source the rows point to).
+DELETE FROM contact_overflows f
+USING contacts c
+WHERE f.source_id = $1 AND c.id = f.contact_id
+  AND (c.status <> 'open' OR c.operator_id IS NOT NULL);
+
+-- name: insert_timer_events
+-- The timers' events; one per contact and kind, ever: a second is dropped ($1 event ids,
+-- $2 contact ids, $3 routing keys, $4 JSON payloads).
+INSERT INTO outbox (event_id, contact_id, routing_key, payload)
+SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
+    AS t (event_id, contact_id, routing_key, payload)
+ON CONFLICT (contact_id, routing_key, attempt) WHERE routing_key <> 'contact.answer_rejected'
+DO NOTHING;
+
+-- name: oldest_queued
+-- Per source, how long its oldest queued contact has waited, in seconds (0: none), one
+-- index probe per priority.
+SELECT s.key,
+       coalesce(extract(epoch FROM statement_timestamp() - o.oldest), 0)::double precision
+           AS seconds
+FROM sources s
+CROSS JOIN LATERAL (
+    SELECT min(c.created_at) AS oldest
+    FROM generate_series(0, 9) AS p (priority)
+    CROSS JOIN LATERAL (
+        SELECT c.created_at FROM contacts c
+        WHERE c.source_id = s.id AND c.priority = p.priority
+          AND c.status = 'open' AND c.operator_id IS NULL
+        ORDER BY c.id
+        LIMIT 1
+    ) AS c
+) AS o
+ORDER BY s.key;
+
+-- name: overflow_backlog
+-- Sources receiving overflow with an overflowed contact still queued and an available
+-- operator, for the timers' safety net.
+SELECT DISTINCT f.source_id
+FROM contact_overflows f
+JOIN contacts c ON c.id = f.contact_id
+WHERE c.status = 'open' AND c.operator_id IS NULL
+  AND EXISTS (SELECT 1 FROM source_weights w WHERE w.source_id = f.source_id AND w.available)
+ORDER BY f.source_id;
+
+-- name: queueing_shown
+-- A source's queueing settings as the CLI shows them ($1 source id).
+SELECT s.queue_order, t.key AS overflow_to, s.overflow_after, s.alert_after
+FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
+WHERE s.id = $1;

@@ -19,6 +19,10 @@ The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`)::
     strategy = "smooth"         # optional: smooth (default) | weighted_random | least_loaded
     affinity_hours = 24         # optional; absent or 0 = off
     accept_timeout = 30         # optional: offers, answered within this many seconds; 0 = off
+    queue_order = "fifo"        # optional: fifo (default) | lifo (newest first per priority)
+    overflow_to = "web"         # optional, with overflow_after: another source's key
+    overflow_after = 120        # optional; seconds queued before overflowing; absent or 0 = off
+    alert_after = 300           # optional; contact.waiting after these seconds; absent or 0 = off
     weights = { Alice = 1, Bob = 3 }   # optional: operator name -> weight (> 0)
 
 The same in YAML::
@@ -51,7 +55,7 @@ import json
 import re
 import tomllib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -60,7 +64,7 @@ import asyncpg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker import distribution
+from worker import distribution, source_queueing
 from worker.errors import UserError
 from worker.retry import in_transaction
 from worker.sql import Q
@@ -92,7 +96,28 @@ class SourceSpec(_Spec):
     strategy: str = DEFAULT_STRATEGY
     affinity_hours: Annotated[int, Field(ge=0, le=24 * 365)] = 0
     accept_timeout: Annotated[int, Field(ge=0, le=86_400)] = 0
+    queue_order: Literal["fifo", "lifo"] = "fifo"
+    overflow_to: str | None = None
+    overflow_after: Annotated[int, Field(ge=0, le=source_queueing.MAX_SECONDS)] = 0
+    alert_after: Annotated[int, Field(ge=0, le=source_queueing.MAX_SECONDS)] = 0
     weights: dict[Name, Annotated[int, Field(gt=0, le=INT32_MAX)]] | None = None
+
+    @model_validator(mode="after")
+    def _overflow_pair(self) -> "SourceSpec":
+        if (self.overflow_to is None) != (self.overflow_after == 0):
+            raise ValueError("overflow_to and overflow_after (seconds, above 0) go together")
+        if self.overflow_to == self.key:
+            raise ValueError("a source cannot overflow to itself")
+        return self
+
+    def queueing(self) -> dict[str, Any]:
+        """Its queueing settings as stored (0 and NULL both mean off)."""
+        return {
+            "queue_order": self.queue_order,
+            "overflow_to": self.overflow_to,
+            "overflow_after": self.overflow_after or None,
+            "alert_after": self.alert_after or None,
+        }
 
     @field_validator("key")
     @classmethod
@@ -232,6 +257,15 @@ class Source:
     affinity_hours: int | None
     weights: Mapping[int, int] = field(default_factory=dict)  # operator id -> weight
     accept_timeout: int = 0
+    queueing: Mapping[str, Any] = field(default_factory=lambda: dict(_QUEUEING_DEFAULTS))
+
+
+_QUEUEING_DEFAULTS: dict[str, Any] = {
+    "queue_order": "fifo",
+    "overflow_to": None,
+    "overflow_after": None,
+    "alert_after": None,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +352,7 @@ def _source_change(found: Source | None, spec: SourceSpec) -> Change:
             "strategy": s.strategy,
             "affinity_hours": s.affinity_hours or None,  # 0 and NULL both mean off
             "accept_timeout": s.accept_timeout or None,  # 0: offers off
+            **(s.queueing() if isinstance(s, SourceSpec) else s.queueing),
         }
 
     old, new = None if found is None else fields(found), fields(spec)
@@ -336,7 +371,11 @@ def _change(
     new: dict[str, Any],
 ) -> Change:
     if old is None:
-        listed = ", ".join(f"{f} {_show(v)}" for f, v in new.items() if v != "")
+        listed = ", ".join(
+            f"{f} {_show(v)}"
+            for f, v in new.items()
+            if v != "" and (f not in _QUEUEING_DEFAULTS or v != _QUEUEING_DEFAULTS[f])
+        )
         return Change("create", entity, name, listed)
     diff = ", ".join(f"{f} {_show(old[f])} → {_show(v)}" for f, v in new.items() if old[f] != v)
     return Change("update" if diff else "unchanged", entity, name, diff)
@@ -428,6 +467,7 @@ async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
                     r["affinity_hours"],
                     weights,
                     r["accept_timeout"],
+                    {f: r[f] for f in _QUEUEING_DEFAULTS},
                 )
             )
     return State(operators, tuple(sources))
@@ -507,6 +547,7 @@ async def _execute(
                 list(spec.weights.values()),
             )
 
+    await _store_queueing(conn, current, routing, todo, source_ids)
     await distribution.drain_sources(conn, affected)
     # Sources the changed operators were weighted for since they were read before the
     # locks (a concurrent `weights set`).
@@ -516,3 +557,39 @@ async def _execute(
             rows = await conn.fetch(Q.operator_source_ids, operator_ids[name])
             now.update(r["source_id"] for r in rows)
     return now - affected
+
+
+async def _store_queueing(
+    conn: asyncpg.Connection,
+    current: State,
+    routing: RoutingFile,
+    todo: Container[tuple[str, str]],
+    source_ids: Mapping[str, int],
+) -> None:
+    """The sources' queueing settings, once every source of the file exists (an overflow
+    may name one created here): overflow turned off first where it changes, so that the
+    file's final settings are checked for cycles, not a mix of old and new."""
+    before = {s.key: dict(s.queueing) for s in current.sources}
+    changed = [
+        spec
+        for spec in routing.sources
+        if ("source", spec.key) in todo
+        and spec.queueing() != before.get(spec.key, _QUEUEING_DEFAULTS)
+    ]
+    for spec in changed:
+        old = before.get(spec.key, _QUEUEING_DEFAULTS)
+        if old["overflow_to"] is not None and old["overflow_to"] != spec.overflow_to:
+            off = source_queueing.QueueingChange(overflow_after=0)
+            await source_queueing.store(conn, source_ids[spec.key], off)
+    for spec in changed:
+        change = source_queueing.QueueingChange(
+            queue_order=spec.queue_order,
+            overflow_to=spec.overflow_to,
+            overflow_after=spec.overflow_after,
+            alert_after=spec.alert_after,
+        )
+        try:
+            await source_queueing.store(conn, source_ids[spec.key], change)
+        except UserError as exc:
+            index = routing.sources.index(spec)
+            raise UserError(f"sources[{index}]: {exc}") from None

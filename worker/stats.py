@@ -51,12 +51,25 @@ class SourceStats:
     queued_now: int
     assigned: int = 0
     operators: list[OperatorShare] = field(default_factory=list)
+    queue_order: str = "fifo"
+    oldest_queued_seconds: float = 0.0  # how long the oldest queued contact has waited
+    overflowed: int = 0  # contacts of the window that overflowed to another source
+    waiting_alerts: int = 0  # contacts of the window that emitted contact.waiting
 
 
 def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[SourceStats]:
     """Group the rows by source and compute configured and observed shares. Pure."""
     by_key = {
-        s["source"]: SourceStats(s["source"], s["strategy"], s["queued_now"]) for s in sources
+        s["source"]: SourceStats(
+            s["source"],
+            s["strategy"],
+            s["queued_now"],
+            queue_order=s.get("queue_order", "fifo"),
+            oldest_queued_seconds=round(s.get("oldest_queued_seconds", 0.0), 3),
+            overflowed=s.get("overflowed", 0),
+            waiting_alerts=s.get("waiting_alerts", 0),
+        )
+        for s in sources
     }
     for row in rows:
         by_key[row["source"]].assigned += row["assigned"]
@@ -85,7 +98,7 @@ async def collect(
     pool: asyncpg.Pool, source_key: str | None, since: timedelta | None
 ) -> list[SourceStats]:
     start = datetime.now(UTC) - since if since else datetime.min.replace(tzinfo=UTC)
-    sources = [dict(r) for r in await pool.fetch(Q.stats_sources, source_key)]
+    sources = [dict(r) for r in await pool.fetch(Q.stats_sources, source_key, start)]
     if source_key is not None and not sources:
         raise UserError(f"no source with key {source_key!r}")
     rows = [dict(r) for r in await pool.fetch(Q.stats_rows, source_key, start)]
@@ -102,6 +115,20 @@ def bar(share: float, target: float, width: int = BAR_WIDTH) -> str:
     return "".join(cells)
 
 
+def _queueing(s: SourceStats) -> str:
+    """What the title says of the backlog beyond its size, only where there is something."""
+    parts = []
+    if s.queued_now:
+        parts.append(f"oldest waiting {s.oldest_queued_seconds:.0f}s")
+    if s.queue_order != "fifo":
+        parts.append(f"{s.queue_order} order")
+    if s.overflowed:
+        parts.append(f"{s.overflowed} overflowed")
+    if s.waiting_alerts:
+        parts.append(f"{s.waiting_alerts} waiting alerts")
+    return "".join(f", {p}" for p in parts)
+
+
 def render(stats: list[SourceStats], console: Console, since: str | None) -> None:
     window = f"since {since} ago" if since else "all time"
     for s in stats:
@@ -116,7 +143,7 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
             "load",
             title=cell(
                 f"{s.source} ({s.strategy}): {s.assigned} assigned {window}, "
-                f"{s.queued_now} queued now"
+                f"{s.queued_now} queued now" + _queueing(s)
             ),
             title_justify="left",
         )

@@ -90,6 +90,23 @@ BAD_INPUT: list[tuple[str, str, bytes | dict[str, Any], str | None, str]] = [
         "unknown_contact",
     ),
     ("too large", "lead.contact", b" " * (ONE_MIB + 1), "bad-large", "too_large"),
+    # priority: an integer 0-9 and nothing else (strict: no strings, floats or booleans)
+    *(
+        (f"priority {text}", "lead.contact", body, f"bad-priority-{n}", "invalid_schema")
+        for n, (text, body) in enumerate(
+            [
+                ("string", {**lead("tg", "p:1"), "priority": "5"}),
+                ("10", {**lead("tg", "p:2"), "priority": 10}),
+                ("-1", {**lead("tg", "p:3"), "priority": -1}),
+                ("3.5", {**lead("tg", "p:4"), "priority": 3.5}),
+                ("3.0", {**lead("tg", "p:5"), "priority": 3.0}),
+                ("true", {**lead("tg", "p:6"), "priority": True}),
+                ("null", {**lead("tg", "p:7"), "priority": None}),
+                ("huge", {**lead("tg", "p:8"), "priority": 10**30}),
+                ("1e400", b'{"source": "tg", "lead": {"external_id": "p:9"}, "priority": 1e400}'),
+            ]
+        )
+    ),
 ]
 
 

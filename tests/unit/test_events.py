@@ -34,6 +34,8 @@ def test_routing_keys() -> None:
         "contact.declined",
         "contact.expired",
         "contact.answer_rejected",
+        "contact.overflowed",
+        "contact.waiting",
     )
 
 

@@ -44,6 +44,11 @@ EVENT_MEANINGS = {
     "contact.answer_rejected": "An answer to an offer changed nothing: reason expired (too "
     "late), not_offered (the contact is not offered to that operator) or closed. Tell the "
     "person; the message was not dead-lettered.",
+    "contact.overflowed": "The contact has waited its source's overflow time: from now on "
+    "the operators of the source named in `overflow_to` may take it too (by that source's "
+    "weights and strategy); it keeps its own source. Once per contact.",
+    "contact.waiting": "The contact is still queued after its source's alert time "
+    "(`queued_seconds`: how long it has waited). Once per contact.",
 }
 if set(EVENT_MEANINGS) != set(events.ROUTING_KEYS):  # a new event must be documented
     raise RuntimeError("EVENT_MEANINGS does not match schemas.events.ROUTING_KEYS")
