@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
 from worker import amqp_reads, amqp_writes, distribution, log, nodes, topology
+from worker.availability import ScheduleKeeper
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
@@ -139,6 +140,9 @@ class Worker:
             asyncio.create_task(self._sweep_backlog(), name="backlog-sweep"),
             asyncio.create_task(self._prune_outbox(), name="outbox-prune"),
             asyncio.create_task(self._probe(), name="health-probe"),
+            asyncio.create_task(
+                ScheduleKeeper(self._pool, s, self.metrics).run(self._stop), name="schedule"
+            ),
         ]
         for task in self._tasks:
             task.add_done_callback(self._side_task_done)

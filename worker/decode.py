@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.inbound import ROUTING_KEYS, SHORT, ContactClose, Lead, LeadContact, storable
+from schemas.inbound import (
+    ROUTING_KEYS,
+    SHORT,
+    ContactClose,
+    Lead,
+    LeadContact,
+    OperatorPresence,
+    storable,
+)
 from worker.errors import DeadLetter, Reason
 
 UNKNOWN_KEY = "<unknown key>"
@@ -28,7 +36,9 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "UTF-16"),
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
-_MODELS: dict[str, type[BaseModel]] = {m.__name__: m for m in (LeadContact, ContactClose, Lead)}
+_MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m for m in (LeadContact, ContactClose, Lead, OperatorPresence)
+}
 # pydantic error types whose message template holds only what the schema says (a type,
 # a length, a pattern, a class name, or the fixed text of our own validators' ValueError);
 # any other type is reported by its name alone.
@@ -58,6 +68,7 @@ _SAFE_MESSAGES = frozenset(
         "less_than",
         "less_than_equal",
         "value_error",
+        "literal_error",
         "recursion_loop",
     }
 )
@@ -83,7 +94,7 @@ def message_id_of(prop: str | None) -> str | None:
 class Inbound:
     message_id: str
     routing_key: str
-    body: LeadContact | ContactClose
+    body: LeadContact | ContactClose | OperatorPresence
 
 
 def decode(

@@ -18,3 +18,6 @@ class LockSpace(IntEnum):
     MIGRATIONS = 1281
     # (1282, 0), until commit: one `leadrouter apply` at a time.
     APPLY = 1282
+    # (1285, operator id), until commit, tried and never waited for: one worker
+    # evaluates an operator's schedule at a time (worker/availability.py).
+    SCHEDULE = 1285

@@ -26,7 +26,12 @@ def data(**overrides: object) -> ContactEventData:
 
 
 def test_routing_keys() -> None:
-    assert ROUTING_KEYS == ("contact.assigned", "contact.queued", "contact.closed")
+    assert ROUTING_KEYS == (
+        "contact.assigned",
+        "contact.queued",
+        "contact.closed",
+        "contact.requeued",
+    )
 
 
 @pytest.mark.parametrize("routing_key", ["contact.assigned", "contact.queued", "contact.closed"])

@@ -7,14 +7,14 @@ from worker.locks import LockSpace
 from worker.sql import queries
 
 ROOT = Path(__file__).resolve().parents[2]
-CALL = re.compile(r"pg_advisory\w*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+CALL = re.compile(r"pg_(?:try_)?advisory\w*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
 
 
 def test_each_query_locks_in_its_namespace() -> None:
     used = {
         name: sorted({int(args.split(",")[0]) for args in CALL.findall(sql)})
         for name, sql in queries().items()
-        if "pg_advisory" in sql
+        if "advisory" in sql
     }
     assert used == {
         "update_source": [LockSpace.SOURCE],
@@ -23,6 +23,7 @@ def test_each_query_locks_in_its_namespace() -> None:
         "migrations_lock": [LockSpace.MIGRATIONS],
         "migrations_unlock": [LockSpace.MIGRATIONS],
         "lock_apply": [LockSpace.APPLY],
+        "try_lock_schedule": [LockSpace.SCHEDULE],
     }
 
 
