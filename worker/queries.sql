@@ -178,8 +178,8 @@ INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
 
 -- name: stats_rows
 -- Per source and operator (weighted now, or assigned contacts in the window): the
--- weight, contacts assigned since $2, open now, load and limit ($1 source key or NULL,
--- $2 since).
+-- weight, contacts assigned since $2, open now, load and limit, presence and shift, and
+-- whether they take work now ($1 source key or NULL, $2 since).
 WITH pairs AS (
     SELECT source_id, operator_id FROM source_weights
     UNION
@@ -188,6 +188,7 @@ WITH pairs AS (
 )
 SELECT s.key AS source, s.strategy, o.id AS operator_id, o.name AS operator_name,
        o.is_active, o.open_load AS load, o.max_load, COALESCE(w.weight, 0) AS weight,
+       o.presence, o.shift, o.time_zone, o.scheduled, o.is_active AND o.ready AS available,
        (SELECT count(*) FROM contacts c
         WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
           AND c.assigned_at >= $2) AS assigned,
