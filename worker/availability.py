@@ -111,6 +111,22 @@ async def set_leave(
     return await in_transaction(pool, lambda conn: _change(conn, operator_id, "cli", leave=update))
 
 
+async def set_schedule(
+    conn: asyncpg.Connection, operator_id: int, fields: dict[str, str | None]
+) -> Changed:
+    """Set schedule columns (`shift`, `time_zone`, `leave`, already checked) in the
+    caller's transaction: `leadrouter apply`."""
+    leave = fields.get("leave", _KEEP)
+    return await _change(
+        conn,
+        operator_id,
+        "cli",
+        shift=fields.get("shift", _KEEP),
+        time_zone=fields.get("time_zone", _KEEP),
+        leave=_KEEP if leave is _KEEP else (lambda _old: leave),
+    )
+
+
 async def apply_message(
     conn: asyncpg.Connection, operator_id: int, status: str, requeue_open: bool
 ) -> Changed:
