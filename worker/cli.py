@@ -884,6 +884,11 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     is_flag=True,
     help="First run the minimal hand-written pipeline on the same load, and compare.",
 )
+@click.option(
+    "--schedules",
+    is_flag=True,
+    help="Measure twice: as is, then with every operator given a shift and leave; compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -894,6 +899,7 @@ async def bench(
     weights_per_source: int,
     rate: float | None,
     reference: bool,
+    schedules: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -912,6 +918,7 @@ async def bench(
         reference,
         operators=operators,
         weights_per_source=weights_per_source,
+        schedules=schedules,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))
