@@ -48,6 +48,10 @@ class ContactEventData(BaseModel):
         description="contact.overflowed only: key of the source whose operators may now take"
         " the contact too (it keeps its own source)",
     )
+    requeued_from: int | None = Field(
+        default=None,
+        description="contact.requeued only: the operator who handed the contact back",
+    )
 
 
 class ContactEvent(BaseModel):
@@ -73,6 +77,7 @@ class ContactEvent(BaseModel):
         "org.leadrouter.contact.answer_rejected",
         "org.leadrouter.contact.overflowed",
         "org.leadrouter.contact.waiting",
+        "org.leadrouter.contact.requeued",
     ]
     time: datetime
     subject: str = Field(min_length=1, description="contacts/ID")
@@ -90,7 +95,58 @@ ROUTING_KEYS = (
     "contact.answer_rejected",
     "contact.overflowed",
     "contact.waiting",
+    "contact.requeued",
 )
+OPERATOR_ROUTING_KEYS = ("operator.presence_changed",)
+
+
+class OperatorPresenceData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operator_id: int
+    status: Literal["online", "away", "offline"] = Field(description="The operator's presence")
+    available: bool = Field(
+        description="Whether they get contacts now: active, online, on shift, not on leave"
+    )
+    on_shift: bool = Field(description="Within their shift now (true without a shift)")
+    on_leave: bool
+    reason: Literal["message", "cli", "shift", "leave"] = Field(
+        description="What changed it: an operator.presence message, the CLI, a shift "
+        "starting or ending, leave starting or ending"
+    )
+
+
+class OperatorEvent(BaseModel):
+    """Envelope of operator.presence_changed."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, description="Stable across re-publishes: de-duplicate on it")
+    source: str = Field(min_length=1, description="/leadrouter/operators/ID")
+    type: Literal["org.leadrouter.operator.presence_changed"]
+    time: datetime
+    subject: str = Field(min_length=1, description="operators/ID")
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: OperatorPresenceData
+
+
+def operator_envelope(
+    event_id: str, routing_key: str, time: datetime, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The envelope of an event about an operator, as plain data."""
+    if routing_key not in OPERATOR_ROUTING_KEYS:
+        raise ValueError(f"unknown event routing key {routing_key!r}")
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"/leadrouter/operators/{data['operator_id']}",
+        "type": EVENT_TYPE_PREFIX + routing_key,
+        "time": time.isoformat(),
+        "subject": f"operators/{data['operator_id']}",
+        "datacontenttype": "application/json",
+        "data": data,
+    }
 
 
 def envelope(

@@ -1,7 +1,7 @@
 """Inbound message bodies published by upstream bots to `leads.inbound`."""
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -122,12 +122,32 @@ class ContactDecline(_Strict):
     )
 
 
+class OperatorPresence(_Strict):
+    """Routing key `operator.presence`: an operator's app says whether they take work."""
+
+    operator_id: Annotated[int, Field(gt=0, lt=2**63)]
+    status: Literal["online", "away", "offline"] = Field(
+        description="online: takes contacts (within their shift, outside leave); away or "
+        "offline: takes none"
+    )
+    requeue_open: bool = Field(
+        default=False,
+        description="Going away or offline: also hand their open contacts back to the queue "
+        "(contact.requeued), to be routed again at once in their old place",
+    )
+    message_id: Short | None = Field(
+        default=None,
+        description="Idempotency key; takes precedence over the AMQP message_id property",
+    )
+
+
 Answer = ContactAccept | ContactDecline
-Inbound = LeadContact | ContactClose | ContactAccept | ContactDecline
+Inbound = LeadContact | ContactClose | ContactAccept | ContactDecline | OperatorPresence
 
 ROUTING_KEYS: dict[str, type[Inbound]] = {
     "lead.contact": LeadContact,
     "contact.close": ContactClose,
     "contact.accept": ContactAccept,
     "contact.decline": ContactDecline,
+    "operator.presence": OperatorPresence,
 }

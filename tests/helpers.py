@@ -11,7 +11,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas.events import ContactEvent
+from schemas.events import ContactEvent, OperatorEvent
 
 
 class EventCollector:
@@ -20,9 +20,16 @@ class EventCollector:
     def __init__(self) -> None:
         self.events: list[ContactEvent] = []
         self.routing_keys: list[str] = []
+        self.operator_events: list[OperatorEvent] = []  # operator.presence_changed
         self._changed = asyncio.Event()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        if (message.routing_key or "").startswith("operator."):
+            operator_event = OperatorEvent.model_validate_json(message.body)
+            assert message.message_id == operator_event.id
+            self.operator_events.append(operator_event)
+            self._changed.set()
+            return
         event = ContactEvent.model_validate_json(message.body)
         assert message.message_id == event.id
         self.events.append(event)
@@ -46,6 +53,14 @@ class EventCollector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
         return self.of(routing_key)
+
+    async def wait_for_operator_events(self, count: int, timeout: float = 20) -> list[Any]:
+        await wait_until(
+            lambda: asyncio.sleep(0, len(self.operator_events) >= count),
+            timeout,
+            f"{count} operator events (got {len(self.operator_events)})",
+        )
+        return self.operator_events
 
 
 async def wait_until(

@@ -1,6 +1,7 @@
 """Admin actions behind the CLI. Those that change who can take work route the backlog
 in the same transaction and leave their events in the outbox for the worker's relay."""
 
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -26,7 +27,11 @@ async def add_operator(pool: asyncpg.Pool, name: str, max_load: int, active: boo
 
 
 async def list_operators(pool: asyncpg.Pool) -> list[Row]:
-    return [dict(r) for r in await pool.fetch(Q.list_operators)]
+    """Every operator, with their presence, schedule and whether they take work now."""
+    from worker.availability import describe
+
+    now = datetime.now(UTC)
+    return [dict(r) | describe(r, now) for r in await pool.fetch(Q.list_operators)]
 
 
 async def update_operator(

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
 from worker import amqp_reads, amqp_writes, distribution, log, nodes, offers, timers, topology
+from worker.availability import ScheduleKeeper
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
@@ -150,6 +151,9 @@ class Worker:
                     self._pool, self._stop, self.metrics, self.relay.wake, s.retry_max_seconds
                 ),
                 name="timers",
+            ),
+            asyncio.create_task(
+                ScheduleKeeper(self._pool, s, self.metrics).run(self._stop), name="schedule"
             ),
         ]
         for task in self._tasks:

@@ -175,14 +175,17 @@ class _FilePath(click.Path):
         return super().convert(value, param, ctx)
 
 
-def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+def _print_rows(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, width: int = 120
+) -> None:
+    """A table (`width` when not printed to a terminal), or a JSON array."""
     if as_json:
         click.echo(json.dumps([{c: r[c] for c in r} for r in rows], default=_json_default))
         return
     table = Table(*columns)
     for row in rows:
         table.add_row(*(cell(_cell(row.get(c))) for c in columns))
-    _console().print(table)
+    _console(width).print(table)
 
 
 def _print_one(row: dict[str, Any], as_json: bool) -> None:
@@ -288,7 +291,91 @@ async def operators_list(as_json: bool) -> None:
     """Every operator with its load."""
     async with await _pool(_settings()) as pool:
         rows = await admin.list_operators(pool)
-    _print_rows(rows, ["id", "name", "is_active", "max_load", "load"], as_json)
+    columns = ["id", "name", "is_active", "max_load", "load", "presence", "shift", "available"]
+    # --json adds time_zone, leave, on_shift and on_leave.
+    _print_rows(rows, columns, as_json, width=160)
+
+
+@operators.command("presence")
+@click.argument("operator_id", type=BIGINT)
+@click.argument("status", metavar="online|away|offline")
+@click.option(
+    "--requeue-open",
+    is_flag=True,
+    help="Going away or offline: also hand their open contacts back to the queue.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_presence(
+    operator_id: int, status: str, requeue_open: bool, as_json: bool
+) -> None:
+    """Set whether an operator takes work: online, away or offline."""
+    from worker import availability
+
+    availability.check_status(status)
+    async with await _pool(_settings()) as pool:
+        changed = await availability.set_presence(pool, operator_id, status, "cli", requeue_open)
+    _print_availability(changed, as_json)
+
+
+@operators.command("shift")
+@click.argument("operator_id", type=BIGINT)
+@click.argument("shift", required=False, metavar='["mon-fri 09:00-18:00, sat 10:00-14:00"]')
+@click.option("--tz", "time_zone", help="IANA time zone of the shift, e.g. Europe/Berlin.")
+@click.option("--clear", is_flag=True, help="No shift: always on (leave still counts).")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_shift(
+    operator_id: int, shift: str | None, time_zone: str | None, clear: bool, as_json: bool
+) -> None:
+    """Show, set or clear an operator's weekly shift (days, then HH:MM-HH:MM ranges;
+    22:00-06:00 runs overnight)."""
+    from worker import availability
+
+    async with await _pool(_settings()) as pool:
+        if clear or shift is not None:
+            if clear and shift is not None:
+                raise UserError("give a shift or --clear, not both")
+            changed = await availability.set_shift(pool, operator_id, shift, time_zone)
+            _print_availability(changed, as_json)
+        else:
+            if time_zone is not None:
+                raise UserError("--tz goes with a shift")
+            _print_one(await _availability_of(pool, operator_id), as_json)
+
+
+@operators.command("leave")
+@click.argument("operator_id", type=BIGINT)
+@click.argument("ranges", nargs=-1, metavar="[YYYY-MM-DD..YYYY-MM-DD]...")
+@click.option("--clear", is_flag=True, help="Remove all their leave (before adding RANGES).")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def operators_leave(
+    operator_id: int, ranges: tuple[str, ...], clear: bool, as_json: bool
+) -> None:
+    """Show, add or clear an operator's leave: inclusive date ranges in their shift's time
+    zone (UTC without a shift)."""
+    from worker import availability
+
+    async with await _pool(_settings()) as pool:
+        if clear or ranges:
+            changed = await availability.set_leave(pool, operator_id, ranges, clear)
+            _print_availability(changed, as_json)
+        else:
+            _print_one(await _availability_of(pool, operator_id), as_json)
+
+
+async def _availability_of(pool: asyncpg.Pool, operator_id: int) -> dict[str, Any]:
+    rows = [r for r in await admin.list_operators(pool) if r["id"] == operator_id]
+    if not rows:
+        raise UserError(f"no operator with id {operator_id}")
+    keep = ("id", "name", "presence", "shift", "time_zone", "leave", "on_shift", "on_leave")
+    return {k: rows[0][k] for k in (*keep, "available")}
+
+
+def _print_availability(changed: Any, as_json: bool) -> None:
+    row = {**changed.operator, "requeued": changed.requeued, "assigned": changed.assigned}
+    _print_one(row, as_json)
 
 
 @operators.command("update")
@@ -662,10 +749,10 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
         render(result, _console(), since)
 
 
-def _console() -> Console:
+def _console(width: int = 120) -> Console:
     # Cells are Text (never markup); a plain string printed by mistake is not read either.
     return Console(
-        width=None if Console().is_terminal else 120, markup=False, emoji=False, highlight=False
+        width=None if Console().is_terminal else width, markup=False, emoji=False, highlight=False
     )
 
 
@@ -853,6 +940,11 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     is_flag=True,
     help="First run the minimal hand-written pipeline on the same load, and compare.",
 )
+@click.option(
+    "--schedules",
+    is_flag=True,
+    help="Measure twice: as is, then with every operator given a shift and leave; compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -863,6 +955,7 @@ async def bench(
     weights_per_source: int,
     rate: float | None,
     reference: bool,
+    schedules: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -881,6 +974,7 @@ async def bench(
         reference,
         operators=operators,
         weights_per_source=weights_per_source,
+        schedules=schedules,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))

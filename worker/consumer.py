@@ -19,8 +19,14 @@ import asyncpg
 from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage
 
-from schemas.inbound import ContactAccept, ContactClose, ContactDecline, LeadContact
-from worker import amqp_reads, distribution, log, offers
+from schemas.inbound import (
+    ContactAccept,
+    ContactClose,
+    ContactDecline,
+    LeadContact,
+    OperatorPresence,
+)
+from worker import amqp_reads, availability, distribution, log, offers
 from worker.decode import Inbound, decode, shown_routing_key
 from worker.dlq import OUR_PREFIX, replayable
 from worker.errors import ERROR_HEADER, REASON_HEADER, DeadLetter, Reason
@@ -346,8 +352,17 @@ class Consumer:
         """One transaction for the whole batch; marks unknown sources and contacts as
         dead letters and leaves the rest handled."""
         items = [(d, d.inbound) for d in deliveries if d.inbound is not None]
+        if any(isinstance(i.body, OperatorPresence) for _, i in items):
+            await self._presence([(d, i) for d, i in items if isinstance(i.body, OperatorPresence)])
+            items = [(d, i) for d, i in items if not isinstance(i.body, OperatorPresence)]
+            if not items:
+                return
         keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
-        ids = {i.body.contact_id for _, i in items if not isinstance(i.body, LeadContact)}
+        ids = {
+            i.body.contact_id
+            for _, i in items
+            if isinstance(i.body, ContactClose | ContactAccept | ContactDecline)
+        }
         async with self._pool.acquire() as conn, conn.transaction():
             scope = await distribution.read_scope(conn, keys, ids)
             new, closes, answers = [], [], []
@@ -362,13 +377,13 @@ class Consumer:
                         )
                     else:
                         new.append(distribution.NewContact(inbound.message_id, body))
-                elif body.contact_id in scope.unknown_contacts:
+                elif isinstance(body, ContactClose) and body.contact_id in scope.unknown_contacts:
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
                 elif isinstance(body, ContactClose):
                     closes.append(body.contact_id)
-                else:
+                elif isinstance(body, ContactAccept | ContactDecline):
                     answers.append(_answer(inbound.message_id, body))
             outcome = await distribution.route(
                 conn,
@@ -403,6 +418,24 @@ class Consumer:
                     contact_id=contact_id,
                     operator_id=outcome.assigned.get(contact_id) if contact_id else None,
                     duplicate=contact_id is None,
+                )
+
+    async def _presence(self, items: Sequence[tuple[_Delivery, Inbound]]) -> None:
+        """`operator.presence` messages, each in a transaction of its own (a presence
+        change locks the operator's sources); done again on a retry, which changes
+        nothing the second time."""
+        for d, inbound in items:
+            body = inbound.body
+            assert isinstance(body, OperatorPresence)
+            d.failure = None
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await availability.apply_message(
+                        conn, body.operator_id, body.status, body.requeue_open
+                    )
+            except availability.UnknownOperator:
+                d.failure = DeadLetter(
+                    Reason.UNKNOWN_OPERATOR, "no operator with the body's operator_id"
                 )
 
     async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:

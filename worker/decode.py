@@ -23,6 +23,7 @@ from schemas.inbound import (
     ContactDecline,
     Lead,
     LeadContact,
+    OperatorPresence,
     storable,
 )
 from schemas.inbound import Inbound as Body
@@ -39,7 +40,8 @@ _BOMS = (
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
 _MODELS: dict[str, type[BaseModel]] = {
-    m.__name__: m for m in (LeadContact, ContactClose, ContactAccept, ContactDecline, Lead)
+    m.__name__: m
+    for m in (LeadContact, ContactClose, ContactAccept, ContactDecline, Lead, OperatorPresence)
 }
 # pydantic error types whose message template holds only what the schema says (a type,
 # a length, a pattern, a class name, or the fixed text of our own validators' ValueError);
@@ -70,6 +72,7 @@ _SAFE_MESSAGES = frozenset(
         "less_than",
         "less_than_equal",
         "value_error",
+        "literal_error",
         "recursion_loop",
     }
 )

@@ -15,6 +15,7 @@ class Reason(StrEnum):
     MISSING_MESSAGE_ID = "missing_message_id"
     UNKNOWN_SOURCE = "unknown_source"
     UNKNOWN_CONTACT = "unknown_contact"
+    UNKNOWN_OPERATOR = "unknown_operator"
     TOO_LARGE = "too_large"
     INVALID_PROPERTIES = "invalid_properties"
     # Set by the broker (the reason in x-death), never in our header.

@@ -25,3 +25,6 @@ class LockSpace(IntEnum):
     # time, taken before the source's routing lock; (1284, 0), until commit: one change of
     # overflow settings at a time (source_queueing.py).
     TIMERS = 1284
+    # (1285, operator id), until commit, tried and never waited for: one worker
+    # evaluates an operator's schedule at a time (worker/availability.py).
+    SCHEDULE = 1285

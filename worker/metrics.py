@@ -66,3 +66,10 @@ class Metrics:
             "1 when PostgreSQL and RabbitMQ answer and the worker consumes",
             registry=r,
         )
+        self.available_operators = Gauge(
+            "leadrouter_available_operators",
+            "Operators weighted on the source who take work now: active, online, on shift, "
+            "not on leave (whatever their load)",
+            ["source"],
+            registry=r,
+        )

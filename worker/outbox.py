@@ -27,7 +27,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
-from schemas.events import envelope
+from schemas.events import envelope, operator_envelope
 from worker import log
 from worker.assignment import Assignment
 from worker.metrics import Metrics
@@ -60,7 +60,7 @@ class EventWriter:
     every operator row is locked: outbox order is then commit order per operator."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[uuid.UUID, int, str, str, int]] = []
+        self.rows: list[tuple[uuid.UUID, int | None, str, str, int]] = []
 
     def closed(self, row: asyncpg.Record) -> None:
         self._add(
@@ -132,6 +132,20 @@ class EventWriter:
         """contact.overflowed: may also go to `target_key`'s operators now (timers.py)."""
         data = _data(row, "open", row["lead_external_id"], source_key, None)
         self._add("contact.overflowed", time, {**data, "overflow_to": target_key})
+
+    def requeued(self, row: asyncpg.Record, operator_id: int) -> None:
+        """An open contact handed back by its operator (worker/availability.py): queued
+        again, routed as if new in its old place."""
+        data = _data(row, "open", row["lead_external_id"], row["source_key"], None)
+        data["requeued_from"] = operator_id
+        self._add("contact.requeued", row["requeued_at"], data)
+
+    def presence_changed(self, time: datetime, data: dict[str, Any]) -> None:
+        """An operator's presence or schedule changed (worker/availability.py)."""
+        key = "operator.presence_changed"
+        event_id = uuid.uuid4()
+        payload = json.dumps(operator_envelope(str(event_id), key, time, data))
+        self.rows.append((event_id, None, key, payload, 0))
 
     def _add(
         self,

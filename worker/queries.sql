@@ -4,7 +4,7 @@
 -- Advisory locks are (namespace, id), the namespaces named in worker/locks.py
 -- (LockSpace): 1280 a source's routing, 1281 migrating, 1282 `leadrouter apply`, 1283
 -- expiring a source's offers, 1284 a source's timers (and id 0: changing overflow
--- settings).
+-- settings), 1285 an operator's schedule.
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
@@ -44,7 +44,8 @@ SELECT DISTINCT c.source_id
 FROM contacts c
 WHERE c.status = 'open' AND c.operator_id IS NULL
   AND EXISTS (SELECT 1 FROM source_weights w JOIN operators o ON o.id = w.operator_id
-              WHERE w.source_id = c.source_id AND o.is_active AND o.open_load < o.max_load)
+              WHERE w.source_id = c.source_id AND o.is_active AND o.ready
+                AND o.open_load < o.max_load)
 ORDER BY c.source_id;
 
 -- name: sources_of_operators
@@ -61,8 +62,10 @@ INSERT INTO operators (name, is_active, max_load) VALUES ($1, $2, $3)
 RETURNING id, name, is_active, max_load, open_load AS load;
 
 -- name: list_operators
--- Every operator with its current load.
-SELECT id, name, is_active, max_load, open_load AS load FROM operators ORDER BY id;
+-- Every operator with its current load, presence and schedule.
+SELECT id, name, is_active, max_load, open_load AS load, presence, shift, time_zone, leave
+FROM operators
+ORDER BY id;
 
 -- name: operator_by_id
 -- One operator with its current load ($1 id).
@@ -186,8 +189,8 @@ INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
 
 -- name: stats_rows
 -- Per source and operator (weighted now, or assigned contacts in the window): the
--- weight, contacts assigned since $2, open now, load and limit ($1 source key or NULL,
--- $2 since).
+-- weight, contacts assigned since $2, open now, load and limit, presence and shift, and
+-- whether they take work now ($1 source key or NULL, $2 since).
 WITH pairs AS (
     SELECT source_id, operator_id FROM source_weights
     UNION
@@ -196,6 +199,7 @@ WITH pairs AS (
 )
 SELECT s.key AS source, s.strategy, o.id AS operator_id, o.name AS operator_name,
        o.is_active, o.open_load AS load, o.max_load, COALESCE(w.weight, 0) AS weight,
+       o.presence, o.shift, o.time_zone, o.scheduled, o.is_active AND o.ready AS available,
        (SELECT count(*) FROM contacts c
         WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
           AND c.assigned_at >= $2) AS assigned,
@@ -344,7 +348,7 @@ WITH locked AS MATERIALIZED (
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM (SELECT operator_id, count(*)::integer FROM contact_rows
           WHERE operator_id IS NOT NULL GROUP BY operator_id) AS t (id, n)
-    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    WHERE o.id = t.id AND o.is_active AND o.ready AND o.open_load + t.n <= o.max_load
       AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
 ), starts AS (
@@ -548,7 +552,7 @@ WITH locked AS MATERIALIZED (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
-    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    WHERE o.id = t.id AND o.is_active AND o.ready AND o.open_load + t.n <= o.max_load
       AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
 ), starts AS (
@@ -718,6 +722,7 @@ SELECT id FROM contacts
 WHERE offer_expires_at <= statement_timestamp() AND source_id = $1
 ORDER BY id
 LIMIT $2;
+
 -- name: overflowed_queued
 -- Queued contacts of other sources that may go to these sources' operators (they
 -- overflowed to them), per source in its order (priority, then oldest or, $2, newest
@@ -871,7 +876,8 @@ INSERT INTO outbox (event_id, contact_id, routing_key, payload)
 SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
     AS t (event_id, contact_id, routing_key, payload)
-ON CONFLICT (contact_id, routing_key, attempt) WHERE routing_key <> 'contact.answer_rejected'
+ON CONFLICT (contact_id, routing_key, attempt)
+    WHERE routing_key IN ('contact.overflowed', 'contact.waiting')
 DO NOTHING;
 
 -- name: oldest_queued
@@ -909,3 +915,82 @@ ORDER BY f.source_id;
 SELECT s.queue_order, t.key AS overflow_to, s.overflow_after, s.alert_after
 FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
 WHERE s.id = $1;
+
+-- name: operator_scope
+-- The sources an operator's availability matters to: those they are weighted for, and
+-- those of their open contacts (what a requeue hands back); NULL if there is no such
+-- operator ($1 operator id).
+SELECT array(SELECT source_id FROM source_weights WHERE operator_id = o.id
+              UNION
+              SELECT source_id FROM contacts WHERE operator_id = o.id AND status = 'open')
+           AS source_ids
+FROM operators o
+WHERE o.id = $1;
+
+-- name: lock_operator_availability
+-- An operator's presence and schedule, locked until commit ($1 operator id).
+SELECT id, name, is_active, presence, scheduled, ready, shift, time_zone, leave,
+       schedule_due_at
+FROM operators
+WHERE id = $1
+FOR UPDATE;
+
+-- name: set_operator_availability
+-- Store an operator's presence and schedule, and when the schedule changes next
+-- ($1 operator id, $2 presence, $3 shift, $4 time zone, $5 leave, $6 scheduled,
+-- $7 next change).
+UPDATE operators
+SET presence = $2, shift = $3, time_zone = $4, leave = $5, scheduled = $6,
+    schedule_due_at = $7
+WHERE id = $1
+RETURNING is_active AND ready AS available;
+
+-- name: requeue_open_contacts
+-- Hand an operator's open contacts of these sources back to the queue, in their old
+-- place (the backlog is ordered by id), and give back the capacity; the operator's row
+-- must be locked ($1 operator id, $2 source ids).
+WITH handed AS (
+    UPDATE contacts c
+    SET operator_id = NULL, assigned_at = NULL
+    FROM leads l, sources s
+    WHERE c.operator_id = $1 AND c.status = 'open' AND c.source_id = ANY($2::bigint[])
+      AND c.offer_expires_at IS NULL
+      AND l.id = c.lead_id AND s.id = c.source_id
+    RETURNING c.id, c.lead_id, c.source_id, c.inbound_message_id,
+              l.external_id AS lead_external_id, s.key AS source_key
+), released AS (
+    UPDATE operators o
+    SET open_load = GREATEST(o.open_load - (SELECT count(*) FROM handed)::integer, 0)
+    WHERE o.id = $1 AND EXISTS (SELECT 1 FROM handed)
+)
+SELECT handed.*, statement_timestamp() AS requeued_at FROM handed ORDER BY id;
+
+-- name: due_schedules
+-- Operators whose schedule may have changed by now, earliest first ($1 limit).
+SELECT id FROM operators
+WHERE schedule_due_at <= clock_timestamp()
+ORDER BY schedule_due_at
+LIMIT $1;
+
+-- name: try_lock_schedule
+-- One worker evaluates an operator's schedule at a time; the others skip it (until
+-- commit) ($1 operator id).
+SELECT pg_try_advisory_xact_lock(1285, $1::integer);
+
+-- name: next_schedule_due
+-- The earliest time any operator's schedule may change, NULL if none will.
+SELECT min(schedule_due_at) FROM operators;
+
+-- name: notify_schedule
+-- Wake the workers' schedule tasks at commit: a shift or leave was set.
+SELECT pg_notify('leadrouter_schedule', '');
+
+-- name: available_operators_per_source
+-- Per source, how many of its weighted operators are available to take work now
+-- (active, online, on shift, not on leave), whatever their load.
+SELECT s.key AS source, count(o.id) FILTER (WHERE o.is_active AND o.ready) AS available
+FROM sources s
+LEFT JOIN source_weights w ON w.source_id = s.id
+LEFT JOIN operators o ON o.id = w.operator_id
+GROUP BY s.key
+ORDER BY s.key;

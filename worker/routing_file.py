@@ -7,6 +7,9 @@ The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`)::
     name = "Alice"              # required; operators are identified by name
     max_load = 150              # required: most open contacts at once (0 or more)
     active = true               # optional, default true
+    shift = "mon-fri 09:00-18:00"   # optional: weekly shift (worker/schedule.py), "" clears
+    time_zone = "Europe/Berlin"     # with a shift: its IANA time zone
+    leave = ["2026-12-24..2026-12-31"]  # optional: leave date ranges, [] clears
 
     [[operators]]
     name = "Bob"
@@ -39,6 +42,9 @@ Semantics:
   its default (so `active` left out re-activates an operator). One the database lacks is
   created. Operators and sources the file does not name are left alone (nothing is ever
   deleted).
+- `shift`, `time_zone` and `leave` left out leave what `operators shift` / `operators
+  leave` set alone (they are not reset like the other fields); presence is never in the
+  file: it is the person's own, live.
 - Operators are matched by exact name. Names are unique, within the file and in the
   database (which refuses a second operator of a name since migration 0011).
 - A source's `weights` replace all of its weights (like `leadrouter weights set`); `{}`
@@ -64,7 +70,7 @@ import asyncpg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker import distribution, source_queueing
+from worker import availability, distribution, schedule, source_queueing
 from worker.errors import UserError
 from worker.retry import in_transaction
 from worker.sql import Q
@@ -87,6 +93,47 @@ class OperatorSpec(_Spec):
     name: Name
     max_load: Annotated[int, Field(ge=0, le=INT32_MAX)]
     active: bool = True
+    # Left out: left as they are (set by `operators shift` / `operators leave`); "" and []
+    # clear them.
+    shift: Annotated[str, Field(max_length=schedule.MAX_LENGTH)] | None = None
+    time_zone: Annotated[str, Field(max_length=64)] | None = None
+    leave: list[Annotated[str, Field(max_length=100)]] | None = None
+
+    @field_validator("shift")
+    @classmethod
+    def _readable_shift(cls, shift: str | None) -> str | None:
+        return schedule.parse_shift(shift).text if shift else shift
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, name: str | None) -> str | None:
+        if name is not None:
+            schedule.zone(name)
+        return name
+
+    @field_validator("leave")
+    @classmethod
+    def _readable_leave(cls, leave: list[str] | None) -> list[str] | None:
+        if leave is None:
+            return None
+        text = schedule.leave_text([x for item in leave for x in schedule.parse_leave(item)])
+        return [text] if text else []
+
+    @model_validator(mode="after")
+    def _shift_has_a_zone(self) -> "OperatorSpec":
+        if self.shift and not self.time_zone:
+            raise ValueError('a shift needs its time_zone, e.g. time_zone = "Europe/Berlin"')
+        return self
+
+    def schedule_fields(self) -> dict[str, str | None]:
+        """The schedule fields the file sets (normalised), by column name."""
+        fields: dict[str, str | None] = {}
+        if self.shift is not None or self.time_zone is not None:
+            fields["shift"] = self.shift or None
+            fields["time_zone"] = self.time_zone
+        if self.leave is not None:
+            fields["leave"] = self.leave[0] if self.leave else None
+        return fields
 
 
 class SourceSpec(_Spec):
@@ -245,6 +292,9 @@ class Operator:
     name: str
     max_load: int
     active: bool
+    shift: str | None = None
+    time_zone: str | None = None
+    leave: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,9 +389,10 @@ def plan(current: State, desired: RoutingFile) -> list[Change]:
 
 
 def _operator_change(found: Operator | None, op: OperatorSpec) -> Change:
-    new = {"max_load": op.max_load, "active": op.active}
-    old = None if found is None else {"max_load": found.max_load, "active": found.active}
-    return _change("operator", op.name, old, new)
+    new: dict[str, Any] = {"max_load": op.max_load, "active": op.active, **op.schedule_fields()}
+    if found is None:
+        return _change("operator", op.name, None, {k: v for k, v in new.items() if v is not None})
+    return _change("operator", op.name, {k: getattr(found, k) for k in new}, new)
 
 
 def _source_change(found: Source | None, spec: SourceSpec) -> Change:
@@ -448,7 +499,15 @@ async def apply(pool: asyncpg.Pool, routing: RoutingFile, dry_run: bool) -> list
 
 async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
     operators = tuple(
-        Operator(r["id"], r["name"], r["max_load"], r["is_active"])
+        Operator(
+            r["id"],
+            r["name"],
+            r["max_load"],
+            r["is_active"],
+            r["shift"],
+            r["time_zone"],
+            r["leave"],
+        )
         for r in await conn.fetch(Q.list_operators)
     )
     keys = {s.key for s in routing.sources}
@@ -506,6 +565,8 @@ async def _execute(
             await conn.execute(
                 Q.update_operator, operator_ids[op.name], None, op.max_load, op.active
             )
+        if change is not None and _schedule_changed(current, op):
+            await availability.set_schedule(conn, operator_ids[op.name], op.schedule_fields())
 
     for spec in routing.sources:
         title, hours = spec.name or spec.key, spec.affinity_hours or None
@@ -593,3 +654,11 @@ async def _store_queueing(
         except UserError as exc:
             index = routing.sources.index(spec)
             raise UserError(f"sources[{index}]: {exc}") from None
+
+
+def _schedule_changed(current: State, op: OperatorSpec) -> bool:
+    fields = op.schedule_fields()
+    found = next((o for o in current.operators if o.name == op.name), None)
+    if found is None:
+        return any(v is not None for v in fields.values())
+    return any(getattr(found, k) != v for k, v in fields.items())

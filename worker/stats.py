@@ -42,6 +42,10 @@ class OperatorShare:
     open_now: int
     load: int
     max_load: int
+    presence: str = "online"
+    shift: str | None = None  # with its time zone in brackets
+    scheduled: bool = True  # on shift and not on leave
+    available: bool = True  # active, online, on shift, not on leave
 
 
 @dataclass
@@ -89,6 +93,10 @@ def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[So
                     open_now=r["open_now"],
                     load=r["load"],
                     max_load=r["max_load"],
+                    presence=r["presence"],
+                    shift=f"{r['shift']} ({r['time_zone']})" if r["shift"] else None,
+                    scheduled=r["scheduled"],
+                    available=r["available"],
                 )
             )
     return list(by_key.values())
@@ -149,6 +157,8 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
         )
         for op in s.operators:
             name = op.operator_name + ("" if op.is_active else " (inactive)")
+            name += "" if op.presence == "online" else f" ({op.presence})"
+            name += "" if op.scheduled else " (off shift or on leave)"
             values = (
                 f"{op.operator_id} {name}",
                 op.weight,

@@ -96,3 +96,28 @@ async def test_team_size_weights_every_source_as_asked(
     assert (result.operators, result.weights_per_source) == (30, 30)
     assert weighted == [30, 30]
     assert await _left_behind(made) == []
+
+
+async def test_schedules_measures_with_and_without(
+    settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--schedules: two runs on the same load, the second with every operator on a shift
+    and with leave set (all still take work), compared."""
+    from worker import availability
+
+    set_shifts: list[int] = []
+    real = availability.set_shift
+
+    async def counting(pool: Any, operator_id: int, *args: Any) -> Any:
+        set_shifts.append(operator_id)
+        return await real(pool, operator_id, *args)
+
+    monkeypatch.setattr(availability, "set_shift", counting)
+    result = await bench.run_bench(
+        settings, 300, 3, 1, None, Console(quiet=True), operators=12, schedules=True
+    )
+    assert result.schedules and len(made) == 2
+    assert len(set_shifts) == 12  # the second run's team only
+    assert result.no_schedules is not None and result.no_schedules["messages_per_second"] > 0
+    assert result.ratio_to_no_schedules is not None and result.ratio_to_no_schedules > 0
+    assert await _left_behind(made) == []

@@ -11,8 +11,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from schemas.events import EVENT_TYPE_PREFIX, ContactEvent, ContactEventData, build_event
-from schemas.events import ROUTING_KEYS as EVENT_KEYS
+from schemas.events import (
+    EVENT_TYPE_PREFIX,
+    OPERATOR_ROUTING_KEYS,
+    ContactEvent,
+    ContactEventData,
+    OperatorEvent,
+    build_event,
+)
+from schemas.events import ROUTING_KEYS as CONTACT_EVENT_KEYS
 from schemas.inbound import MESSAGE_TEXT, SHORT
 from schemas.inbound import ROUTING_KEYS as INBOUND_KEYS
 from worker.consumer import ERROR_HEADER, REASON_HEADER
@@ -22,8 +29,10 @@ from worker.tools import contract
 
 # The repository's copy, not wherever `schemas` happens to be installed.
 COMMITTED = Path(__file__).resolve().parents[2] / "schemas"
+EVENT_KEYS = (*CONTACT_EVENT_KEYS, *OPERATOR_ROUTING_KEYS)
 FILES = [f"{key}.schema.json" for key in INBOUND_KEYS] + [
     "contact.event.schema.json",
+    "operator.event.schema.json",
     "asyncapi.yaml",
 ]
 DEFAULTS = Settings.model_construct()
@@ -175,8 +184,8 @@ def test_event_schema_documents_every_type(docs: dict[str, str]) -> None:
     schema = load(docs, "contact.event.schema.json")
     assert schema["$id"] == "https://leadrouter.invalid/schemas/contact.event.schema.json"
     kind = schema["properties"]["type"]
-    assert kind["enum"] == [EVENT_TYPE_PREFIX + key for key in EVENT_KEYS]
-    assert all(key in kind["description"] for key in EVENT_KEYS)
+    assert kind["enum"] == [EVENT_TYPE_PREFIX + key for key in CONTACT_EVENT_KEYS]
+    assert all(key in kind["description"] for key in CONTACT_EVENT_KEYS)
     # As written on the wire every field is present, defaults included.
     assert set(schema["required"]) == set(schema["properties"])
     data = schema["$defs"]["ContactEventData"]
@@ -187,7 +196,7 @@ def test_event_schema_documents_every_type(docs: dict[str, str]) -> None:
 # --- (c) a real event has what the schema requires -------------------------------------
 
 
-@pytest.mark.parametrize("routing_key", EVENT_KEYS)
+@pytest.mark.parametrize("routing_key", CONTACT_EVENT_KEYS)
 def test_built_event_has_every_required_field(docs: dict[str, str], routing_key: str) -> None:
     schema = load(docs, "contact.event.schema.json")
     data = ContactEventData(
@@ -267,8 +276,9 @@ def test_asyncapi_messages(asyncapi: dict[str, Any]) -> None:
         assert message["contentType"] == "application/cloudevents+json"
         assert message["bindings"]["amqp"]["messageType"] == key
         assert "CloudEvents `id`" in message["description"]
+        model = OperatorEvent if key in OPERATOR_ROUTING_KEYS else ContactEvent
         for example in message["examples"]:
-            event = ContactEvent.model_validate_json(json.dumps(example["payload"]))
+            event = model.model_validate_json(json.dumps(example["payload"]))
             assert event.type == EVENT_TYPE_PREFIX + key
 
 

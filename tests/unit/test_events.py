@@ -36,6 +36,7 @@ def test_routing_keys() -> None:
         "contact.answer_rejected",
         "contact.overflowed",
         "contact.waiting",
+        "contact.requeued",
     )
 
 

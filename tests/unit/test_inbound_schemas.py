@@ -5,7 +5,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas.inbound import MESSAGE_TEXT, ROUTING_KEYS, SHORT, ContactClose, Lead, LeadContact
+from schemas.inbound import (
+    MESSAGE_TEXT,
+    ROUTING_KEYS,
+    SHORT,
+    ContactClose,
+    Lead,
+    LeadContact,
+    OperatorPresence,
+)
 
 
 def lead_contact(**overrides: Any) -> dict[str, Any]:
@@ -35,7 +43,9 @@ def test_routing_keys_map_to_models() -> None:
         "contact.close",
         "contact.decline",
         "lead.contact",
+        "operator.presence",
     ]
+    assert ROUTING_KEYS["operator.presence"] is OperatorPresence
     assert ROUTING_KEYS["lead.contact"] is LeadContact
     assert ROUTING_KEYS["contact.close"] is ContactClose
 

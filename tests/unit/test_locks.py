@@ -14,7 +14,7 @@ def test_each_query_locks_in_its_namespace() -> None:
     used = {
         name: sorted({int(args.split(",")[0]) for args in CALL.findall(sql)})
         for name, sql in queries().items()
-        if "advisory_" in sql
+        if "advisory" in sql
     }
     assert used == {
         "update_source": [LockSpace.SOURCE],
@@ -26,6 +26,7 @@ def test_each_query_locks_in_its_namespace() -> None:
         "lock_overflow_settings": [LockSpace.TIMERS],
         "try_lock_source_timers": [LockSpace.TIMERS],
         "try_lock_offer_deadlines": [LockSpace.OFFER_DEADLINES],
+        "try_lock_schedule": [LockSpace.SCHEDULE],
     }
 
 

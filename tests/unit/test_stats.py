@@ -37,6 +37,11 @@ def row(source: str, operator_id: int, weight: int, assigned: int) -> dict[str, 
         "open_now": 0,
         "load": 0,
         "max_load": 5,
+        "presence": "online",
+        "shift": None,
+        "time_zone": None,
+        "scheduled": True,
+        "available": True,
     }
 
 

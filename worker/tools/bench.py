@@ -9,7 +9,12 @@ publishes R messages per second, measuring each message's publish→event latenc
 `--reference` first runs the minimal hand-written pipeline of `worker/tools/bench_reference.py`
 (one process, on the same event loop) on the same load and reports leadrouter against it:
 on a shared machine whose speed drifts from run to run, two figures measured back to back
-compare better than absolute rates taken at different times."""
+compare better than absolute rates taken at different times.
+
+`--schedules` measures the same load twice, back to back: first as it is, then with every
+operator given a weekly shift (around the clock, so all still take work, in one of
+several IANA zones) and a leave range in the future, and reports the second rate as a
+fraction of the first (`ratio_to_no_schedules`): what routing pays for schedules."""
 
 import asyncio
 import json
@@ -33,7 +38,7 @@ from aiormq.abc import DeliveredMessage
 from rich.console import Console
 from rich.progress import Progress
 
-from worker import admin, amqp_writes, log, nodes, topology
+from worker import admin, amqp_writes, availability, log, nodes, topology
 from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
@@ -72,6 +77,11 @@ class Result:
     # leadrouter's messages/s as a fraction of its.
     reference: dict[str, float] | None = None
     ratio_to_reference: float | None = None
+    # With --schedules: every operator had a shift and leave; the same load without them
+    # was measured first, and this run's messages/s as a fraction of that one.
+    schedules: bool = False
+    no_schedules: dict[str, float] | None = None
+    ratio_to_no_schedules: float | None = None
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
@@ -111,12 +121,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+SCHEDULE_ZONES = ("Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney")
+
+
 async def _setup_routing(
-    pool: asyncpg.Pool, sources: int, operators: int, weights_per_source: int, rng: random.Random
+    pool: asyncpg.Pool,
+    sources: int,
+    operators: int,
+    weights_per_source: int,
+    rng: random.Random,
+    schedules: bool = False,
 ) -> list[str]:
     ops = [
         (await admin.add_operator(pool, f"op{n}", 10_000_000, True))["id"] for n in range(operators)
     ]
+    if schedules:  # on shift around the clock (two ranges a day), leave long after the run
+        for n, op in enumerate(ops):
+            zone = SCHEDULE_ZONES[n % len(SCHEDULE_ZONES)]
+            await availability.set_shift(pool, op, "daily 00:00-12:00 12:00-24:00", zone)
+            await availability.set_leave(pool, op, ["2099-12-24..2099-12-31"])
     keys = [f"bench-{n}" for n in range(sources)]
     for key in keys:
         await admin.add_source(pool, key, None, "", None)
@@ -192,6 +215,7 @@ async def run_bench(
     reference: bool = False,
     operators: int = OPERATORS,
     weights_per_source: int = WEIGHTS_PER_SOURCE,
+    schedules: bool = False,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
@@ -203,7 +227,22 @@ async def run_bench(
     yardstick = None
     if reference:
         yardstick = await _measure(base, messages, sources, team, 1, rate, console, REFERENCE)
-    result = await _measure(base, messages, sources, team, workers, rate, console, LEADROUTER)
+    plain = None
+    if schedules:
+        plain = await _measure(base, messages, sources, team, workers, rate, console, LEADROUTER)
+    result = await _measure(
+        base, messages, sources, team, workers, rate, console, LEADROUTER, schedules
+    )
+    if plain is not None:
+        result.no_schedules = {
+            k: getattr(plain, k)
+            for k in ("messages_per_second", "latency_p50_ms", "latency_p99_ms")
+            if getattr(plain, k) is not None
+        } | {"cpu_seconds_per_1000": plain.cpu_seconds_per_1000}
+        if rate is None:
+            result.ratio_to_no_schedules = round(
+                result.messages_per_second / plain.messages_per_second, 3
+            )
     if yardstick is not None:
         result.reference = {
             k: getattr(yardstick, k)
@@ -226,6 +265,7 @@ async def _measure(
     rate: float | None,
     console: Console,
     pipeline: str,
+    schedules: bool = False,
 ) -> Result:
     run_id = uuid.uuid4().hex[:8]
     settings = bench_settings(base, run_id)
@@ -239,6 +279,7 @@ async def _measure(
         weights_per_source=min(team),
         batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
+        schedules=schedules,
     )
     await migrate(settings.database_url, settings.migrations_dir)
     connection = await nodes.connect_robust(settings.amqp_url)
@@ -246,7 +287,7 @@ async def _measure(
     worker: Worker | None = None
     try:
         async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
-            keys = await _setup_routing(pool, sources, *team, rng)
+            keys = await _setup_routing(pool, sources, *team, rng, schedules)
             if pipeline == REFERENCE:
                 await bench_reference.setup(pool, keys)
         channel = await connection.channel(publisher_confirms=True)

@@ -25,6 +25,7 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "https://leadrouter.invalid/schemas/"  # .invalid: an identifier, not a URL to fetch
 ASYNCAPI_FILE = "asyncapi.yaml"
 EVENT_FILE = "contact.event.schema.json"
+OPERATOR_EVENT_FILE = "operator.event.schema.json"
 AMQP_BINDING = "0.3.0"
 DEFAULT_DIRECTORY = Path(schemas.__file__).resolve().parent
 
@@ -49,7 +50,17 @@ EVENT_MEANINGS = {
     "weights and strategy); it keeps its own source. Once per contact.",
     "contact.waiting": "The contact is still queued after its source's alert time "
     "(`queued_seconds`: how long it has waited). Once per contact.",
+    "contact.requeued": "The operator went away or offline and handed the contact back "
+    "(requeue_open): it waits again, open, without an operator, in its old place in the "
+    "queue, and is routed again at once (contact.assigned or stays queued).",
 }
+OPERATOR_EVENT_MEANINGS = {
+    "operator.presence_changed": "An operator's presence, shift or leave changed whether "
+    "they take work: data says their presence (status), whether they are available now, on "
+    "shift, on leave, and what changed it (reason: message, cli, shift, leave).",
+}
+if set(OPERATOR_EVENT_MEANINGS) != set(events.OPERATOR_ROUTING_KEYS):
+    raise RuntimeError("OPERATOR_EVENT_MEANINGS does not match schemas.events")
 if set(EVENT_MEANINGS) != set(events.ROUTING_KEYS):  # a new event must be documented
     raise RuntimeError("EVENT_MEANINGS does not match schemas.events.ROUTING_KEYS")
 
@@ -104,6 +115,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         + " ".join(f"{key}: {meaning}" for key, meaning in EVENT_MEANINGS.items())
     )
     files[EVENT_FILE] = event
+    operator = json_schema(OPERATOR_EVENT_FILE, events.OperatorEvent, "serialization")
+    operator["properties"]["type"]["description"] = (
+        f"{events.EVENT_TYPE_PREFIX} + the routing key. "
+        + " ".join(f"{key}: {meaning}" for key, meaning in OPERATOR_EVENT_MEANINGS.items())
+    )
+    files[OPERATOR_EVENT_FILE] = operator
     return files
 
 
@@ -156,7 +173,10 @@ def asyncapi(settings: Settings, files: dict[str, dict[str, Any]]) -> dict[str, 
             _camel(key): _inbound(key, model, spec, settings)
             for key, model in inbound.ROUTING_KEYS.items()
         },
-        **{_camel(key): _event(key, spec) for key in events.ROUTING_KEYS},
+        **{
+            _camel(key): _event(key, spec)
+            for key in (*events.ROUTING_KEYS, *events.OPERATOR_ROUTING_KEYS)
+        },
         "deadLetter": _dead_letter(spec),
     }
     env = ", ".join(
@@ -236,13 +256,15 @@ def _inbound(key: str, model: type[BaseModel], spec: Topology, settings: Setting
 
 def _event(key: str, spec: Topology) -> Part:
     name = _camel(key)
+    operator = key in events.OPERATOR_ROUTING_KEYS
+    model = events.OperatorEvent if operator else events.ContactEvent
     channel = _channel(
         key, spec.events, name, f"Routing key `{key}` on exchange `{spec.events.name}`."
     )
     message = {
         "name": name,
         "title": key,
-        "summary": EVENT_MEANINGS[key],
+        "summary": {**EVENT_MEANINGS, **OPERATOR_EVENT_MEANINGS}[key],
         "description": "A CloudEvents 1.0 structured JSON envelope. The AMQP `message_id` "
         "equals the CloudEvents `id`, which is stable across re-publishes: delivery is at "
         "least once, so de-duplicate on it. The AMQP `type` property is the routing key. "
@@ -250,12 +272,17 @@ def _event(key: str, spec: Topology) -> Part:
         "contentType": "application/cloudevents+json",
         "payload": {
             "allOf": [
-                {"$ref": f"#/components/schemas/{events.ContactEvent.__name__}"},
+                {"$ref": f"#/components/schemas/{model.__name__}"},
                 {"properties": {"type": {"const": events.EVENT_TYPE_PREFIX + key}}},
             ]
         },
         "bindings": {"amqp": {"messageType": key, "bindingVersion": AMQP_BINDING}},
-        "examples": [{"name": name, "payload": _event_example(key)}],
+        "examples": [
+            {
+                "name": name,
+                "payload": _operator_event_example(key) if operator else _event_example(key),
+            }
+        ],
     }
     operation = _operation(
         "send",
@@ -442,6 +469,9 @@ _INBOUND_EXAMPLES: dict[str, Any] = {
     "contact.decline": inbound.ContactDecline(
         contact_id=123, operator_id=3, reason="busy"
     ).model_dump(mode="json", exclude_none=True),
+    "operator.presence": inbound.OperatorPresence(
+        operator_id=3, status="away", requeue_open=True, message_id="app:3:77"
+    ).model_dump(mode="json", exclude_none=True),
 }
 if set(_INBOUND_EXAMPLES) != set(inbound.ROUTING_KEYS):
     raise RuntimeError("_INBOUND_EXAMPLES does not match schemas.inbound.ROUTING_KEYS")
@@ -457,7 +487,7 @@ def _event_example(routing_key: str) -> Any:
         lead_id=88,
         lead_external_id="tg:42",
         source="telegram-bot",
-        operator_id=None if routing_key == "contact.queued" else 3,
+        operator_id=None if routing_key in ("contact.queued", "contact.requeued") else 3,
         inbound_message_id="tg:42:1001",
         queued_seconds=0.0 if routing_key == "contact.assigned" else None,
         offer_expires_at=(
@@ -468,10 +498,31 @@ def _event_example(routing_key: str) -> Any:
         attempt=1 if routing_key in _OFFER_EVENTS else None,
         reason={"contact.declined": "busy", "contact.answer_rejected": "expired"}.get(routing_key),
         answer="accept" if routing_key == "contact.answer_rejected" else None,
+        requeued_from=3 if routing_key == "contact.requeued" else None,
     )
     time = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
     event_id = "6f1c2b9e-7d3a-4f8e-9b21-0c5d4e3f2a10"
     return json.loads(events.build_event(event_id, routing_key, time, data).model_dump_json())
+
+
+def _operator_event_example(routing_key: str) -> Any:
+    data = events.OperatorPresenceData(
+        operator_id=3,
+        status="online",
+        available=True,
+        on_shift=True,
+        on_leave=False,
+        reason="shift",
+    )
+    event = events.OperatorEvent.model_validate(
+        events.operator_envelope(
+            "0b7e2d4c-1a9f-4c3e-8d65-2f4a9b1c7e30",
+            routing_key,
+            datetime(2024, 5, 6, 9, 0, 0, 412000, tzinfo=UTC),
+            data.model_dump(),
+        )
+    )
+    return json.loads(event.model_dump_json())
 
 
 def _camel(routing_key: str) -> str:
