@@ -377,7 +377,10 @@ class Consumer:
                         )
                     else:
                         new.append(distribution.NewContact(inbound.message_id, body))
-                elif isinstance(body, ContactClose) and body.contact_id in scope.unknown_contacts:
+                elif (
+                    isinstance(body, ContactClose | ContactAccept | ContactDecline)
+                    and body.contact_id in scope.unknown_contacts
+                ):
                     d.failure = DeadLetter(
                         Reason.UNKNOWN_CONTACT, "no contact with the body's contact_id"
                     )
