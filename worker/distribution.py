@@ -445,16 +445,28 @@ def _serving_order(
     may have left older or more urgent contacts unread): else it is queued."""
     placeable = set(sources)
     queues = {s: list(heads[s].contacts) for s in sources}
+    newcomers: list[Queued] = []
     for i, n in enumerate(fresh, 1):
         source = source_ids[n.body.source]
         q = Queued(-i, source, n.body.lead.external_id, priority=n.body.priority)
         if source in placeable and heads[source].placeable(q):
             queues[source].append(q)
+            newcomers.append(q)
+    if len(newcomers) == sum(map(len, queues.values())) and _in_arrival_order(newcomers, heads):
+        return newcomers  # no backlog: arrival order (the common case, without sorting)
     ordered = {}
     for s in sources:
         h = Heads(heads[s].lifo, queues[s])
         ordered[s] = h.ordered()
     return serving_order(ordered)
+
+
+def _in_arrival_order(newcomers: Sequence[Queued], heads: dict[int, Heads]) -> bool:
+    """Whether serving these new contacts in arrival order is serving them by priority,
+    then age: one priority among them, and no source newest first."""
+    return len({q.priority for q in newcomers}) <= 1 and not any(
+        heads[q.source_id].lifo for q in newcomers
+    )
 
 
 async def _decide(

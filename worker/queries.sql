@@ -795,7 +795,7 @@ SELECT pg_notify('leadrouter_timers', '');
 
 -- name: timer_sources
 -- The sources with a timer: waiting alerts, overflow, or overflowed contacts to forget.
-SELECT id FROM sources
+SELECT id, receives_overflow FROM sources
 WHERE alert_after IS NOT NULL OR overflow_to IS NOT NULL OR receives_overflow
 ORDER BY id;
 

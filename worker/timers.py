@@ -18,6 +18,7 @@ Also: the gauge of the oldest queued contact's age per source."""
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from worker.sql import Q
 
 logger = log.get(__name__)
 TICK_SECONDS = 0.5
+GAUGE_SECONDS = 2.0  # how often the oldest-queued gauge is read
 BATCH = 1000  # contacts one source's timer looks at per transaction
 
 
@@ -49,13 +51,15 @@ class Tick:
 async def tick(pool: asyncpg.Pool) -> Tick:
     """Fire every due timer of every source, then route what overflowed."""
     done = Tick()
-    for row in await pool.fetch(Q.timer_sources):
+    rows = await pool.fetch(Q.timer_sources)
+    for row in rows:
         async with pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(Q.try_lock_source_timers, row["id"]):
                 continue  # another worker keeps this source's timers now
             await distribution.lock_sources(conn, {row["id"]})
             await _source_timers(conn, row["id"], done)
-    done.drain.update(r["source_id"] for r in await pool.fetch(Q.overflow_backlog))
+    if any(r["receives_overflow"] for r in rows):  # the safety net, where overflow goes
+        done.drain.update(r["source_id"] for r in await pool.fetch(Q.overflow_backlog))
     for source_id in sorted(done.drain):
         done.assigned += (await distribution.drain_after_commit(pool, {source_id})).total()
     return done
@@ -132,10 +136,13 @@ async def run_timers(
     """The side task: tick until stopped. Transient failures are retried with backoff;
     anything else is a bug and ends the task (the worker then stops, see app.py)."""
     attempt = 0
+    gauged = 0.0
     while not stop.is_set():
         try:
             done = await tick(pool)
-            await update_gauge(pool, metrics)
+            if time.monotonic() - gauged >= GAUGE_SECONDS:
+                await update_gauge(pool, metrics)
+                gauged = time.monotonic()
             attempt = 0
         except Exception as exc:
             if not is_transient(exc):

@@ -1,5 +1,5 @@
 """A side task of the worker (the outbox relay and its helpers, the backlog sweep, the
-outbox prune, the health probe) that dies is never silent: a real `leadrouter worker`
+outbox prune, the health probe, the timers) that dies is never silent: a real `leadrouter worker`
 process logs it with its error and exits non-zero, for its supervisor to restart it."""
 
 import json
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from worker import app, cli, outbox
+    from worker import app, cli, outbox, timers
 
     target, how = sys.argv[1], sys.argv[2]
 
@@ -30,7 +30,8 @@ CHILD = textwrap.dedent(
             raise RuntimeError("side task broke")
 
     owner, name = target.split(".")
-    setattr({"Worker": app.Worker, "OutboxRelay": outbox.OutboxRelay}[owner], name, broken)
+    owners = {"Worker": app.Worker, "OutboxRelay": outbox.OutboxRelay, "timers": timers}
+    setattr(owners[owner], name, broken)
     sys.exit(cli.main(["worker"]))
     """
 )
@@ -44,6 +45,7 @@ CHILD = textwrap.dedent(
         ("Worker._sweep_backlog", "backlog-sweep"),
         ("Worker._prune_outbox", "outbox-prune"),
         ("Worker._probe", "health-probe"),
+        ("timers.tick", "timers"),  # a bug in a tick is not retried as transient
     ],
 )
 def test_a_side_task_that_dies_stops_the_worker_non_zero(

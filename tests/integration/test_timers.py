@@ -60,6 +60,14 @@ async def test_a_waiting_alert_fires_once_within_a_second_of_due(
     assert waiting.data.source == "tg" and waiting.data.operator_id is None
     await asyncio.sleep(1.5)  # more ticks: still one
     assert len(events.of("contact.waiting")) == 1
+
+    async def gauge() -> float | None:  # the oldest queued contact's age, per source
+        age = worker.metrics.registry.get_sample_value(
+            "leadrouter_oldest_queued_seconds", {"source": "tg"}
+        )
+        return age if age is not None and age >= 2.0 else None
+
+    await wait_until(gauge, timeout=5, what="the oldest-queued gauge at 2 s or more")
     await wait_until(
         lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"),
         what="everything published",
