@@ -45,6 +45,7 @@ DUE_BATCH = 50  # operators evaluated per round
 # The longest the keeper sleeps without being woken or due (a lost notification, a
 # schedule set on a database the keeper's LISTEN connection did not reach).
 MAX_SLEEP_SECONDS = 5.0
+MIN_SLEEP_SECONDS = 0.02
 
 Row = dict[str, Any]
 _KEEP: Any = object()  # a field `_change` leaves as it is
@@ -312,7 +313,10 @@ class ScheduleKeeper:
                     continue
                 sleep = MAX_SLEEP_SECONDS
                 if due is not None:
-                    sleep = min(sleep, max((due - datetime.now(UTC)).total_seconds(), 0.0))
+                    # Not below a floor: a due operator another worker is evaluating
+                    # right now stays due until it commits.
+                    wait = (due - datetime.now(UTC)).total_seconds()
+                    sleep = min(sleep, max(wait, MIN_SLEEP_SECONDS))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_first(stop, self._wake), sleep)

@@ -3,9 +3,11 @@ away and come back by message (some handing their open contacts back), shifts ar
 and cleared by the admin path, and schedule evaluations are made due for all workers at
 once, while leads arrive and contacts close on two sources sharing the operators. Every
 invariant holds: no operator over max_load at any commit, nobody given a contact while
-not available, one contact per message, every contact routed in the end."""
+not available, the oldest waiting contact first, one contact per message, every contact
+routed in the end."""
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -32,9 +34,9 @@ OVER_CAPACITY = """
 # Events of one operator are written under its row lock (assignments and closes claim or
 # release it, presence changes lock it), so their outbox order is their commit order.
 OPERATOR_EVENTS = """
-    SELECT routing_key, payload -> 'data' AS data FROM outbox
+    SELECT id, routing_key, payload -> 'data' AS data FROM outbox
     WHERE routing_key IN ('contact.assigned', 'contact.closed', 'contact.requeued',
-                          'operator.presence_changed')
+                          'contact.queued', 'operator.presence_changed')
     ORDER BY id
 """
 
@@ -163,10 +165,28 @@ async def test_presence_and_shifts_flipping_under_load_keep_every_invariant(
         r["id"]: r["max_load"] for r in await pool.fetch("SELECT id, max_load FROM operators")
     }
     flips = 0
-    import json
-
+    # Per source, the contacts waiting (events of a source are written under its lock:
+    # in commit order). A contact assigned from the queue must be its oldest, and a new
+    # one may be assigned only while none waits.
+    waiting: dict[str, set[int]] = defaultdict(set)
+    story: dict[str, list[str]] = defaultdict(list)
     for row in await pool.fetch(OPERATOR_EVENTS):
         key, data = row["routing_key"], json.loads(row["data"])
+        if "source" in data:
+            story[data["source"]].append(
+                f"{row['id']} {key} {data['contact_id']} op={data['operator_id']}"
+            )
+        if key in ("contact.queued", "contact.requeued"):
+            waiting[data["source"]].add(data["contact_id"])
+        elif key == "contact.closed":  # a queued contact may be closed too
+            waiting[data["source"]].discard(data["contact_id"])
+        elif key == "contact.assigned":
+            queue = waiting[data["source"]]
+            if data["contact_id"] in queue:
+                assert data["contact_id"] == min(queue), story[data["source"]][-40:]
+                queue.discard(data["contact_id"])
+            else:
+                assert not queue, story[data["source"]][-40:]
         if key == "operator.presence_changed":
             available[data["operator_id"]] = data["available"]
             flips += 1
