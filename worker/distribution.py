@@ -16,6 +16,7 @@ transactions never wait on each other in a cycle in the usual case; the rare cyc
 releasing and claiming operators is a deadlock that PostgreSQL breaks and the caller
 retries."""
 
+import asyncio
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -143,6 +144,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.record_contacts, 14),
     (Q.previous_operators, 4),
     (Q.assign_contacts, 9),
+    (Q.assign_offers, 10),
     (Q.mark_events_published, 1),
     (Q.make_offers, 2),
     (Q.answer_state, 2),
@@ -218,22 +220,33 @@ async def route(
     return outcome
 
 
-async def expire(conn: asyncpg.Connection, source_id: int, contact_ids: Sequence[int]) -> Outcome:
-    """Expire these lapsed offers of a source (its lock held) and route them on at once,
-    with the rest of its backlog; the events go to the outbox for the relays. Sources
-    that the operators' freed capacity serves besides this one are left to the caller
-    (`Outcome.undrained`)."""
+async def expire(
+    conn: asyncpg.Connection, source_ids: set[int], contact_ids: Sequence[int]
+) -> Outcome:
+    """Expire these lapsed offers of these sources (their locks held) and route them on
+    at once, with the rest of their backlogs; the events go to the outbox for the relays.
+    Sources that the operators' freed capacity serves besides these are left to the
+    caller (`Outcome.undrained`)."""
     outcome = Outcome()
-    events = EventWriter()
+    events, expired = EventWriter(), EventWriter()
     rows = await offers.withdraw(
-        conn, contact_ids, "expired", [None] * len(contact_ids), outcome, events
+        conn, contact_ids, "expired", [None] * len(contact_ids), outcome, None
     )
-    freed = sorted({r["operator_id"] for r in rows})
-    if freed:
-        others = await conn.fetch(Q.sources_of_operators, freed)
-        outcome.undrained = {r["source_id"] for r in others} - {source_id}
-    routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, [source_id])]
-    await _drain(conn, routes, outcome, events)
+    # Their events are built in a thread while routing waits on the database (10,000 of
+    # them took a fifth of a bulk expiry's time), and go first, as they happened first.
+    building = asyncio.ensure_future(
+        asyncio.to_thread(offers.withdrawn_events, rows, "expired", expired)
+    )
+    try:
+        freed = sorted({r["operator_id"] for r in rows})
+        if freed:
+            others = await conn.fetch(Q.sources_of_operators, freed)
+            outcome.undrained = {r["source_id"] for r in others} - source_ids
+        routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
+        await _drain(conn, routes, outcome, events)
+    finally:
+        await building
+    events.rows[:0] = expired.rows
     offers.queue_again(outcome, events)
     await events.write(conn, lease=None)
     return outcome
@@ -441,7 +454,7 @@ async def _write_decisions(
     smooth = _smooth_arrays(decided)
     offering = offers.Offering()
     if earlier:
-        await _assign_queued(conn, earlier, by_id, outcome, events, smooth, offering)
+        await _assign_queued(conn, earlier, by_id, outcome, events, smooth)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
         stored = _NO_SMOOTH if earlier else smooth
@@ -479,18 +492,18 @@ async def _assign_queued(
     outcome: Outcome,
     events: EventWriter,
     smooth: list[list[Any]],
-    offering: offers.Offering,
 ) -> None:
-    rows = {
-        r["id"]: r
-        for r in await conn.fetch(
-            Q.assign_contacts,
-            [a.contact_id for a in assignments],
-            [a.operator_id for a in assignments],
-            *_claims(assignments),
-            *smooth,
-        )
-    }
+    args = [
+        [a.contact_id for a in assignments],
+        [a.operator_id for a in assignments],
+        *_claims(assignments),
+        *smooth,
+    ]
+    timeouts = [routes[a.source_id].accept_timeout for a in assignments]
+    if any(timeouts):  # offers are made in the same statement
+        rows = {r["id"]: r for r in await conn.fetch(Q.assign_offers, *args, timeouts)}
+    else:
+        rows = {r["id"]: r for r in await conn.fetch(Q.assign_contacts, *args)}
     if len(rows) != len(assignments):
         # An operator chosen was filled or switched off by a concurrent transaction (or
         # the contact was taken: its source's lock makes that impossible): roll the whole
@@ -500,7 +513,15 @@ async def _assign_queued(
         row, route_ = rows[a.contact_id], routes[a.source_id]
         _assigned(outcome, route_, a.contact_id, a.operator_id)
         if route_.accept_timeout:
-            offering.add(row, row["lead_external_id"], route_.key, a, route_.accept_timeout)
+            offers.offered(
+                events,
+                row,
+                row["lead_external_id"],
+                route_.key,
+                a,
+                row["attempt"],
+                row["offer_expires_at"],
+            )
         else:
             events.assigned(row, row["lead_external_id"], route_.key, a)
 
