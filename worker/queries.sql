@@ -540,8 +540,10 @@ RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_
 -- name: assign_offers
 -- assign_contacts for a batch with contacts of sources that make offers (worker/offers.py):
 -- the same, and those contacts (a timeout above 0) are offered in the same statement: a
--- deadline, the next attempt and the offer's row ($1..$9 as assign_contacts; $10 the
--- accept timeout in seconds per contact of $1, 0 for an assignment).
+-- deadline, the next attempt and the offer's row ($1 contact ids, $2 operator ids, $3
+-- operator ids once each, ascending, $4 units each; smooth starts: $5 source ids, $6
+-- operator ids, $7 starts; smooth clocks: $8 source ids, $9 clocks; $10 the accept
+-- timeout in seconds per contact of $1, 0 for an assignment).
 WITH locked AS MATERIALIZED (
     SELECT o.id FROM operators o
     WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
@@ -551,7 +553,7 @@ WITH locked AS MATERIALIZED (
     UPDATE operators o
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
-    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    WHERE t.id = o.id AND o.is_active AND t.n + o.open_load <= o.max_load
       AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
 ), starts AS (
