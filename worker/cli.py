@@ -332,12 +332,21 @@ AFFINITY = click.option(
 )
 
 
+ACCEPT_TIMEOUT = click.option(
+    "--accept-timeout",
+    "accept_timeout",
+    type=click.IntRange(0, admin.MAX_ACCEPT_TIMEOUT),
+    help="Offer each contact to its operator, who must accept within SECONDS (0: off).",
+)
+
+
 @sources.command("add")
 @click.argument("key")
 @click.option("--name")
 @click.option("--description", default="")
 @STRATEGY
 @AFFINITY
+@ACCEPT_TIMEOUT
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_add(
@@ -346,11 +355,14 @@ async def sources_add(
     description: str,
     strategy: str | None,
     affinity_hours: int | None,
+    accept_timeout: int | None,
     as_json: bool,
 ) -> None:
     """Add a source that bots publish with KEY."""
     async with await _pool(_settings()) as pool:
-        row = await admin.add_source(pool, key, name, description, strategy, affinity_hours)
+        row = await admin.add_source(
+            pool, key, name, description, strategy, affinity_hours, accept_timeout or 0
+        )
     _print_one(row, as_json)
 
 
@@ -360,6 +372,7 @@ async def sources_add(
 @click.option("--description")
 @STRATEGY
 @AFFINITY
+@ACCEPT_TIMEOUT
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_update(
@@ -368,11 +381,14 @@ async def sources_update(
     description: str | None,
     strategy: str | None,
     affinity_hours: int | None,
+    accept_timeout: int | None,
     as_json: bool,
 ) -> None:
-    """Change a source's name, description, strategy or affinity."""
+    """Change a source's name, description, strategy, affinity or offers."""
     async with await _pool(_settings()) as pool:
-        row = await admin.update_source(pool, key, name, description, strategy, affinity_hours)
+        row = await admin.update_source(
+            pool, key, name, description, strategy, affinity_hours, accept_timeout
+        )
     _print_one(row, as_json)
 
 
@@ -383,7 +399,10 @@ async def sources_list(as_json: bool) -> None:
     """Every source."""
     async with await _pool(_settings()) as pool:
         rows = await admin.list_sources(pool)
-    _print_rows(rows, ["id", "key", "name", "description", "strategy", "affinity_hours"], as_json)
+    columns = ["id", "key", "name", "description", "strategy", "affinity_hours"]
+    if any(r.get("accept_timeout") for r in rows):  # a column of its own once offers are used
+        columns.append("accept_timeout")
+    _print_rows(rows, columns, as_json)
 
 
 # --- weights -----------------------------------------------------------------------
@@ -480,6 +499,51 @@ async def contacts_close(contact_id: int) -> None:
         _say(f"contact {contact_id} was already closed")
     else:
         _say(f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned")
+
+
+@contacts.command("accept")
+@click.argument("contact_id", type=BIGINT)
+@click.option("--operator", "operator_id", type=BIGINT, required=True)
+@run_async
+async def contacts_accept(contact_id: int, operator_id: int) -> None:
+    """Accept the offer of a contact for its operator, as their app would."""
+    async with await _pool(_settings()) as pool:
+        outcome = await admin.answer_offer(pool, contact_id, operator_id, accept=True)
+    _answered(outcome, contact_id, operator_id, "accepted")
+
+
+@contacts.command("decline")
+@click.argument("contact_id", type=BIGINT)
+@click.option("--operator", "operator_id", type=BIGINT, required=True)
+@click.option("--reason", help="Why, in a few words (at most 256 characters).")
+@run_async
+async def contacts_decline(contact_id: int, operator_id: int, reason: str | None) -> None:
+    """Decline the offer of a contact for its operator: it is offered to the next one."""
+    async with await _pool(_settings()) as pool:
+        outcome = await admin.answer_offer(pool, contact_id, operator_id, False, reason)
+    _answered(outcome, contact_id, operator_id, "declined")
+
+
+def _answered(outcome: Any, contact_id: int, operator_id: int, done: str) -> None:
+    """What an answer did, in one line; a rejected one is an error (exit 1), though its
+    `contact.answer_rejected` event was written as for a message."""
+    answered = outcome.answered
+    if answered.rejected:
+        [reason] = answered.rejected
+        why = {
+            "expired": "its offer to them expired",
+            "not_offered": "it is not offered to them",
+            "closed": "it is closed",
+        }[reason]
+        raise UserError(f"contact {contact_id} not {done} by operator {operator_id}: {why}")
+    if answered.repeated:
+        _say(f"contact {contact_id} was already {done} by operator {operator_id}")
+    elif done == "accepted":
+        _say(f"contact {contact_id} accepted: assigned to operator {operator_id}")
+    else:
+        now = outcome.assigned.get(contact_id)
+        then = f"offered to operator {now}" if now else "queued"
+        _say(f"contact {contact_id} declined by operator {operator_id}; {then}")
 
 
 # --- leads -------------------------------------------------------------------------
@@ -601,9 +665,18 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
     async with await _pool(_settings()) as pool:
         result = await collect(pool, source_key, window)
     if as_json:
-        click.echo(json.dumps([asdict(s) for s in result]))
+        click.echo(json.dumps([_offers_only_if_used(asdict(s)) for s in result]))
     else:
         render(result, _console(), since)
+
+
+def _offers_only_if_used(source: dict[str, Any]) -> dict[str, Any]:
+    """A source that never made offers shows no offer fields, as before offers existed."""
+    if not source["accept_timeout"] and all(o["offers"] is None for o in source["operators"]):
+        del source["accept_timeout"]
+        for o in source["operators"]:
+            del o["offers"]
+    return source
 
 
 def _console() -> Console:

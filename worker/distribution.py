@@ -256,6 +256,8 @@ async def drain_sources(conn: asyncpg.Connection, source_ids: set[int]) -> Assig
     """Route the backlog of these sources (their locks must be held). Returns how many
     queued contacts were assigned, per source and strategy."""
     outcome = Outcome()
+    if not source_ids:
+        return outcome.assignments
     routes = [Route.of(r) for r in await conn.fetch(Q.sources_by_ids, sorted(source_ids))]
     events = EventWriter()
     await _drain(conn, routes, outcome, events)

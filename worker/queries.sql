@@ -179,33 +179,50 @@ SELECT version FROM schema_migrations ORDER BY version;
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
 
 -- name: stats_rows
--- Per source and operator (weighted now, or assigned contacts in the window): the
--- weight, contacts assigned since $2, open now, load and limit ($1 source key or NULL,
--- $2 since).
+-- Per source and operator (weighted now, or assigned or offered contacts in the window):
+-- the weight, contacts assigned since $2 (accepted, for a source that makes offers: a
+-- pending offer is no assignment yet), open now, load and limit, and the offers made
+-- since $2: how many, how they ended, and the median seconds to accept ($1 source key or
+-- NULL, $2 since).
 WITH pairs AS (
     SELECT source_id, operator_id FROM source_weights
     UNION
     SELECT source_id, operator_id FROM contacts
     WHERE operator_id IS NOT NULL AND assigned_at >= $2
+    UNION
+    SELECT source_id, operator_id FROM offers WHERE offered_at >= $2
 )
 SELECT s.key AS source, s.strategy, o.id AS operator_id, o.name AS operator_name,
        o.is_active, o.open_load AS load, o.max_load, COALESCE(w.weight, 0) AS weight,
        (SELECT count(*) FROM contacts c
         WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
-          AND c.assigned_at >= $2) AS assigned,
+          AND c.assigned_at >= $2 AND c.offer_expires_at IS NULL) AS assigned,
        (SELECT count(*) FROM contacts c
         WHERE c.source_id = p.source_id AND c.operator_id = p.operator_id
-          AND c.status = 'open') AS open_now
+          AND c.status = 'open') AS open_now,
+       f.offered, f.accepted, f.declined, f.expired, f.accept_seconds
 FROM pairs p
 JOIN sources s ON s.id = p.source_id
 JOIN operators o ON o.id = p.operator_id
 LEFT JOIN source_weights w ON w.source_id = p.source_id AND w.operator_id = p.operator_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS offered,
+           count(*) FILTER (WHERE f.outcome = 'accepted') AS accepted,
+           count(*) FILTER (WHERE f.outcome = 'declined') AS declined,
+           count(*) FILTER (WHERE f.outcome = 'expired') AS expired,
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM f.answered_at - f.offered_at)
+           ) FILTER (WHERE f.outcome = 'accepted') AS accept_seconds
+    FROM offers f
+    WHERE f.source_id = p.source_id AND f.operator_id = p.operator_id AND f.offered_at >= $2
+) AS f
 WHERE $1::text IS NULL OR s.key = $1
 ORDER BY s.key, o.id;
 
 -- name: stats_sources
--- Every source (or one) with its queued contacts now ($1 source key or NULL).
-SELECT s.key AS source, s.strategy,
+-- Every source (or one) with its accept timeout and queued contacts now ($1 source key
+-- or NULL).
+SELECT s.key AS source, s.strategy, s.accept_timeout,
        (SELECT count(*) FROM contacts c
         WHERE c.source_id = s.id AND c.status = 'open' AND c.operator_id IS NULL) AS queued_now
 FROM sources s

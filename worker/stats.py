@@ -42,6 +42,19 @@ class OperatorShare:
     open_now: int
     load: int
     max_load: int
+    # Sources that make offers (or made some in the window) only: how the operator
+    # answered them.
+    offers: "OfferCounts | None" = None
+
+
+@dataclass
+class OfferCounts:
+    offered: int
+    accepted: int
+    declined: int
+    expired: int
+    acceptance_rate: float | None  # accepted of those answered or expired
+    median_accept_seconds: float | None
 
 
 @dataclass
@@ -51,13 +64,31 @@ class SourceStats:
     queued_now: int
     assigned: int = 0
     operators: list[OperatorShare] = field(default_factory=list)
+    accept_timeout: int = 0  # seconds; 0: offers off
+
+
+def offer_counts(row: dict[str, Any]) -> OfferCounts:
+    decided = row["accepted"] + row["declined"] + row["expired"]
+    seconds = row["accept_seconds"]
+    return OfferCounts(
+        offered=row["offered"],
+        accepted=row["accepted"],
+        declined=row["declined"],
+        expired=row["expired"],
+        acceptance_rate=row["accepted"] / decided if decided else None,
+        median_accept_seconds=round(seconds, 3) if seconds is not None else None,
+    )
 
 
 def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[SourceStats]:
     """Group the rows by source and compute configured and observed shares. Pure."""
     by_key = {
-        s["source"]: SourceStats(s["source"], s["strategy"], s["queued_now"]) for s in sources
+        s["source"]: SourceStats(
+            s["source"], s["strategy"], s["queued_now"], accept_timeout=s.get("accept_timeout", 0)
+        )
+        for s in sources
     }
+    offering = {r["source"] for r in rows if r.get("offered") or by_key[r["source"]].accept_timeout}
     for row in rows:
         by_key[row["source"]].assigned += row["assigned"]
     for key, stats in by_key.items():
@@ -76,6 +107,7 @@ def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[So
                     open_now=r["open_now"],
                     load=r["load"],
                     max_load=r["max_load"],
+                    offers=offer_counts(r) if key in offering else None,
                 )
             )
     return list(by_key.values())
@@ -105,6 +137,7 @@ def bar(share: float, target: float, width: int = BAR_WIDTH) -> str:
 def render(stats: list[SourceStats], console: Console, since: str | None) -> None:
     window = f"since {since} ago" if since else "all time"
     for s in stats:
+        offering = any(op.offers is not None for op in s.operators)
         table = Table(
             "operator",
             "weight",
@@ -120,9 +153,11 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
             ),
             title_justify="left",
         )
+        if offering:
+            table.add_column("offered: accepted/declined/expired, rate, p50 to accept")
         for op in s.operators:
             name = op.operator_name + ("" if op.is_active else " (inactive)")
-            values = (
+            values: tuple[object, ...] = (
                 f"{op.operator_id} {name}",
                 op.weight,
                 f"{op.weight_share:.0%}",
@@ -132,7 +167,19 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
                 op.open_now,
                 f"{op.load}/{op.max_load}",
             )
+            if offering:
+                values += _offer_cells(op.offers)
             table.add_row(*map(cell, values))
         console.print(table)
     if not stats:
         console.print("no sources yet: leadrouter sources add KEY")
+
+
+def _offer_cells(counts: OfferCounts | None) -> tuple[object, ...]:
+    if counts is None:
+        return ("",)
+    rate = "-" if counts.acceptance_rate is None else f"{counts.acceptance_rate:.0%}"
+    p50 = "-" if counts.median_accept_seconds is None else f"{counts.median_accept_seconds:.1f}s"
+    return (
+        f"{counts.offered}: {counts.accepted}/{counts.declined}/{counts.expired}, {rate}, {p50}",
+    )

@@ -347,7 +347,7 @@ def test_apply_a_routing_file(settings: Settings, tmp_path: Path) -> None:
 def test_contract_files_are_in_sync(settings: Settings, tmp_path: Path) -> None:
     assert "up to date" in leadrouter(settings, "contract", "--check").stdout
     out = leadrouter(settings, "contract", "--directory", str(tmp_path)).stdout
-    assert "wrote 4 file(s)" in out and (tmp_path / "asyncapi.yaml").exists()
+    assert "wrote 6 file(s)" in out and (tmp_path / "asyncapi.yaml").exists()
     (tmp_path / "asyncapi.yaml").write_text("stale")
     fails_cleanly(
         settings, "contract", "--directory", str(tmp_path), "--check", expect="asyncapi.yaml"
