@@ -870,6 +870,12 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     is_flag=True,
     help="First run the minimal hand-written pipeline on the same load, and compare.",
 )
+@click.option(
+    "--offers",
+    is_flag=True,
+    help="Run the load with offers off, then on (a simulated app accepts every offer), "
+    "and compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -880,6 +886,7 @@ async def bench(
     weights_per_source: int,
     rate: float | None,
     reference: bool,
+    offers: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -898,6 +905,7 @@ async def bench(
         reference,
         operators=operators,
         weights_per_source=weights_per_source,
+        offers=offers,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))

@@ -146,7 +146,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.assign_contacts, 9),
     (Q.assign_offers, 10),
     (Q.mark_events_published, 1),
-    (Q.make_offers, 2),
+    (Q.record_offers, 15),
     (Q.answer_state, 2),
     (Q.accept_offers, 1),
     (Q.give_back_shares, 3),
@@ -454,14 +454,12 @@ async def _write_decisions(
     # The smooth strategy's state goes with the first write, so that an operator filled
     # by the second one leaves at the batch's final clock (see migration 0013's trigger).
     smooth = _smooth_arrays(decided)
-    offering = offers.Offering()
     if earlier:
         await _assign_queued(conn, earlier, by_id, outcome, events, smooth)
     if fresh:
         placed = {-a.contact_id: a for a in decided.assignments if a.contact_id < 0}
         stored = _NO_SMOOTH if earlier else smooth
-        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, stored, offering)
-    await offers.make(conn, offering, events)
+        await _insert(conn, fresh, placed, by_id, source_ids, outcome, events, stored)
 
 
 _NO_SMOOTH: list[list[Any]] = [[], [], [], [], []]
@@ -537,7 +535,6 @@ async def _insert(
     outcome: Outcome,
     events: EventWriter,
     smooth: list[list[Any]],
-    offering: offers.Offering,
 ) -> None:
     """Upsert the leads of `fresh` and insert its contacts, assigned as `placed` says,
     claiming the operators' capacity in the same statement."""
@@ -549,8 +546,7 @@ async def _insert(
             merged[i] = value if value is not None else merged[i]
     order = sorted(leads)
     operators = [placed[i].operator_id if i in placed else None for i in range(1, len(fresh) + 1)]
-    rows = await conn.fetch(
-        Q.record_contacts,
+    args = [
         order,
         *([leads[e][i] for e in order] for i in range(3)),
         [i.body.lead.external_id for i in fresh],
@@ -559,7 +555,12 @@ async def _insert(
         [i.body.message for i in fresh],
         [i.message_id for i in fresh],
         *smooth,
-    )
+    ]
+    timeouts = [routes[source_ids[i.body.source]].accept_timeout for i in fresh]
+    if any(timeouts):  # offers are made in the same statement
+        rows = await conn.fetch(Q.record_offers, *args, timeouts)
+    else:
+        rows = await conn.fetch(Q.record_contacts, *args)
     if not all(r["claimed"] for r in rows):
         raise CapacityTaken("an operator's capacity was taken meanwhile: nothing recorded")
     position = {n.message_id: i for i, n in enumerate(fresh, 1)}
@@ -574,7 +575,9 @@ async def _insert(
             a = placed[position[message_id]]
             _assigned(outcome, route_, row["id"], a.operator_id)
             if route_.accept_timeout:
-                offering.add(row, external_id, route_.key, a, route_.accept_timeout)
+                offers.offered(
+                    events, row, external_id, route_.key, a, row["attempt"], row["offer_expires_at"]
+                )
             else:
                 events.assigned(row, external_id, route_.key, a)
     # Inserted by a concurrent transaction after our check: duplicates all the same.

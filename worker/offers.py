@@ -81,49 +81,6 @@ class Answered:
         }
 
 
-@dataclass
-class Offering:
-    """Contacts of offering sources that this transaction gave an operator: made offers
-    of (their events) once both routing writes are done."""
-
-    rows: list[tuple[asyncpg.Record, str, str, Assignment, int]] = field(default_factory=list)
-
-    def add(
-        self,
-        row: asyncpg.Record,
-        lead_external_id: str,
-        source_key: str,
-        a: Assignment,
-        timeout: int,
-    ) -> None:
-        self.rows.append((row, lead_external_id, source_key, a, timeout))
-
-
-async def make(conn: asyncpg.Connection, offering: Offering, events: "EventWriter") -> None:
-    """Give the contacts of `offering` their deadlines and write `contact.offered`."""
-    if not offering.rows:
-        return
-    made = {
-        r["id"]: r
-        for r in await conn.fetch(
-            Q.make_offers,
-            [row["id"] for row, *_ in offering.rows],
-            [timeout for *_, timeout in offering.rows],
-        )
-    }
-    for row, lead_external_id, source_key, a, _ in offering.rows:
-        offer = made[row["id"]]
-        offered(
-            events,
-            row,
-            lead_external_id,
-            source_key,
-            a,
-            offer["attempt"],
-            offer["offer_expires_at"],
-        )
-
-
 def offered(
     events: "EventWriter",
     row: asyncpg.Record,

@@ -361,6 +361,75 @@ SELECT c.*, c.operator_id IS NULL OR c.operator_id IN (SELECT id FROM claimed) A
 FROM contact_rows c
 ORDER BY c.id;
 
+-- name: record_offers
+-- record_contacts for a batch with new contacts of sources that make offers
+-- (worker/offers.py): the same, and those contacts (a timeout above 0) are inserted as
+-- offers: a deadline, attempt 1 and the offer's row ($1 external ids, $2 names, $3
+-- e-mails, $4 phones; per contact: $5 external ids, $6 source ids, $7 operator ids or
+-- NULL, $8 message texts, $9 inbound message ids; smooth starts: $10 source ids, $11
+-- operator ids, $12 starts; smooth clocks: $13 source ids, $14 clocks; per contact: $15
+-- accept timeouts in seconds, 0 for an assignment).
+WITH locked AS MATERIALIZED (
+    SELECT o.id FROM operators o
+    WHERE o.id = ANY($7::bigint[]) OR o.id = ANY($11::bigint[])
+    ORDER BY o.id
+    FOR UPDATE
+), lead_rows AS (
+    INSERT INTO leads AS l (external_id, name, email, phone)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    WHERE (SELECT count(*) FROM locked) >= 0  -- after the operators' locks
+    ON CONFLICT (external_id) DO UPDATE
+    SET name       = COALESCE(EXCLUDED.name, l.name),
+        email      = COALESCE(EXCLUDED.email, l.email),
+        phone      = COALESCE(EXCLUDED.phone, l.phone),
+        updated_at = now()
+    RETURNING id, external_id
+), contact_rows AS (
+    INSERT INTO contacts (lead_id, source_id, operator_id, assigned_at, message,
+                          inbound_message_id, offer_expires_at, offer_attempt)
+    SELECT lead_rows.id, t.source_id, t.operator_id,
+           CASE WHEN t.operator_id IS NOT NULL THEN now() END, t.message, t.message_id,
+           CASE WHEN t.operator_id IS NOT NULL AND t.timeout > 0
+                THEN statement_timestamp() + make_interval(secs => t.timeout::double precision)
+           END,
+           CASE WHEN t.operator_id IS NOT NULL AND t.timeout > 0 THEN 1 ELSE 0 END
+    FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $15::integer[])
+        WITH ORDINALITY AS t (external_id, source_id, operator_id, message, message_id, timeout, n)
+    JOIN lead_rows USING (external_id)
+    ORDER BY t.n
+    ON CONFLICT (inbound_message_id) DO NOTHING
+    RETURNING id, lead_id, source_id, operator_id, inbound_message_id, created_at, assigned_at,
+              offer_attempt AS attempt, offer_expires_at
+), recorded AS (
+    INSERT INTO offers (contact_id, attempt, source_id, operator_id, offered_at, expires_at)
+    SELECT id, attempt, source_id, operator_id, statement_timestamp(), offer_expires_at
+    FROM contact_rows
+    WHERE offer_expires_at IS NOT NULL
+), claimed AS (
+    UPDATE operators o
+    SET open_load = o.open_load + t.n, last_assigned_at = now()
+    FROM (SELECT operator_id, count(*)::integer FROM contact_rows
+          WHERE operator_id IS NOT NULL GROUP BY operator_id) AS t (id, n)
+    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+      AND o.id IN (SELECT id FROM locked)
+    RETURNING o.id
+), starts AS (
+    UPDATE source_weights w
+    SET smooth_start = t.start
+    FROM unnest($10::bigint[], $11::bigint[], $12::double precision[])
+        AS t (source_id, operator_id, start)
+    WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+      AND t.operator_id IN (SELECT id FROM locked)
+), clocks AS (
+    UPDATE sources s
+    SET smooth_clock = t.clock
+    FROM unnest($13::bigint[], $14::double precision[]) AS t (id, clock)
+    WHERE s.id = t.id
+)
+SELECT c.*, c.operator_id IS NULL OR c.operator_id IN (SELECT id FROM claimed) AS claimed
+FROM contact_rows c
+ORDER BY c.id;
+
 -- name: contacts_for_close
 -- Contacts to close and the sources whose routing their closes may affect ($1 ids).
 SELECT c.id, c.source_id, c.operator_id,
@@ -630,24 +699,6 @@ SELECT pg_notify('leadrouter_outbox', '');
 -- Offers (worker/offers.py): a source with an accept timeout offers each contact it
 -- routes; the operator accepts or declines on leads.inbound, and the workers keep the
 -- deadlines (migration 0017 describes the columns).
-
--- name: make_offers
--- Turn contacts this transaction has just given an operator into offers: a deadline
--- per contact, the next attempt, and the offer's row ($1 contact ids, $2 their sources'
--- accept timeouts in seconds).
-WITH made AS (
-    UPDATE contacts c
-    SET offer_expires_at = statement_timestamp() + make_interval(secs => t.timeout::double precision),
-        offer_attempt    = c.offer_attempt + 1
-    FROM unnest($1::bigint[], $2::integer[]) AS t (id, timeout)
-    WHERE c.id = t.id
-    RETURNING c.id, c.source_id, c.operator_id, c.offer_attempt, c.offer_expires_at
-), recorded AS (
-    INSERT INTO offers (contact_id, attempt, source_id, operator_id, offered_at, expires_at)
-    SELECT id, offer_attempt, source_id, operator_id, statement_timestamp(), offer_expires_at
-    FROM made
-)
-SELECT id, offer_attempt AS attempt, offer_expires_at FROM made;
 
 -- name: answer_state
 -- What answers to offers are judged on, per answer: its contact's state, whether the

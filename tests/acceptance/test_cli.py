@@ -182,6 +182,8 @@ def test_demo_runs_end_to_end(settings: Settings, service_urls: tuple[str, str])
         assert "telegram-bot (smooth)" in result.stdout and "observed" in result.stdout
         assert "partner-api (weighted_random)" in result.stdout
         assert "queued now" in result.stdout
+        assert "offers on web-form: the operators' app accepted" in result.stdout
+        assert "offered: accepted/declined" in result.stdout  # web-form's offers column
     finally:  # the demo's own database, kept by the demo for people to inspect
         asyncio.run(services.drop_database(service_urls[0], demo_db))
 
