@@ -18,11 +18,13 @@ CREATE INDEX contacts_offer_deadlines ON contacts (offer_expires_at) WHERE offer
 
 -- Every offer made and how it ended (NULL while pending, or when its contact was closed
 -- first): what stats count, and how a late answer is told from a wrong one.
+-- No foreign keys: contacts, sources and operators are never deleted, and checking three
+-- per offer was a tenth of the time of expiring 10,000 offers at once.
 CREATE TABLE offers (
-    contact_id  bigint      NOT NULL REFERENCES contacts (id),
+    contact_id  bigint      NOT NULL,
     attempt     integer     NOT NULL,
-    source_id   bigint      NOT NULL REFERENCES sources (id),
-    operator_id bigint      NOT NULL REFERENCES operators (id),
+    source_id   bigint      NOT NULL,
+    operator_id bigint      NOT NULL,
     offered_at  timestamptz NOT NULL,
     expires_at  timestamptz NOT NULL,
     outcome     text CHECK (outcome IN ('accepted', 'declined', 'expired')),
@@ -44,3 +46,9 @@ ALTER TABLE outbox DROP CONSTRAINT outbox_routing_key_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_routing_key_check CHECK (routing_key IN (
     'contact.assigned', 'contact.queued', 'contact.closed', 'contact.offered',
     'contact.declined', 'contact.expired', 'contact.answer_rejected'));
+
+-- The payload as json, not jsonb: the worker writes it once and the relays read it back as
+-- text, so jsonb's parsing into its binary form bought nothing and cost half of the
+-- insert (0.37 s against 0.18 s for 20,000 events: offers double the events per contact).
+-- The json operators (->, ->>) read it as before.
+ALTER TABLE outbox ALTER COLUMN payload TYPE json USING payload::json;

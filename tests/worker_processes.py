@@ -55,13 +55,19 @@ async def wait_ready(pool: asyncpg.Pool, settings: Settings, log_dir: Path, n: i
 
 # The load of every operator after every commit that changed it, replayed from the
 # outbox: events that change an operator's load are written under its row lock, so
-# their outbox order is their commit order.
+# their outbox order is their commit order. An offer counts from `contact.offered` until
+# it is declined or expires; its acceptance (`contact.assigned` with an attempt) changes
+# nothing.
 PEAK_LOADS = """
     WITH changes AS (
         SELECT id, (payload -> 'data' ->> 'operator_id')::bigint AS operator_id,
-               CASE routing_key WHEN 'contact.assigned' THEN 1 ELSE -1 END AS delta
+               CASE WHEN routing_key = 'contact.assigned'
+                         AND payload -> 'data' ->> 'attempt' IS NOT NULL THEN 0
+                    WHEN routing_key IN ('contact.assigned', 'contact.offered') THEN 1
+                    ELSE -1 END AS delta
         FROM outbox
-        WHERE routing_key IN ('contact.assigned', 'contact.closed')
+        WHERE routing_key IN ('contact.assigned', 'contact.closed', 'contact.offered',
+                              'contact.declined', 'contact.expired')
           AND payload -> 'data' ->> 'operator_id' IS NOT NULL
     ), running AS (
         SELECT operator_id, sum(delta) OVER (PARTITION BY operator_id ORDER BY id) AS load

@@ -1,12 +1,16 @@
 """Admin actions behind the CLI. Those that change who can take work route the backlog
 in the same transaction and leave their events in the outbox for the worker's relay."""
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
-from worker import distribution
+from schemas.inbound import ContactAccept, ContactDecline
+from worker import distribution, offers
+from worker.decode import describe
 from worker.errors import UserError
 from worker.retry import in_transaction
 from worker.sql import Q
@@ -235,6 +239,37 @@ async def close_contact(pool: asyncpg.Pool, contact_id: int) -> distribution.Out
         return await distribution.route(conn, scope, close_ids=[contact_id])
 
     outcome = await in_transaction(pool, close)
+    await _drain_after_commit(pool, outcome.undrained)
+    return outcome
+
+
+async def answer_offer(
+    pool: asyncpg.Pool,
+    contact_id: int,
+    operator_id: int,
+    accept: bool,
+    reason: str | None = None,
+) -> distribution.Outcome:
+    """Accept or decline an offer as a `contact.accept` / `contact.decline` message would
+    (the same checks, the same events, a rejection included); `Outcome.answered` says
+    what came of it."""
+    body = {"contact_id": contact_id, "operator_id": operator_id}
+    model = ContactAccept if accept else ContactDecline
+    if not accept and reason is not None:
+        body["reason"] = reason  # type: ignore[assignment]
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+    answer = offers.Answer(f"cli:{uuid.uuid4()}", contact_id, operator_id, accept, reason)
+
+    async def run(conn: asyncpg.Connection) -> distribution.Outcome:
+        scope = await distribution.read_scope(conn, (), [contact_id])
+        if scope.unknown_contacts:
+            raise UserError(f"no contact with id {contact_id}")
+        return await distribution.route(conn, scope, answers=[answer])
+
+    outcome = await in_transaction(pool, run)
     await _drain_after_commit(pool, outcome.undrained)
     return outcome
 

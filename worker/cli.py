@@ -452,6 +452,14 @@ def _queueing_options(f: Any) -> Any:
     return f
 
 
+ACCEPT_TIMEOUT = click.option(
+    "--accept-timeout",
+    "accept_timeout",
+    type=click.IntRange(0, admin.MAX_ACCEPT_TIMEOUT),
+    help="Offer each contact to its operator, who must accept within SECONDS (0: off).",
+)
+
+
 @sources.command("add")
 @click.argument("key")
 @click.option("--name")
@@ -459,6 +467,7 @@ def _queueing_options(f: Any) -> Any:
 @STRATEGY
 @AFFINITY
 @_queueing_options
+@ACCEPT_TIMEOUT
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_add(
@@ -471,13 +480,14 @@ async def sources_add(
     overflow_to: str | None,
     overflow_after: int | None,
     alert_after: int | None,
+    accept_timeout: int | None,
     as_json: bool,
 ) -> None:
     """Add a source that bots publish with KEY."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
         row = await source_queueing.add_source(
-            pool, key, name, description, strategy, affinity_hours, change
+            pool, key, name, description, strategy, affinity_hours, change, accept_timeout or 0
         )
     _print_one(row, as_json)
 
@@ -489,6 +499,7 @@ async def sources_add(
 @STRATEGY
 @AFFINITY
 @_queueing_options
+@ACCEPT_TIMEOUT
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_update(
@@ -501,13 +512,14 @@ async def sources_update(
     overflow_to: str | None,
     overflow_after: int | None,
     alert_after: int | None,
+    accept_timeout: int | None,
     as_json: bool,
 ) -> None:
-    """Change a source's name, description, strategy, affinity or queueing."""
+    """Change a source's name, description, strategy, affinity, queueing or offers."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
         row = await source_queueing.update_source(
-            pool, key, name, description, strategy, affinity_hours, change
+            pool, key, name, description, strategy, affinity_hours, change, accept_timeout
         )
     _print_one(row, as_json)
 
@@ -521,7 +533,10 @@ async def sources_list(as_json: bool) -> None:
         rows = await admin.list_sources(pool)
     # The queueing settings (queue_order, overflow_to, overflow_after, alert_after) are in
     # --json; the table stays narrow enough to read.
-    _print_rows(rows, ["id", "key", "name", "description", "strategy", "affinity_hours"], as_json)
+    columns = ["id", "key", "name", "description", "strategy", "affinity_hours"]
+    if any(r.get("accept_timeout") for r in rows):  # a column of its own once offers are used
+        columns.append("accept_timeout")
+    _print_rows(rows, columns, as_json)
 
 
 # --- weights -----------------------------------------------------------------------
@@ -618,6 +633,51 @@ async def contacts_close(contact_id: int) -> None:
         _say(f"contact {contact_id} was already closed")
     else:
         _say(f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned")
+
+
+@contacts.command("accept")
+@click.argument("contact_id", type=BIGINT)
+@click.option("--operator", "operator_id", type=BIGINT, required=True)
+@run_async
+async def contacts_accept(contact_id: int, operator_id: int) -> None:
+    """Accept the offer of a contact for its operator, as their app would."""
+    async with await _pool(_settings()) as pool:
+        outcome = await admin.answer_offer(pool, contact_id, operator_id, accept=True)
+    _answered(outcome, contact_id, operator_id, "accepted")
+
+
+@contacts.command("decline")
+@click.argument("contact_id", type=BIGINT)
+@click.option("--operator", "operator_id", type=BIGINT, required=True)
+@click.option("--reason", help="Why, in a few words (at most 256 characters).")
+@run_async
+async def contacts_decline(contact_id: int, operator_id: int, reason: str | None) -> None:
+    """Decline the offer of a contact for its operator: it is offered to the next one."""
+    async with await _pool(_settings()) as pool:
+        outcome = await admin.answer_offer(pool, contact_id, operator_id, False, reason)
+    _answered(outcome, contact_id, operator_id, "declined")
+
+
+def _answered(outcome: Any, contact_id: int, operator_id: int, done: str) -> None:
+    """What an answer did, in one line; a rejected one is an error (exit 1), though its
+    `contact.answer_rejected` event was written as for a message."""
+    answered = outcome.answered
+    if answered.rejected:
+        [reason] = answered.rejected
+        why = {
+            "expired": "its offer to them expired",
+            "not_offered": "it is not offered to them",
+            "closed": "it is closed",
+        }[reason]
+        raise UserError(f"contact {contact_id} not {done} by operator {operator_id}: {why}")
+    if answered.repeated:
+        _say(f"contact {contact_id} was already {done} by operator {operator_id}")
+    elif done == "accepted":
+        _say(f"contact {contact_id} accepted: assigned to operator {operator_id}")
+    else:
+        now = outcome.assigned.get(contact_id)
+        then = f"offered to operator {now}" if now else "queued"
+        _say(f"contact {contact_id} declined by operator {operator_id}; {then}")
 
 
 # --- leads -------------------------------------------------------------------------
@@ -744,9 +804,18 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
     async with await _pool(_settings()) as pool:
         result = await collect(pool, source_key, window)
     if as_json:
-        click.echo(json.dumps([asdict(s) for s in result]))
+        click.echo(json.dumps([_offers_only_if_used(asdict(s)) for s in result]))
     else:
         render(result, _console(), since)
+
+
+def _offers_only_if_used(source: dict[str, Any]) -> dict[str, Any]:
+    """A source that never made offers shows no offer fields, as before offers existed."""
+    if not source["accept_timeout"] and all(o["offers"] is None for o in source["operators"]):
+        del source["accept_timeout"]
+        for o in source["operators"]:
+            del o["offers"]
+    return source
 
 
 def _console(width: int = 120) -> Console:
@@ -945,6 +1014,12 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     is_flag=True,
     help="Measure twice: as is, then with every operator given a shift and leave; compare.",
 )
+@click.option(
+    "--offers",
+    is_flag=True,
+    help="Run the load with offers off, then on (a simulated app accepts every offer), "
+    "and compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -956,6 +1031,7 @@ async def bench(
     rate: float | None,
     reference: bool,
     schedules: bool,
+    offers: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -975,6 +1051,7 @@ async def bench(
         operators=operators,
         weights_per_source=weights_per_source,
         schedules=schedules,
+        offers=offers,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))

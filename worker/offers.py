@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -80,49 +81,27 @@ class Answered:
         }
 
 
-@dataclass
-class Offering:
-    """Contacts of offering sources that this transaction gave an operator: made offers
-    of (their events) once both routing writes are done."""
-
-    rows: list[tuple[asyncpg.Record, str, str, Assignment, int]] = field(default_factory=list)
-
-    def add(
-        self,
-        row: asyncpg.Record,
-        lead_external_id: str,
-        source_key: str,
-        a: Assignment,
-        timeout: int,
-    ) -> None:
-        self.rows.append((row, lead_external_id, source_key, a, timeout))
-
-
-async def make(conn: asyncpg.Connection, offering: Offering, events: "EventWriter") -> None:
-    """Give the contacts of `offering` their deadlines and write `contact.offered`."""
-    if not offering.rows:
-        return
-    made = {
-        r["id"]: r
-        for r in await conn.fetch(
-            Q.make_offers,
-            [row["id"] for row, *_ in offering.rows],
-            [timeout for *_, timeout in offering.rows],
-        )
-    }
-    for row, lead_external_id, source_key, a, _ in offering.rows:
-        offer = made[row["id"]]
-        events.offer_event(
-            "contact.offered",
-            row,
-            row["assigned_at"],
-            lead_external_id,
-            source_key,
-            a.operator_id,
-            offer["attempt"],
-            offer_expires_at=offer["offer_expires_at"].isoformat(),
-            affinity=a.affinity,
-        )
+def offered(
+    events: "EventWriter",
+    row: asyncpg.Record,
+    lead_external_id: str,
+    source_key: str,
+    a: Assignment,
+    attempt: int,
+    expires_at: datetime,
+) -> None:
+    """`contact.offered` for a contact given to `a.operator_id` as an offer."""
+    events.offer_event(
+        "contact.offered",
+        row,
+        row["assigned_at"],
+        lead_external_id,
+        source_key,
+        a.operator_id,
+        attempt,
+        offer_expires_at=expires_at.isoformat(),
+        affinity=a.affinity,
+    )
 
 
 async def answer(
@@ -213,12 +192,12 @@ async def withdraw(
     how: str,
     reasons: Sequence[str | None],
     outcome: "Outcome",
-    events: "EventWriter",
+    events: "EventWriter | None",
 ) -> list[asyncpg.Record]:
     """Take these pending offers back (`how`: declined or expired): the contacts queue
     again for the caller to route, the operators' capacity and smooth shares go back.
-    Their events are written here; `contact.queued` for those routing leaves queued is
-    written by `queue_again`."""
+    Their events are written to `events` (None: the caller does, `withdrawn_events`);
+    `contact.queued` for those routing leaves queued is written by `queue_again`."""
     rows = await conn.fetch(Q.withdraw_offers, list(contact_ids), how, list(reasons))
     if not rows:
         return rows
@@ -230,8 +209,16 @@ async def withdraw(
     await conn.execute(
         Q.give_back_shares, [k[0] for k in keys], [k[1] for k in keys], [shares[k] for k in keys]
     )
+    outcome.withdrawn.update((r["id"], r) for r in rows)
+    if events is not None:
+        withdrawn_events(rows, how, events)
+    return rows
+
+
+def withdrawn_events(rows: Sequence[asyncpg.Record], how: str, events: "EventWriter") -> None:
+    """`contact.declined` or `contact.expired` for offers `withdraw` took back. Pure
+    (no I/O), so that a bulk expiry builds them in a thread while routing runs."""
     for r in rows:
-        outcome.withdrawn[r["id"]] = r
         extra = {"reason": r["reason"]} if how == "declined" and r["reason"] else {}
         events.offer_event(
             "contact." + how,
@@ -243,7 +230,6 @@ async def withdraw(
             r["attempt"],
             **extra,
         )
-    return rows
 
 
 def queue_again(outcome: "Outcome", events: "EventWriter") -> None:
@@ -300,9 +286,7 @@ class DeadlineKeeper:
     async def once(self) -> float:
         """Expire what is due; returns how long to wait before looking again."""
         row = await self._pool.fetchrow(Q.offer_deadlines)
-        expired = 0
-        for source_id in row["due"]:
-            expired += await expire_source(self._pool, source_id)
+        expired = await expire_sources(self._pool, row["due"]) if row["due"] else 0
         if expired:
             self._on_committed()
             return 0.0  # at once: more may have lapsed meanwhile
@@ -310,23 +294,29 @@ class DeadlineKeeper:
         return self._poll if next_in is None else max(min(next_in, self._poll), 0.0)
 
 
-async def expire_source(pool: asyncpg.Pool, source_id: int) -> int:
-    """Expire one source's lapsed offers and route them on, unless another worker is at
-    it; returns how many were expired."""
+async def expire_sources(pool: asyncpg.Pool, source_ids: Sequence[int]) -> int:
+    """Expire the lapsed offers of these sources (those no other worker is at) and route
+    them on, all in one transaction: the sources usually share operators, whose row locks
+    would make transactions of their own wait for each other anyway. Returns how many
+    were expired."""
     from worker import distribution
 
     async with pool.acquire() as conn:
         async with conn.transaction():
-            if not await conn.fetchval(Q.try_lock_offer_deadlines, source_id):
+            mine = await conn.fetch(Q.try_lock_offer_deadlines, sorted(source_ids))
+            if not mine:
                 return 0
-            await distribution.lock_sources(conn, {source_id})
-            due = [r["id"] for r in await conn.fetch(Q.due_offers, source_id, EXPIRE_BATCH)]
+            ids = {r["id"] for r in mine}
+            await distribution.lock_sources(conn, ids)
+            due = await conn.fetch(Q.due_offers, sorted(ids), EXPIRE_BATCH)
             if not due:
                 return 0
-            outcome = await distribution.expire(conn, source_id, due)
+            outcome = await distribution.expire(
+                conn, {r["source_id"] for r in due}, [r["id"] for r in due]
+            )
         logger.info(
             "offers_expired",
-            source_id=source_id,
+            sources=len({r["source_id"] for r in due}),
             expired=len(outcome.withdrawn),
             offered_again=len(outcome.assigned),
         )
@@ -334,3 +324,8 @@ async def expire_source(pool: asyncpg.Pool, source_id: int) -> int:
         with contextlib.suppress(Exception):  # the backlog sweep is the safety net
             await distribution.drain_after_commit(pool, outcome.undrained)
     return len(outcome.withdrawn)
+
+
+async def expire_source(pool: asyncpg.Pool, source_id: int) -> int:
+    """`expire_sources` for one source."""
+    return await expire_sources(pool, [source_id])

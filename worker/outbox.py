@@ -41,6 +41,8 @@ CHANNEL = "leadrouter_outbox"
 # their confirm: at low load one UPDATE per event would cost more than its publish.
 MARK_DELAY_SECONDS = 0.05
 PRUNE_BATCH = 5000  # rows looked at per statement
+# From this many events written for the relays (no lease), by COPY rather than INSERT.
+COPY_FROM = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class EventWriter:
 
     def __init__(self) -> None:
         self.rows: list[tuple[uuid.UUID, int | None, str, str, int]] = []
+        self.derived_ids = False  # some event ids may have been written before
 
     def closed(self, row: asyncpg.Record) -> None:
         self._add(
@@ -155,12 +158,23 @@ class EventWriter:
         attempt: int = 0,
         event_id: uuid.UUID | None = None,
     ) -> None:
+        self.derived_ids = self.derived_ids or event_id is not None
         event_id = event_id or uuid.uuid4()
         payload = json.dumps(envelope(str(event_id), key, time, data))
         self.rows.append((event_id, data["contact_id"], key, payload, attempt))
 
     async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
         if not self.rows:
+            return []
+        if lease is None and len(self.rows) >= COPY_FROM and not self.derived_ids:
+            # Many rows for the relays (offers expired in bulk): COPY, half the time of
+            # the INSERT, and nothing to hand back.
+            await conn.copy_records_to_table(
+                "outbox",
+                records=self.rows,
+                columns=["event_id", "contact_id", "routing_key", "payload", "attempt"],
+            )
+            await conn.execute(Q.notify_outbox)
             return []
         columns = list(map(list, zip(*self.rows, strict=True)))
         written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4])

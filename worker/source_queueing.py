@@ -99,11 +99,14 @@ async def add_source(
     strategy: str | None,
     affinity_hours: int | None,
     change: QueueingChange,
+    accept_timeout: int = 0,
 ) -> dict[str, object]:
     """`sources add` with queueing settings, all or nothing."""
     change.check()
     async with pool.acquire() as conn, conn.transaction():
-        row = await admin.add_source(conn, key, name, description, strategy, affinity_hours)
+        row = await admin.add_source(
+            conn, key, name, description, strategy, affinity_hours, accept_timeout
+        )
         await store(conn, row["id"], change)
         return await _with_queueing(conn, row)
 
@@ -116,11 +119,14 @@ async def update_source(
     strategy: str | None,
     affinity_hours: int | None,
     change: QueueingChange,
+    accept_timeout: int | None = None,
 ) -> dict[str, object]:
     """`sources update` with queueing settings, all or nothing."""
     change.check()
     async with pool.acquire() as conn, conn.transaction():
-        row = await admin.update_source(conn, key, name, description, strategy, affinity_hours)
+        row = await admin.update_source(
+            conn, key, name, description, strategy, affinity_hours, accept_timeout
+        )
         await store(conn, row["id"], change)
         return await _with_queueing(conn, row)
 

@@ -46,6 +46,19 @@ class OperatorShare:
     shift: str | None = None  # with its time zone in brackets
     scheduled: bool = True  # on shift and not on leave
     available: bool = True  # active, online, on shift, not on leave
+    # Sources that make offers (or made some in the window) only: how the operator
+    # answered them.
+    offers: "OfferCounts | None" = None
+
+
+@dataclass
+class OfferCounts:
+    offered: int
+    accepted: int
+    declined: int
+    expired: int
+    acceptance_rate: float | None  # accepted of those answered or expired
+    median_accept_seconds: float | None
 
 
 @dataclass
@@ -59,6 +72,20 @@ class SourceStats:
     oldest_queued_seconds: float = 0.0  # how long the oldest queued contact has waited
     overflowed: int = 0  # contacts of the window that overflowed to another source
     waiting_alerts: int = 0  # contacts of the window that emitted contact.waiting
+    accept_timeout: int = 0  # seconds; 0: offers off
+
+
+def offer_counts(row: dict[str, Any]) -> OfferCounts:
+    decided = row["accepted"] + row["declined"] + row["expired"]
+    seconds = row["accept_seconds"]
+    return OfferCounts(
+        offered=row["offered"],
+        accepted=row["accepted"],
+        declined=row["declined"],
+        expired=row["expired"],
+        acceptance_rate=row["accepted"] / decided if decided else None,
+        median_accept_seconds=round(seconds, 3) if seconds is not None else None,
+    )
 
 
 def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[SourceStats]:
@@ -72,9 +99,11 @@ def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[So
             oldest_queued_seconds=round(s.get("oldest_queued_seconds", 0.0), 3),
             overflowed=s.get("overflowed", 0),
             waiting_alerts=s.get("waiting_alerts", 0),
+            accept_timeout=s.get("accept_timeout", 0),
         )
         for s in sources
     }
+    offering = {r["source"] for r in rows if r.get("offered") or by_key[r["source"]].accept_timeout}
     for row in rows:
         by_key[row["source"]].assigned += row["assigned"]
     for key, stats in by_key.items():
@@ -97,6 +126,7 @@ def shares(sources: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[So
                     shift=f"{r['shift']} ({r['time_zone']})" if r["shift"] else None,
                     scheduled=r["scheduled"],
                     available=r["available"],
+                    offers=offer_counts(r) if key in offering else None,
                 )
             )
     return list(by_key.values())
@@ -140,6 +170,7 @@ def _queueing(s: SourceStats) -> str:
 def render(stats: list[SourceStats], console: Console, since: str | None) -> None:
     window = f"since {since} ago" if since else "all time"
     for s in stats:
+        offering = any(op.offers is not None for op in s.operators)
         table = Table(
             "operator",
             "weight",
@@ -155,11 +186,13 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
             ),
             title_justify="left",
         )
+        if offering:
+            table.add_column("offered: accepted/declined/expired, rate, p50 to accept")
         for op in s.operators:
             name = op.operator_name + ("" if op.is_active else " (inactive)")
             name += "" if op.presence == "online" else f" ({op.presence})"
             name += "" if op.scheduled else " (off shift or on leave)"
-            values = (
+            values: tuple[object, ...] = (
                 f"{op.operator_id} {name}",
                 op.weight,
                 f"{op.weight_share:.0%}",
@@ -169,7 +202,19 @@ def render(stats: list[SourceStats], console: Console, since: str | None) -> Non
                 op.open_now,
                 f"{op.load}/{op.max_load}",
             )
+            if offering:
+                values += _offer_cells(op.offers)
             table.add_row(*map(cell, values))
         console.print(table)
     if not stats:
         console.print("no sources yet: leadrouter sources add KEY")
+
+
+def _offer_cells(counts: OfferCounts | None) -> tuple[object, ...]:
+    if counts is None:
+        return ("",)
+    rate = "-" if counts.acceptance_rate is None else f"{counts.acceptance_rate:.0%}"
+    p50 = "-" if counts.median_accept_seconds is None else f"{counts.median_accept_seconds:.1f}s"
+    return (
+        f"{counts.offered}: {counts.accepted}/{counts.declined}/{counts.expired}, {rate}, {p50}",
+    )

@@ -10,6 +10,7 @@ from tests.helpers import EventCollector, lead, route_new, send, setup_source, w
 from worker import admin, distribution, offers
 from worker.app import Worker
 from worker.settings import Settings
+from worker.sql import Q
 
 CONTACT = """
     SELECT c.operator_id, c.offer_expires_at IS NOT NULL AS offered, c.offer_attempt,
@@ -234,3 +235,24 @@ async def test_worker_answers_through_messages(
 
 async def _settled(worker: Worker, n: int) -> bool:
     return sum(worker.outcomes.values()) >= n
+
+
+async def test_offering_queued_contacts_claims_no_capacity_past_max_load(
+    pool: asyncpg.Pool,
+) -> None:
+    [op] = await offering_source(pool, [("a", 1, 1)])
+    outcome = await new(pool, "web", "first", "second")  # one offered, one queued
+    [queued] = [c for c in outcome.contacts.values() if c not in outcome.assigned]
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            # The queued contact offered to the full operator: one unit over max_load.
+            rows = await conn.fetch(
+                Q.assign_offers, [queued], [op], [op], [1], [], [], [], [], [], [30]
+            )
+            assert rows == [], "a queued contact was offered past max_load"
+            assert await conn.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1
+            assert await conn.fetchval("SELECT count(*) FROM offers") == 1
+        finally:
+            await tx.rollback()

@@ -183,7 +183,7 @@ async def test_the_claims_take_nothing_of_an_operator_who_is_not_online(
         await tx.start()
         try:
             args = [["n"], [None], [None], [None], ["n"], [source_id], [op], ["hi"], ["m-n"]]
-            [row] = await conn.fetch(Q.record_contacts, *args, [], [], [], [], [], [0])
+            [row] = await conn.fetch(Q.record_contacts, *args, [], [], [], [], [], [0], [0])
             assert row["claimed"] is False, "an away operator's capacity was claimed"
             rows = await conn.fetch(
                 Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], []

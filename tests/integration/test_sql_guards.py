@@ -32,6 +32,7 @@ async def _record(conn: asyncpg.Connection, source_id: int, operator_id: int | N
         [],
         [],
         [0],
+        [0],
     )
 
 

@@ -14,7 +14,12 @@ compare better than absolute rates taken at different times.
 `--schedules` measures the same load twice, back to back: first as it is, then with every
 operator given a weekly shift (around the clock, so all still take work, in one of
 several IANA zones) and a leave range in the future, and reports the second rate as a
-fraction of the first (`ratio_to_no_schedules`): what routing pays for schedules."""
+fraction of the first (`ratio_to_no_schedules`): what routing pays for schedules.
+
+`--offers` measures the same load twice, offers off then on (every source with an accept
+timeout), and reports the second against the first. With offers on, a simulated operator
+app accepts every offer as its `contact.offered` event arrives, publishing without waiting
+for each confirm, and a contact counts once its `contact.assigned` (the accept) arrives."""
 
 import asyncio
 import json
@@ -27,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
@@ -52,6 +57,10 @@ PUBLISH_WINDOW = 1000  # confirms in flight while pre-publishing
 RSS_MILESTONE = 10_000
 STALL_SECONDS = 60
 _INBOUND_KEY = b'"inbound_message_id": "'
+_CONTACT_KEY = b'"contact_id": '
+_OPERATOR_KEY = b'"operator_id": '
+_ATTEMPT_KEY = b'"attempt": '
+ACCEPT_TIMEOUT = 60  # seconds, with --offers: far longer than any run waits for an accept
 LEADROUTER, REFERENCE = "leadrouter", "reference"
 
 
@@ -82,6 +91,11 @@ class Result:
     schedules: bool = False
     no_schedules: dict[str, float] | None = None
     ratio_to_no_schedules: float | None = None
+    # With --offers: this run had offers on; the same load's figures with offers off, and
+    # this run's messages/s as a fraction of those.
+    offers: bool = False
+    offers_off: dict[str, float] | None = None
+    ratio_to_offers_off: float | None = None
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
@@ -131,6 +145,7 @@ async def _setup_routing(
     weights_per_source: int,
     rng: random.Random,
     schedules: bool = False,
+    accept_timeout: int = 0,
 ) -> list[str]:
     ops = [
         (await admin.add_operator(pool, f"op{n}", 10_000_000, True))["id"] for n in range(operators)
@@ -142,7 +157,7 @@ async def _setup_routing(
             await availability.set_leave(pool, op, ["2099-12-24..2099-12-31"])
     keys = [f"bench-{n}" for n in range(sources)]
     for key in keys:
-        await admin.add_source(pool, key, None, "", None)
+        await admin.add_source(pool, key, None, "", None, accept_timeout=accept_timeout)
         chosen = rng.sample(ops, k=min(weights_per_source, len(ops)))
         await admin.set_weights(pool, key, {op: rng.randint(1, 5) for op in chosen})
     return keys
@@ -174,10 +189,48 @@ class _Publisher:
         )
 
 
-class _Events:
-    """Counts first events (assigned or queued) per inbound message, with arrival times."""
+class _OperatorApp:
+    """The simulated operator app of `--offers`: accepts every offer at once. Lean like
+    the publisher (the ids are read from the event's bytes, no JSON parse), and not
+    waiting for each publish's confirm."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, exchange: str) -> None:
+        self._channel, self._exchange = channel, exchange
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def offered(self, body: bytes) -> None:
+        contact, operator, attempt = (
+            _number_after(body, key) for key in (_CONTACT_KEY, _OPERATOR_KEY, _ATTEMPT_KEY)
+        )
+        future = asyncio.ensure_future(
+            cast(aiormq.Channel, self._channel).basic_publish(
+                b'{"contact_id": %d, "operator_id": %d}' % (contact, operator),
+                exchange=self._exchange,
+                routing_key="contact.accept",
+                properties=spec.Basic.Properties(
+                    message_id=f"accept-{contact}-{attempt}", delivery_mode=2
+                ),
+                wait=False,
+            )
+        )
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+
+def _number_after(body: bytes, key: bytes) -> int:
+    start = body.index(key) + len(key)
+    end = start
+    while body[end : end + 1].isdigit():
+        end += 1
+    return int(body[start:end])
+
+
+class _Events:
+    """Counts first events (assigned or queued) per inbound message, with arrival times;
+    with an operator app (offers on), `contact.assigned` only, handing it each offer."""
+
+    def __init__(self, expected: int, app: _OperatorApp | None = None) -> None:
+        self.app = app
         self.expected = expected
         self.arrived: dict[str, float] = {}
         self.first = self.last = 0.0
@@ -190,6 +243,12 @@ class _Events:
         worker, and its own cost should not set the pace."""
         body = message.body
         if message.routing_key == "contact.closed":
+            return
+        if self.app is not None and message.routing_key != "contact.assigned":
+            if message.routing_key == "contact.offered":
+                # The clock starts at the first offer: the whole way, offer and accept.
+                self.first = self.first or time.perf_counter()
+                self.app.offered(body)
             return
         now = time.perf_counter()
         start = body.index(_INBOUND_KEY) + len(_INBOUND_KEY)
@@ -216,11 +275,14 @@ async def run_bench(
     operators: int = OPERATORS,
     weights_per_source: int = WEIGHTS_PER_SOURCE,
     schedules: bool = False,
+    offers: bool = False,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
     rate as a fraction of its into `ratio_to_reference`. The team: `operators`, each
-    source weighting `weights_per_source` of them (at random, weights 1 to 5)."""
+    source weighting `weights_per_source` of them (at random, weights 1 to 5). With
+    `offers`, leadrouter with offers off first, then on: the figures of the first go into
+    `Result.offers_off`, the ratio into `ratio_to_offers_off`."""
     team = (operators, weights_per_source)
     log.configure("WARNING", base.log_format)
     amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
@@ -228,21 +290,26 @@ async def run_bench(
     if reference:
         yardstick = await _measure(base, messages, sources, team, 1, rate, console, REFERENCE)
     plain = None
-    if schedules:
+    if schedules or offers:  # the same load without them first
         plain = await _measure(base, messages, sources, team, workers, rate, console, LEADROUTER)
     result = await _measure(
-        base, messages, sources, team, workers, rate, console, LEADROUTER, schedules
+        base, messages, sources, team, workers, rate, console, LEADROUTER, schedules, offers
     )
     if plain is not None:
-        result.no_schedules = {
+        figures = {
             k: getattr(plain, k)
             for k in ("messages_per_second", "latency_p50_ms", "latency_p99_ms")
             if getattr(plain, k) is not None
         } | {"cpu_seconds_per_1000": plain.cpu_seconds_per_1000}
-        if rate is None:
-            result.ratio_to_no_schedules = round(
-                result.messages_per_second / plain.messages_per_second, 3
-            )
+        ratio = (
+            round(result.messages_per_second / plain.messages_per_second, 3)
+            if rate is None
+            else None
+        )
+        if schedules:
+            result.no_schedules, result.ratio_to_no_schedules = figures, ratio
+        if offers:
+            result.offers_off, result.ratio_to_offers_off = figures, ratio
     if yardstick is not None:
         result.reference = {
             k: getattr(yardstick, k)
@@ -266,6 +333,7 @@ async def _measure(
     console: Console,
     pipeline: str,
     schedules: bool = False,
+    offers: bool = False,
 ) -> Result:
     run_id = uuid.uuid4().hex[:8]
     settings = bench_settings(base, run_id)
@@ -280,6 +348,7 @@ async def _measure(
         batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
         schedules=schedules,
+        offers=offers,
     )
     await migrate(settings.database_url, settings.migrations_dir)
     connection = await nodes.connect_robust(settings.amqp_url)
@@ -287,12 +356,22 @@ async def _measure(
     worker: Worker | None = None
     try:
         async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
-            keys = await _setup_routing(pool, sources, *team, rng, schedules)
+            keys = await _setup_routing(
+                pool,
+                sources,
+                *team,
+                rng,
+                schedules,
+                accept_timeout=ACCEPT_TIMEOUT if offers else 0,
+            )
             if pipeline == REFERENCE:
                 await bench_reference.setup(pool, keys)
         channel = await connection.channel(publisher_confirms=True)
         declared = await topology.declare(channel, settings)
-        events = _Events(messages)
+        app = None
+        if offers:
+            app = _OperatorApp(await channel.get_underlay_channel(), settings.inbound_exchange)
+        events = _Events(messages, app)
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(declared.exchanges[settings.events_exchange], "#")
         raw = await channel.get_underlay_channel()

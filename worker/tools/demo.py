@@ -2,12 +2,14 @@
 (`<database>_demo`, `<exchange or queue>.demo`), so it never touches real routing data."""
 
 import asyncio
+import json
 import random
 import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from importlib.resources import as_file, files
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -25,6 +27,9 @@ from worker.sql import Q
 
 TIMEOUT_SECONDS = 60
 PUBLISH_BATCH = 200
+# The simulated operator app of the source with offers: how it answers an offer.
+ACCEPTS, DECLINES = 0.8, 0.12  # the rest it ignores: the offer expires
+PENDING_OFFERS = "SELECT count(*) FROM contacts WHERE offer_expires_at IS NOT NULL"
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -79,16 +84,24 @@ async def run_demo(base: Settings, leads: int) -> None:
             declared = await topology.declare(channel, settings)
             events = await channel.declare_queue(exclusive=True)
             await events.bind(declared.exchanges[settings.events_exchange], "#")
+            inbound = declared.exchanges[settings.inbound_exchange]
+            app = _OperatorApp(inbound)
+            offers = await channel.declare_queue(exclusive=True)
+            await offers.bind(declared.exchanges[settings.events_exchange], "contact.offered")
+            await offers.consume(app.on_offer, no_ack=True)
             await worker.start()
             started = time.perf_counter()
-            inbound = declared.exchanges[settings.inbound_exchange]
             keys = [s.key for s in routing.sources]
             await _publish_leads(inbound, keys, leads, out)
 
             async def routed() -> bool:
                 return bool((await pool.fetchrow(Q.count_contacts))["total"] >= leads)
 
+            async def offers_settled() -> bool:
+                return bool(await pool.fetchval(PENDING_OFFERS) == 0)
+
             await _wait("the leads to be routed", routed)
+            await _wait("every offer to be answered or expire", offers_settled)
             closed = await _close_some(pool, inbound)
 
             async def all_closed() -> bool:
@@ -104,6 +117,15 @@ async def run_demo(base: Settings, leads: int) -> None:
             out.print(
                 f"{leads} leads routed and {closed} contacts closed in {elapsed:.1f}s; events "
                 + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
+            )
+            offering = [s.key for s in routing.sources if s.accept_timeout]
+            out.print(
+                f"offers on {', '.join(offering)}: the operators' app accepted "
+                f"{app.answered['accept']}, declined {app.answered['decline']} and ignored "
+                f"{app.answered['ignore']} of {sum(app.answered.values())} offers; "
+                f"{kinds['contact.declined']} declined and {kinds['contact.expired']} expired "
+                f"moved on to the next operator at once, {kinds['contact.answer_rejected']} "
+                "answers came too late"
             )
             stats.render(await stats.collect(pool, None, None), out, None)
         finally:
@@ -137,6 +159,47 @@ async def _publish_leads(
                 batch.append(publisher.publish(exchange, "lead.contact", msg))
             await asyncio.gather(*batch)
             progress.update(task, advance=len(batch))
+
+
+class _OperatorApp:
+    """The operators' app for the source with offers: accepts most offers, declines some
+    and ignores a few (they expire and move on), each a moment after it arrives."""
+
+    def __init__(self, exchange: aio_pika.abc.AbstractExchange) -> None:
+        self._exchange = exchange
+        self._rng = random.Random(11)
+        self.answered: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def on_offer(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        data = json.loads(message.body)["data"]
+        roll = self._rng.random()
+        answer = (
+            "accept" if roll < ACCEPTS else "decline" if roll < ACCEPTS + DECLINES else "ignore"
+        )
+        self.answered[answer] += 1
+        if answer != "ignore":
+            task = asyncio.create_task(self._answer(answer, data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, answer: str, data: dict[str, Any]) -> None:
+        await asyncio.sleep(self._rng.uniform(0.05, 0.5))  # the person reads it first
+        body: dict[str, Any] = {
+            "contact_id": data["contact_id"],
+            "operator_id": data["operator_id"],
+        }
+        if answer == "decline":
+            body["reason"] = "busy"
+        await publisher.publish(
+            self._exchange,
+            f"contact.{answer}",
+            aio_pika.Message(
+                json.dumps(body).encode(),
+                message_id=f"demo-{answer}-{data['contact_id']}-{data['attempt']}",
+                content_type="application/json",
+            ),
+        )
 
 
 async def _close_some(pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange) -> int:
