@@ -767,3 +767,12 @@ ORDER BY f.source_id;
 SELECT s.queue_order, t.key AS overflow_to, s.overflow_after, s.alert_after
 FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
 WHERE s.id = $1;
+
+-- name: lock_still_queued
+-- Lock those of these contacts that are still queued, ascending, and return them: a
+-- routing that takes one of them meanwhile (its overflow target's) waits for the timers'
+-- commit, or the timers leave it out ($1 contact ids).
+SELECT id FROM contacts
+WHERE id = ANY($1::bigint[]) AND status = 'open' AND operator_id IS NULL
+ORDER BY id
+FOR UPDATE;
