@@ -1066,3 +1066,12 @@ LEFT JOIN source_weights w ON w.source_id = s.id
 LEFT JOIN operators o ON o.id = w.operator_id
 GROUP BY s.key
 ORDER BY s.key;
+
+-- name: lock_still_queued
+-- Lock those of these contacts that are still queued, ascending, and return them: a
+-- routing that takes one of them meanwhile (its overflow target's) waits for the timers'
+-- commit, or the timers leave it out ($1 contact ids).
+SELECT id FROM contacts
+WHERE id = ANY($1::bigint[]) AND status = 'open' AND operator_id IS NULL
+ORDER BY id
+FOR UPDATE;

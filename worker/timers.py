@@ -72,11 +72,13 @@ async def _source_timers(conn: asyncpg.Connection, source_id: int, done: Tick) -
     alerted, overflowed = s["alerted_through"], s["overflowed_through"]
     if s["alert_after"] is not None:
         due, alerted = await _due(conn, source_id, alerted, s["alert_after"])
+        due = await _still_queued(conn, due)
         for r in due:
             events.waiting(r, s["key"], now, round(r["waited"], 3))
         done.alerted += len(due)
     if s["target_id"] is not None:
         due, overflowed = await _due(conn, source_id, overflowed, s["overflow_after"])
+        due = await _still_queued(conn, due)
         if due:
             await conn.execute(
                 Q.overflow_contacts,
@@ -102,6 +104,18 @@ async def _source_timers(conn: asyncpg.Connection, source_id: int, done: Tick) -
         columns = list(map(list, zip(*events.rows, strict=True)))
         await conn.execute(Q.insert_timer_events, *columns[:4])  # attempt: 0, never offered
         await conn.execute(Q.notify_outbox)
+
+
+async def _still_queued(
+    conn: asyncpg.Connection, rows: list[asyncpg.Record]
+) -> list[asyncpg.Record]:
+    """Those of `rows` still queued, locked until commit. The source's lock keeps its own
+    routing away, but an overflowed contact may be taken by its target's routing: that
+    one then waits for this commit (so the event comes first), or took it already."""
+    if not rows:
+        return rows
+    kept = {r["id"] for r in await conn.fetch(Q.lock_still_queued, [r["id"] for r in rows])}
+    return [r for r in rows if r["id"] in kept]
 
 
 async def _due(
