@@ -397,7 +397,7 @@ WITH locked AS MATERIALIZED (
         WITH ORDINALITY AS t (external_id, source_id, operator_id, message, message_id, timeout, n)
     JOIN lead_rows USING (external_id)
     ORDER BY t.n
-    ON CONFLICT (inbound_message_id) DO NOTHING
+    ON CONFLICT (inbound_message_id) DO NOTHING  -- a message id seen concurrently
     RETURNING id, lead_id, source_id, operator_id, inbound_message_id, created_at, assigned_at,
               offer_attempt AS attempt, offer_expires_at
 ), recorded AS (
@@ -410,7 +410,7 @@ WITH locked AS MATERIALIZED (
     SET open_load = o.open_load + t.n, last_assigned_at = now()
     FROM (SELECT operator_id, count(*)::integer FROM contact_rows
           WHERE operator_id IS NOT NULL GROUP BY operator_id) AS t (id, n)
-    WHERE o.id = t.id AND o.is_active AND o.open_load + t.n <= o.max_load
+    WHERE t.id = o.id AND o.is_active AND t.n + o.open_load <= o.max_load
       AND o.id IN (SELECT id FROM locked)
     RETURNING o.id
 ), starts AS (
