@@ -55,6 +55,7 @@ BAD_KINDS = [  # (reason, routing key, body, has a message id)
     ("too_large", "lead.contact", b" " * (MAX_MESSAGE_BYTES + 1), True),
 ]
 SOURCES = ["tg", "web", "wa"]
+OFFER_SECONDS = 2  # with offers on: the web source's accept timeout
 
 
 class Publisher:
@@ -116,12 +117,16 @@ def plan(rng: random.Random) -> list[tuple[str, str, bytes, str | None]]:
     return messages
 
 
+@pytest.mark.parametrize("offers", [False, True], ids=["offers-off", "offers-on"])
 async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     settings: Settings,
     pool: asyncpg.Pool,
     tmp_path: Path,
     own_servers: OwnServers,
+    offers: bool,
 ) -> None:
+    """With `offers`, the `web` source makes offers (2 s to answer) and an operator app
+    accepts most, declines some and ignores a few, through the same faults."""
     # The fixtures' database and broker are the suite's own servers: those restart.
     assert settings.amqp_url == own_servers.rabbitmq.url
     assert urlsplit(settings.database_url).port == own_servers.postgres.port
@@ -138,6 +143,8 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
             pool, key, None, "", ["smooth", "weighted_random", "least_loaded"][i]
         )
         await admin.set_weights(pool, key, {ops[(i + j) % 6]: j + 1 for j in range(4)})
+    if offers:
+        await admin.update_source(pool, "web", accept_timeout=OFFER_SECONDS)
     rng = random.Random(2024)
     messages = plan(rng)
     valid_ids = {m[3] for m in messages if m[0] == "valid"}
@@ -146,7 +153,8 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     assert len(bad) == sum(bad_ids.values())
 
     # Declare the topology and a durable event queue that outlives the broker restart.
-    events: dict[str, tuple[int, str]] = {}
+    events: dict[str, tuple[int, str, int | None]] = {}
+    offered: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     event_copies = Counter[str]()
     connection = await aio_pika.connect_robust(settings.amqp_url)
     channel = await connection.channel(publisher_confirms=True)
@@ -158,7 +166,14 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
 
     async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         data = json.loads(message.body)
-        events[data["id"]] = (data["data"]["contact_id"], data["type"])
+        # A contact may be offered (declined, expired, queued) again: the attempt tells
+        # one state change from another; a rejected answer is one event per answer.
+        again = data["data"].get("attempt")
+        if data["type"].endswith("answer_rejected"):
+            again = data["id"]
+        events[data["id"]] = (data["data"]["contact_id"], data["type"], again)
+        if data["type"].endswith("contact.offered") and data["id"] not in event_copies:
+            offered.put_nowait(data["data"])
         event_copies[data["id"]] += 1
         await message.ack()
 
@@ -204,6 +219,40 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
                         closes_confirmed.add(row["id"])
                 await asyncio.sleep(0.2)
 
+    answers = Counter[str]()
+
+    async def operator_app() -> None:
+        """Answers offers as they come: most accepted, some declined, a few ignored."""
+        if not offers:
+            return
+        app = await aio_pika.connect_robust(settings.amqp_url)
+        async with app:
+            ch = await app.channel(publisher_confirms=True)
+            exchange = await ch.get_exchange(settings.inbound_exchange)
+            while not done_publishing.is_set() or not offered.empty():
+                try:
+                    data = await asyncio.wait_for(offered.get(), 0.5)
+                except TimeoutError:
+                    continue
+                roll = rng.random()
+                answer = "accept" if roll < 0.7 else "decline" if roll < 0.9 else "ignore"
+                answers[answer] += 1
+                if answer == "ignore":
+                    continue
+                with contextlib.suppress(Exception):  # a broker restart: the offer expires
+                    await exchange.publish(
+                        aio_pika.Message(
+                            json.dumps(
+                                {
+                                    "contact_id": data["contact_id"],
+                                    "operator_id": data["operator_id"],
+                                }
+                            ).encode(),
+                            message_id=f"{answer}-{data['contact_id']}-{data['attempt']}",
+                        ),
+                        f"contact.{answer}",
+                    )
+
     async def chaos() -> None:
         nonlocal killed, spawned
         started = time.monotonic()
@@ -228,7 +277,7 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
 
     started = time.monotonic()
     try:
-        await asyncio.gather(asyncio.to_thread(publish_all), crm(), chaos())
+        await asyncio.gather(asyncio.to_thread(publish_all), crm(), chaos(), operator_app())
 
         async def settled() -> bool:
             with contextlib.suppress(Exception):
@@ -319,6 +368,13 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
         f"event-redeliveries={sum(event_copies.values()) - len(event_copies)} "
         f"publish-retries={publisher.retries} seconds={elapsed:.0f}"
     )
+    if offers:
+        kinds = Counter(r["routing_key"] for r in outbox)
+        summary += (
+            f" offers={kinds['contact.offered']} accepted-by-app={answers['accept']}"
+            f" declined={kinds['contact.declined']} expired={kinds['contact.expired']}"
+            f" rejected={kinds['contact.answer_rejected']}"
+        )
     SUMMARIES.append(summary)
 
     assert killed >= 5 and restarts == ["rabbitmq", "postgres"], summary

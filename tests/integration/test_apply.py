@@ -72,7 +72,7 @@ async def test_apply_creates_everything(pool: asyncpg.Pool) -> None:
         ("partner-api", "Partner API", "weighted_random"),
     ]
     assert await weights(pool, "telegram-bot") == {"Alice": 1, "Bob": 3, "Carol": 6}
-    assert await weights(pool, "web-form") == {"Alice": 1, "Bob": 1}
+    assert await weights(pool, "web-form") == {"Alice": 1, "Bob": 1, "Carol": 1}
     assert await weights(pool, "partner-api") == {"Dan": 1}
 
 

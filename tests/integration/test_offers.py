@@ -256,3 +256,34 @@ async def test_offering_queued_contacts_claims_no_capacity_past_max_load(
             assert await conn.fetchval("SELECT count(*) FROM offers") == 1
         finally:
             await tx.rollback()
+
+
+async def test_recording_an_offer_claims_no_capacity_past_max_load(pool: asyncpg.Pool) -> None:
+    """record_offers' own guards: capacity, and one contact per message id."""
+    [op] = await offering_source(pool, [("a", 1, 1)])
+    source_id = await pool.fetchval("SELECT id FROM sources")
+    await new(pool, "web", "first")  # offered: the operator's only unit
+
+    async def record(conn: asyncpg.Connection, n: str) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            Q.record_offers,
+            [n], [None], [None], [None], [n], [source_id], [op], ["hi"], [f"m-{n}"],
+            [], [], [], [], [], [30],
+        )  # fmt: skip
+
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            [row] = await record(conn, "second")
+            assert row["claimed"] is False, "the statement offered past max_load"
+            assert await conn.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1
+        finally:
+            await tx.rollback()
+        await conn.execute("UPDATE operators SET max_load = 5")
+        async with conn.transaction():
+            # The same message id again, as a concurrent transaction would insert it
+            # after our check: nothing inserted, nothing claimed, no error.
+            assert await record(conn, "first") == []
+    assert await pool.fetchval("SELECT count(*) FROM contacts") == 1
+    assert await pool.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1

@@ -50,6 +50,7 @@ def applied(routing: RoutingFile) -> State:
                 s.strategy,
                 s.affinity_hours or None,
                 {ids[name]: w for name, w in (s.weights or {}).items()},
+                s.accept_timeout,
             )
             for n, s in enumerate(routing.sources, start=1)
         ),
@@ -70,9 +71,10 @@ def test_examples_parse_and_agree() -> None:
     ]
     assert [(s.key, s.strategy, s.weights) for s in toml.sources] == [
         ("telegram-bot", "smooth", {"Alice": 1, "Bob": 3, "Carol": 6}),
-        ("web-form", "least_loaded", {"Alice": 1, "Bob": 1}),
+        ("web-form", "least_loaded", {"Alice": 1, "Bob": 1, "Carol": 1}),
         ("partner-api", "weighted_random", {"Dan": 1}),
     ]
+    assert [s.accept_timeout for s in toml.sources] == [0, 2, 0]
 
 
 def test_defaults() -> None:
@@ -334,3 +336,15 @@ def test_long_descriptions_are_shortened_in_the_diff() -> None:
 def test_a_path_with_a_nul_byte_is_one_error() -> None:
     with pytest.raises(UserError, match="no NUL byte"):
         load("bad\x00name.toml")
+
+
+def test_plan_turns_offers_on_and_off() -> None:
+    before = parse(SMALL, "toml")
+    on = before.model_copy(
+        update={"sources": [before.sources[0].model_copy(update={"accept_timeout": 30})]}
+    )
+    [change] = [c for c in plan(applied(before), on) if c.entity == "source"]
+    assert str(change) == "update source tg: accept_timeout off → 30"
+    [change] = [c for c in plan(applied(on), before) if c.entity == "source"]
+    assert str(change) == "update source tg: accept_timeout 30 → off"
+    assert {c.kind for c in plan(applied(on), on)} == {"unchanged"}
