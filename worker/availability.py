@@ -63,6 +63,7 @@ class Changed:
     event: bool  # operator.presence_changed written
     requeued: int  # open contacts handed back
     assigned: int  # queued contacts assigned by routing the backlog after it
+    offers_moved: int = 0  # pending offers taken back and routed on
 
 
 def check_status(status: str) -> str:
@@ -224,6 +225,12 @@ async def _change(
     if not available:
         requeued = await _became_unavailable(conn, operator_id, sources, requeue_open, events)
     await events.write(conn, lease=None)
+    moved = 0
+    if not available:
+        why = f"operator {new['presence']}"
+        if new["presence"] == "online":
+            why = "operator on leave" if status.on_leave else "operator off shift"
+        moved = await _move_offers_on(conn, operator_id, sources, why)
     if shift is not _KEEP or leave is not _KEEP:
         await conn.execute(Q.notify_schedule)
     assigned = (await distribution.drain_sources(conn, sources)).total() if sources else 0
@@ -236,9 +243,10 @@ async def _change(
             available=available,
             reason=reason,
             requeued=requeued,
+            offers_moved=moved,
             assigned=assigned,
         )
-    return Changed(describe(row, now) | {"id": operator_id}, event, requeued, assigned)
+    return Changed(describe(row, now) | {"id": operator_id}, event, requeued, assigned, moved)
 
 
 async def _became_unavailable(
@@ -259,6 +267,19 @@ async def _became_unavailable(
     for row in rows:
         events.requeued(row, operator_id)
     return len(rows)
+
+
+async def _move_offers_on(
+    conn: asyncpg.Connection, operator_id: int, sources: set[int], why: str
+) -> int:
+    """An operator who no longer takes work declines their pending offers (`why` is the
+    decline's reason), under the locks of `sources`: each is offered at once to the next
+    operator, or queued. Returns how many were taken back."""
+    pending = await conn.fetch(Q.pending_offers_of, operator_id, sorted(sources))
+    if not pending:
+        return 0
+    outcome = await distribution.expire(conn, sources, [r["id"] for r in pending], "declined", why)
+    return len(outcome.withdrawn)
 
 
 # --- the schedule keeper --------------------------------------------------------------

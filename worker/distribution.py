@@ -230,22 +230,23 @@ async def route(
 
 
 async def expire(
-    conn: asyncpg.Connection, source_ids: set[int], contact_ids: Sequence[int]
+    conn: asyncpg.Connection,
+    source_ids: set[int],
+    contact_ids: Sequence[int],
+    how: str = "expired",
+    reason: str | None = None,
 ) -> Outcome:
-    """Expire these lapsed offers of these sources (their locks held) and route them on
+    """Expire these lapsed offers of these sources (their locks held), or with `how`
+    declined take them back as declined (their operator went away), and route them on
     at once, with the rest of their backlogs; the events go to the outbox for the relays.
     Sources that the operators' freed capacity serves besides these are left to the
     caller (`Outcome.undrained`)."""
     outcome = Outcome()
     events, expired = EventWriter(), EventWriter()
-    rows = await offers.withdraw(
-        conn, contact_ids, "expired", [None] * len(contact_ids), outcome, None
-    )
+    rows = await offers.withdraw(conn, contact_ids, how, [reason] * len(contact_ids), outcome, None)
     # Their events are built in a thread while routing waits on the database (10,000 of
     # them took a fifth of a bulk expiry's time), and go first, as they happened first.
-    building = asyncio.ensure_future(
-        asyncio.to_thread(offers.withdrawn_events, rows, "expired", expired)
-    )
+    building = asyncio.ensure_future(asyncio.to_thread(offers.withdrawn_events, rows, how, expired))
     try:
         freed = sorted({r["operator_id"] for r in rows})
         if freed:

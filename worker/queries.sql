@@ -1057,6 +1057,13 @@ SELECT min(schedule_due_at) FROM operators;
 -- Wake the workers' schedule tasks at commit: a shift or leave was set.
 SELECT pg_notify('leadrouter_schedule', '');
 
+-- name: pending_offers_of
+-- An operator's pending offers of these sources ($1 operator id, $2 source ids).
+SELECT id FROM contacts
+WHERE operator_id = $1 AND status = 'open' AND offer_expires_at IS NOT NULL
+  AND source_id = ANY($2::bigint[])
+ORDER BY id;
+
 -- name: available_operators_per_source
 -- Per source, how many of its weighted operators are available to take work now
 -- (active, online, on shift, not on leave), whatever their load.
