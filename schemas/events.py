@@ -110,9 +110,10 @@ class OperatorPresenceData(BaseModel):
     )
     on_shift: bool = Field(description="Within their shift now (true without a shift)")
     on_leave: bool
-    reason: Literal["message", "cli", "shift", "leave"] = Field(
+    reason: Literal["message", "cli", "shift", "leave", "expired_offers"] = Field(
         description="What changed it: an operator.presence message, the CLI, a shift "
-        "starting or ending, leave starting or ending"
+        "starting or ending, leave starting or ending, or offers of a source with "
+        "--expire-to-away that lapsed unanswered that many times in a row"
     )
 
 

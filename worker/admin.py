@@ -18,6 +18,7 @@ from worker.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 Row = dict[str, Any]
 MAX_ACCEPT_TIMEOUT = 86_400  # seconds (the sources table's CHECK)
+MAX_EXPIRE_TO_AWAY = 1000  # offers in a row (the sources table's CHECK)
 
 
 async def add_operator(pool: asyncpg.Pool, name: str, max_load: int, active: bool) -> Row:
@@ -102,11 +103,13 @@ async def add_source(
     strategy: str | None,
     affinity_hours: int | None = None,
     accept_timeout: int = 0,
+    expire_to_away: int = 0,
 ) -> Row:
     strategy = strategy or DEFAULT_STRATEGY
     _check_strategy(strategy)
     _check_affinity(affinity_hours)
     _check_accept_timeout(accept_timeout)
+    _check_expire_to_away(expire_to_away)
     try:
         row = await pool.fetchrow(
             Q.insert_source,
@@ -116,6 +119,7 @@ async def add_source(
             strategy,
             affinity_hours or None,
             accept_timeout,
+            expire_to_away,
         )
     except asyncpg.UniqueViolationError:
         raise UserError(f"a source with key {key!r} already exists") from None
@@ -132,13 +136,15 @@ async def update_source(
     strategy: str | None = None,
     affinity_hours: int | None = None,
     accept_timeout: int | None = None,
+    expire_to_away: int | None = None,
 ) -> Row:
     """Change a source; affinity_hours 0 turns affinity off, accept_timeout 0 turns
-    offers off, None leaves either."""
+    offers off, expire_to_away 0 never sets anyone away, None leaves each."""
     if strategy is not None:
         _check_strategy(strategy)
     _check_affinity(affinity_hours)
     _check_accept_timeout(accept_timeout)
+    _check_expire_to_away(expire_to_away)
     try:
         row = await pool.fetchrow(
             Q.update_source,
@@ -149,6 +155,7 @@ async def update_source(
             affinity_hours is not None,
             affinity_hours or None,
             accept_timeout,
+            expire_to_away,
         )
     except asyncpg.CheckViolationError:
         raise UserError(f"invalid source {key!r}: {_INVALID_SOURCE}") from None
@@ -160,6 +167,13 @@ async def update_source(
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _check_expire_to_away(offers: int | None) -> None:
+    if offers is not None and not 0 <= offers <= MAX_EXPIRE_TO_AWAY:
+        raise UserError(
+            f"expire-to-away must be between 0 (off) and {MAX_EXPIRE_TO_AWAY} offers in a row"
+        )
 
 
 def _check_accept_timeout(seconds: int | None) -> None:

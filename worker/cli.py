@@ -458,6 +458,13 @@ ACCEPT_TIMEOUT = click.option(
     type=click.IntRange(0, admin.MAX_ACCEPT_TIMEOUT),
     help="Offer each contact to its operator, who must accept within SECONDS (0: off).",
 )
+EXPIRE_TO_AWAY = click.option(
+    "--expire-to-away",
+    "expire_to_away",
+    type=click.IntRange(0, admin.MAX_EXPIRE_TO_AWAY),
+    metavar="N",
+    help="Set an operator away once N offers of this source in a row lapse (0: never).",
+)
 
 
 @sources.command("add")
@@ -468,6 +475,7 @@ ACCEPT_TIMEOUT = click.option(
 @AFFINITY
 @_queueing_options
 @ACCEPT_TIMEOUT
+@EXPIRE_TO_AWAY
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_add(
@@ -481,13 +489,22 @@ async def sources_add(
     overflow_after: int | None,
     alert_after: int | None,
     accept_timeout: int | None,
+    expire_to_away: int | None,
     as_json: bool,
 ) -> None:
     """Add a source that bots publish with KEY."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
         row = await source_queueing.add_source(
-            pool, key, name, description, strategy, affinity_hours, change, accept_timeout or 0
+            pool,
+            key,
+            name,
+            description,
+            strategy,
+            affinity_hours,
+            change,
+            accept_timeout or 0,
+            expire_to_away or 0,
         )
     _print_one(row, as_json)
 
@@ -500,6 +517,7 @@ async def sources_add(
 @AFFINITY
 @_queueing_options
 @ACCEPT_TIMEOUT
+@EXPIRE_TO_AWAY
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def sources_update(
@@ -513,13 +531,22 @@ async def sources_update(
     overflow_after: int | None,
     alert_after: int | None,
     accept_timeout: int | None,
+    expire_to_away: int | None,
     as_json: bool,
 ) -> None:
     """Change a source's name, description, strategy, affinity, queueing or offers."""
     change = source_queueing.QueueingChange(queue_order, overflow_to, overflow_after, alert_after)
     async with await _pool(_settings()) as pool:
         row = await source_queueing.update_source(
-            pool, key, name, description, strategy, affinity_hours, change, accept_timeout
+            pool,
+            key,
+            name,
+            description,
+            strategy,
+            affinity_hours,
+            change,
+            accept_timeout,
+            expire_to_away,
         )
     _print_one(row, as_json)
 

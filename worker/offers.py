@@ -16,7 +16,7 @@ holds; `DeadlineKeeper` is the workers' side task that expires lapsed offers."""
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -323,7 +323,28 @@ async def expire_sources(pool: asyncpg.Pool, source_ids: Sequence[int]) -> int:
     if outcome.undrained:
         with contextlib.suppress(Exception):  # the backlog sweep is the safety net
             await distribution.drain_after_commit(pool, outcome.undrained)
+    await _set_away_after_lapses(pool, outcome.withdrawn.values())
     return len(outcome.withdrawn)
+
+
+async def _set_away_after_lapses(pool: asyncpg.Pool, lapsed: Iterable[asyncpg.Record]) -> None:
+    """After the expiry committed: an operator whose offers of a source with
+    `expire_to_away` N lapsed N times in a row is set away (reason expired_offers), which
+    also moves their other pending offers on. In a transaction of its own, as any
+    presence change (it locks every source of theirs, in order); were the worker to stop
+    first, the next lapse of theirs finds the row all the same."""
+    from worker import availability
+
+    by_source: dict[int, set[int]] = {}
+    for r in lapsed:
+        by_source.setdefault(r["source_id"], set()).add(r["operator_id"])
+    away: set[int] = set()
+    for source_id, operators in sorted(by_source.items()):
+        rows = await pool.fetch(Q.expired_in_a_row, sorted(operators - away), source_id)
+        away |= {r["id"] for r in rows}
+    for operator_id in sorted(away):
+        await availability.set_presence(pool, operator_id, "away", "expired_offers")
+        logger.info("operator_away_after_lapsed_offers", operator_id=operator_id)
 
 
 async def expire_source(pool: asyncpg.Pool, source_id: int) -> int:

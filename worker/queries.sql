@@ -8,7 +8,8 @@
 
 -- name: source_by_key
 -- A source by its slug ($1 key).
-SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM sources WHERE key = $1;
+SELECT id, key, name, description, strategy, affinity_hours, accept_timeout, expire_to_away
+FROM sources WHERE key = $1;
 
 -- name: sources_by_ids
 -- Sources by id, in lock order ($1 source ids).
@@ -82,10 +83,12 @@ RETURNING id, name, is_active, max_load, open_load AS load;
 
 -- name: insert_source
 -- A new source ($1 key, $2 name, $3 description, $4 strategy, $5 affinity hours,
--- $6 accept timeout in seconds, 0: offers off).
-INSERT INTO sources (key, name, description, strategy, affinity_hours, accept_timeout)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id, key, name, description, strategy, affinity_hours, accept_timeout;
+-- $6 accept timeout in seconds, 0: offers off, $7 offers lapsed in a row that set an
+-- operator away, 0: never).
+INSERT INTO sources (key, name, description, strategy, affinity_hours, accept_timeout,
+                     expire_to_away)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING id, key, name, description, strategy, affinity_hours, accept_timeout, expire_to_away;
 
 -- name: update_source
 -- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6, $7 the
@@ -94,7 +97,7 @@ RETURNING id, key, name, description, strategy, affinity_hours, accept_timeout;
 -- under the source's lock (a batch that read the old strategy while waiting for that
 -- lock may still store its state once after)
 -- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours,
--- $7 accept timeout).
+-- $7 accept timeout, $8 offers lapsed in a row that set an operator away, 0: never).
 WITH old AS (
     SELECT id, strategy, pg_advisory_xact_lock(1280, id::integer) AS locked
     FROM sources
@@ -105,23 +108,25 @@ WITH old AS (
         description    = COALESCE($3, s.description),
         strategy       = COALESCE($4, s.strategy),
         affinity_hours = CASE WHEN $5::boolean THEN $6::integer ELSE s.affinity_hours END,
-        accept_timeout = COALESCE($7::integer, s.accept_timeout)
+        accept_timeout = COALESCE($7::integer, s.accept_timeout),
+        expire_to_away = COALESCE($8::integer, s.expire_to_away)
     FROM old
     WHERE s.id = old.id
     RETURNING s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours,
-              s.accept_timeout, s.strategy <> old.strategy AS strategy_changed
+              s.accept_timeout, s.expire_to_away, s.strategy <> old.strategy AS strategy_changed
 ), reset AS (
     UPDATE source_weights w
     SET smooth_start = CASE WHEN w.available THEN s.smooth_clock ELSE 0 END
     FROM updated u, sources s
     WHERE w.source_id = u.id AND u.strategy_changed AND s.id = u.id
 )
-SELECT id, key, name, description, strategy, affinity_hours, accept_timeout FROM updated;
+SELECT id, key, name, description, strategy, affinity_hours, accept_timeout, expire_to_away
+FROM updated;
 
 -- name: list_sources
 -- Every source, with its queueing settings (the overflow target by key).
 SELECT s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours, s.accept_timeout,
-       s.queue_order,
+       s.expire_to_away, s.queue_order,
        t.key AS overflow_to, s.overflow_after, s.alert_after
 FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
 ORDER BY s.id;
@@ -1013,7 +1018,8 @@ FOR UPDATE;
 -- $7 next change).
 UPDATE operators
 SET presence = $2, shift = $3, time_zone = $4, leave = $5, scheduled = $6,
-    schedule_due_at = $7
+    schedule_due_at = $7,
+    presence_changed_at = CASE WHEN presence = $2 THEN presence_changed_at ELSE now() END
 WHERE id = $1
 RETURNING is_active AND ready AS available;
 
@@ -1063,6 +1069,22 @@ SELECT id FROM contacts
 WHERE operator_id = $1 AND status = 'open' AND offer_expires_at IS NOT NULL
   AND source_id = ANY($2::bigint[])
 ORDER BY id;
+
+-- name: expired_in_a_row
+-- Of these operators, the online ones whose latest offers of source $2 since their
+-- presence last changed, as many as its `expire_to_away`, all lapsed unanswered
+-- ($1 operator ids, $2 source id).
+SELECT o.id
+FROM operators o
+JOIN sources s ON s.id = $2 AND s.expire_to_away > 0
+WHERE o.id = ANY($1::bigint[]) AND o.presence = 'online'
+  AND (SELECT count(*) FILTER (WHERE f.outcome = 'expired')
+       FROM (SELECT outcome FROM offers
+             WHERE operator_id = o.id AND source_id = s.id
+               AND offered_at >= o.presence_changed_at AND outcome IS NOT NULL
+             ORDER BY offered_at DESC
+             LIMIT s.expire_to_away) AS f) = s.expire_to_away
+ORDER BY o.id;
 
 -- name: available_operators_per_source
 -- Per source, how many of its weighted operators are available to take work now

@@ -22,6 +22,7 @@ The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`)::
     strategy = "smooth"         # optional: smooth (default) | weighted_random | least_loaded
     affinity_hours = 24         # optional; absent or 0 = off
     accept_timeout = 30         # optional: offers, answered within this many seconds; 0 = off
+    expire_to_away = 3          # optional: set away after this many offers in a row lapse; 0 = off
     queue_order = "fifo"        # optional: fifo (default) | lifo (newest first per priority)
     overflow_to = "web"         # optional, with overflow_after: another source's key
     overflow_after = 120        # optional; seconds queued before overflowing; absent or 0 = off
@@ -143,6 +144,7 @@ class SourceSpec(_Spec):
     strategy: str = DEFAULT_STRATEGY
     affinity_hours: Annotated[int, Field(ge=0, le=24 * 365)] = 0
     accept_timeout: Annotated[int, Field(ge=0, le=86_400)] = 0
+    expire_to_away: Annotated[int, Field(ge=0, le=1000)] = 0
     queue_order: Literal["fifo", "lifo"] = "fifo"
     overflow_to: str | None = None
     overflow_after: Annotated[int, Field(ge=0, le=source_queueing.MAX_SECONDS)] = 0
@@ -308,6 +310,7 @@ class Source:
     weights: Mapping[int, int] = field(default_factory=dict)  # operator id -> weight
     accept_timeout: int = 0
     queueing: Mapping[str, Any] = field(default_factory=lambda: dict(_QUEUEING_DEFAULTS))
+    expire_to_away: int = 0
 
 
 _QUEUEING_DEFAULTS: dict[str, Any] = {
@@ -403,15 +406,17 @@ def _source_change(found: Source | None, spec: SourceSpec) -> Change:
             "strategy": s.strategy,
             "affinity_hours": s.affinity_hours or None,  # 0 and NULL both mean off
             "accept_timeout": s.accept_timeout or None,  # 0: offers off
+            "expire_to_away": s.expire_to_away or None,  # 0: off
             **(s.queueing() if isinstance(s, SourceSpec) else s.queueing),
         }
 
     old, new = None if found is None else fields(found), fields(spec)
-    if not spec.accept_timeout and not (found and found.accept_timeout):
-        # Offers off before and after: the diff reads as it did before offers existed.
-        new.pop("accept_timeout")
-        if old is not None:
-            old.pop("accept_timeout")
+    for f in ("accept_timeout", "expire_to_away"):
+        if not getattr(spec, f) and not (found and getattr(found, f)):
+            # Off before and after: the diff reads as it did before offers existed.
+            new.pop(f)
+            if old is not None:
+                old.pop(f)
     return _change("source", spec.key, old, new)
 
 
@@ -527,6 +532,7 @@ async def _read_state(conn: asyncpg.Connection, routing: RoutingFile) -> State:
                     weights,
                     r["accept_timeout"],
                     {f: r[f] for f in _QUEUEING_DEFAULTS},
+                    r["expire_to_away"],
                 )
             )
     return State(operators, tuple(sources))
@@ -581,6 +587,7 @@ async def _execute(
                     spec.strategy,
                     hours,
                     spec.accept_timeout,
+                    spec.expire_to_away,
                 )
             except asyncpg.UniqueViolationError:  # `sources add` does not take the apply lock
                 raise UserError(
@@ -597,6 +604,7 @@ async def _execute(
                 True,
                 hours,
                 spec.accept_timeout,
+                spec.expire_to_away,
             )
         if spec.weights is not None and ("weights", spec.key) in todo:
             source_id = source_ids[spec.key]

@@ -100,12 +100,20 @@ async def add_source(
     affinity_hours: int | None,
     change: QueueingChange,
     accept_timeout: int = 0,
+    expire_to_away: int = 0,
 ) -> dict[str, object]:
     """`sources add` with queueing settings, all or nothing."""
     change.check()
     async with pool.acquire() as conn, conn.transaction():
         row = await admin.add_source(
-            conn, key, name, description, strategy, affinity_hours, accept_timeout
+            conn,
+            key,
+            name,
+            description,
+            strategy,
+            affinity_hours,
+            accept_timeout,
+            expire_to_away,
         )
         await store(conn, row["id"], change)
         return await _with_queueing(conn, row)
@@ -120,12 +128,20 @@ async def update_source(
     affinity_hours: int | None,
     change: QueueingChange,
     accept_timeout: int | None = None,
+    expire_to_away: int | None = None,
 ) -> dict[str, object]:
     """`sources update` with queueing settings, all or nothing."""
     change.check()
     async with pool.acquire() as conn, conn.transaction():
         row = await admin.update_source(
-            conn, key, name, description, strategy, affinity_hours, accept_timeout
+            conn,
+            key,
+            name,
+            description,
+            strategy,
+            affinity_hours,
+            accept_timeout,
+            expire_to_away,
         )
         await store(conn, row["id"], change)
         return await _with_queueing(conn, row)

@@ -95,3 +95,17 @@ async def test_stats_without_offers_look_as_before(settings: Settings, pool: asy
     assert "accept_timeout" not in tg and all("offers" not in o for o in tg["operators"])
     assert "offered" not in leadrouter(settings, "stats").stdout
     assert "accept_timeout" not in leadrouter(settings, "sources", "list").stdout
+
+
+async def test_expire_to_away_on_add_and_update(settings: Settings, pool: asyncpg.Pool) -> None:
+    row = as_json(
+        settings, "sources", "add", "chat", "--accept-timeout", "20", "--expire-to-away", "3"
+    )
+    assert (row["accept_timeout"], row["expire_to_away"]) == (20, 3)
+    row = as_json(settings, "sources", "update", "chat", "--expire-to-away", "0")
+    assert (row["accept_timeout"], row["expire_to_away"]) == (20, 0)
+    for bad in ("-1", "1001", "two"):
+        fails_cleanly(
+            settings, "sources", "update", "chat", "--expire-to-away", bad, expect="expire-to-away"
+        )
+    assert await pool.fetchval("SELECT expire_to_away FROM sources WHERE key = 'chat'") == 0

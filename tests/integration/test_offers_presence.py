@@ -6,8 +6,9 @@ import json
 
 import asyncpg
 
-from tests.integration.test_offers import CONTACT, new, offering_source
-from worker import availability
+from tests.offering import CONTACT, answer, new, offering_source
+from worker import admin, availability, offers
+from worker.routing_file import apply, parse
 
 OUTBOX = """
     SELECT routing_key, payload FROM outbox
@@ -70,3 +71,95 @@ async def test_an_operator_without_offers_going_away_changes_no_contact(
     changed = await availability.set_presence(pool, a, "away", "cli")
     assert changed.offers_moved == 0
     assert await pool.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+LAPSE = """
+    WITH due AS (
+        UPDATE contacts SET offer_expires_at = now() - interval '1 second'
+        WHERE offer_expires_at IS NOT NULL AND operator_id = $1
+        RETURNING id
+    )
+    UPDATE offers SET expires_at = now() - interval '1 second'
+    WHERE outcome IS NULL AND contact_id IN (SELECT id FROM due)
+"""
+PRESENCE_EVENTS = """
+    SELECT payload->'data' AS data FROM outbox
+    WHERE routing_key = 'operator.presence_changed' ORDER BY id
+"""
+
+
+async def lapse(pool: asyncpg.Pool, operator_id: int) -> int:
+    """Let the operator's pending offers lapse now, and expire them as the workers do."""
+    await pool.execute(LAPSE, operator_id)
+    source_id = await pool.fetchval("SELECT id FROM sources WHERE key = 'web'")
+    return await offers.expire_source(pool, source_id)
+
+
+async def presence(pool: asyncpg.Pool, operator_id: int) -> str:
+    return str(await pool.fetchval("SELECT presence FROM operators WHERE id = $1", operator_id))
+
+
+async def test_expire_to_away_sets_away_after_n_offers_in_a_row_lapse(
+    pool: asyncpg.Pool,
+) -> None:
+    [a] = await offering_source(pool, [("a", 1, 1)])
+    await admin.update_source(pool, "web", expire_to_away=2)
+    await new(pool, "web", "w:1")
+    assert await lapse(pool, a) == 1  # offered to `a` again (nobody else): one in a row
+    assert await presence(pool, a) == "online"
+    assert await lapse(pool, a) == 1  # two in a row: away
+    assert await presence(pool, a) == "away"
+    [event] = [json.loads(r["data"]) for r in await pool.fetch(PRESENCE_EVENTS)]
+    assert (event["operator_id"], event["status"], event["reason"]) == (a, "away", "expired_offers")
+    # Going away took the offer back: the contact waits, and `a` holds nothing.
+    row = await pool.fetchrow(CONTACT, "m-w:1")
+    assert (row["operator_id"], row["offered"]) == (None, False)
+    assert await pool.fetchval("SELECT open_load FROM operators WHERE id = $1", a) == 0
+
+    # Online again, the count starts afresh: one lapse is not enough.
+    await availability.set_presence(pool, a, "online", "cli")
+    assert await lapse(pool, a) == 1
+    assert await presence(pool, a) == "online"
+
+
+async def test_an_answer_breaks_the_row(pool: asyncpg.Pool) -> None:
+    [a] = await offering_source(pool, [("a", 5, 1)])
+    await admin.update_source(pool, "web", expire_to_away=2)
+    first = (await new(pool, "web", "w:1")).contacts["m-w:1"]
+    assert await lapse(pool, a) == 1
+    await answer(pool, first, a, False, "dec-1", "busy")  # declined: not a lapse
+    await new(pool, "web", "w:2")
+    assert await lapse(pool, a) == 2  # w:1 offered again after the decline, and w:2
+    assert await presence(pool, a) == "away"  # those two lapsed in a row
+
+
+async def test_expire_to_away_off_never_sets_anyone_away(pool: asyncpg.Pool) -> None:
+    [a] = await offering_source(pool, [("a", 1, 1)])
+    await new(pool, "web", "w:1")
+    for _ in range(3):
+        assert await lapse(pool, a) == 1
+    assert await presence(pool, a) == "online"
+    assert await pool.fetch(PRESENCE_EVENTS) == []
+
+
+async def test_the_routing_file_sets_expire_to_away_and_applies_idempotently(
+    pool: asyncpg.Pool,
+) -> None:
+    text = """
+[[operators]]
+name = "Ann"
+max_load = 5
+
+[[sources]]
+key = "chat"
+accept_timeout = 20
+expire_to_away = 2
+weights = { Ann = 1 }
+"""
+    first = await apply(pool, parse(text, "toml"), dry_run=False)
+    assert "expire_to_away 2" in " ".join(c.details for c in first)
+    assert await pool.fetchval("SELECT expire_to_away FROM sources WHERE key = 'chat'") == 2
+    again = await apply(pool, parse(text, "toml"), dry_run=False)
+    assert {c.kind for c in again} == {"unchanged"}
+    off = await apply(pool, parse(text.replace("expire_to_away = 2", ""), "toml"), dry_run=False)
+    assert [c.details for c in off if c.kind == "update"] == ["expire_to_away 2 → off"]

@@ -57,7 +57,8 @@ EVENT_MEANINGS = {
 OPERATOR_EVENT_MEANINGS = {
     "operator.presence_changed": "An operator's presence, shift or leave changed whether "
     "they take work: data says their presence (status), whether they are available now, on "
-    "shift, on leave, and what changed it (reason: message, cli, shift, leave).",
+    "shift, on leave, and what changed it (reason: message, cli, shift, leave, "
+    "expired_offers).",
 }
 if set(OPERATOR_EVENT_MEANINGS) != set(events.OPERATOR_ROUTING_KEYS):
     raise RuntimeError("OPERATOR_EVENT_MEANINGS does not match schemas.events")
