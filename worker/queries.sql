@@ -692,7 +692,7 @@ SELECT pg_notify('leadrouter_outbox', '');
 
 -- Offers (worker/offers.py): a source with an accept timeout offers each contact it
 -- routes; the operator accepts or declines on leads.inbound, and the workers keep the
--- deadlines (migration 0017 describes the columns).
+-- deadlines (the offers migration describes the columns).
 
 -- name: answer_state
 -- What answers to offers are judged on, per answer: its contact's state, whether the

@@ -31,3 +31,42 @@ def test_an_operator_filled_in_the_batch_is_not_offered_again() -> None:
     queued = [Queued(-1, 1, "a"), Queued(-2, 1, "b"), Queued(-3, 1, "c")]
     plan = assign(queued, weights, {1: "smooth"}, {}, random.Random(0))
     assert [a.operator_id for a in plan.assignments] == [10, 11, 11]
+
+
+# --- offers: operators a contact skips (they declined it or let it lapse) ---------------
+
+
+def _team() -> list[Candidate]:
+    return [Candidate(10, 1, 0, 5, None, 0.0), Candidate(11, 1, 0, 5, None, 0.0)]
+
+
+def test_a_contact_never_goes_to_an_operator_it_skips() -> None:
+    for strategy in ("smooth", "weighted_random", "least_loaded"):
+        for seed in range(10):
+            queued = [Queued(7, 1, "a", frozenset({10})), Queued(8, 1, "b", frozenset({11}))]
+            plan = assign(queued, {1: _team()}, {1: strategy}, {}, random.Random(seed))
+            assert [(a.contact_id, a.operator_id) for a in plan.assignments] == [
+                (7, 11),
+                (8, 10),
+            ], strategy
+
+
+def test_a_contact_only_skipped_operators_could_take_waits_without_blocking() -> None:
+    """7 skips the only operator with room; 8 behind it is not held up, and the operator
+    stays available to the contacts after 7 (smooth: set aside for 7 only)."""
+    weights = {1: [Candidate(10, 1, 0, 5, None, 0.0), Candidate(11, 1, 5, 5, None, 0.0)]}
+    for strategy in ("smooth", "weighted_random", "least_loaded"):
+        queued = [Queued(7, 1, "a", frozenset({10})), Queued(8, 1, "b"), Queued(-1, 1, "c")]
+        plan = assign(queued, weights, {1: strategy}, {}, random.Random(0))
+        assert [(a.contact_id, a.operator_id) for a in plan.assignments] == [
+            (8, 10),
+            (-1, 10),
+        ], strategy
+        assert not plan.unread
+
+
+def test_a_lead_is_not_sent_back_by_affinity_to_an_operator_it_skips() -> None:
+    queued = [Queued(7, 1, "tg:1", frozenset({10}))]
+    plan = assign(queued, {1: _team()}, {1: "least_loaded"}, {7: 10}, random.Random(0), {1})
+    [a] = plan.assignments
+    assert (a.operator_id, a.affinity) == (11, False)
