@@ -1,5 +1,6 @@
 """The `leadrouter` command as a person or a script uses it, run as a subprocess."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +184,8 @@ def test_demo_runs_end_to_end(settings: Settings, service_urls: tuple[str, str])
         assert "partner-api (weighted_random)" in result.stdout
         assert "queued now" in result.stdout
         assert "offers on web-form: the operators' app accepted" in result.stdout
-        assert "offered: accepted/declined" in result.stdout  # web-form's offers column
+        # web-form's offers column: offered: accepted/declined/expired, rate, p50
+        assert re.search(r"\d+: \d+/\d+/\d+, \d+%, \d+\.\ds", result.stdout)
     finally:  # the demo's own database, kept by the demo for people to inspect
         asyncio.run(services.drop_database(service_urls[0], demo_db))
 
