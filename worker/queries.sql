@@ -950,7 +950,7 @@ WHERE f.source_id = $1 AND c.id = f.contact_id
 -- The timers' events; one per contact and kind, ever: a second is dropped ($1 event ids,
 -- $2 contact ids, $3 routing keys, $4 JSON payloads).
 INSERT INTO outbox (event_id, contact_id, routing_key, payload)
-SELECT t.event_id, t.contact_id, t.routing_key, t.payload::jsonb
+SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
     AS t (event_id, contact_id, routing_key, payload)
 ON CONFLICT (contact_id, routing_key, attempt)

@@ -221,16 +221,17 @@ async def test_offering_queued_contacts_claims_no_capacity_past_max_load(
 
 
 async def test_recording_an_offer_claims_no_capacity_past_max_load(pool: asyncpg.Pool) -> None:
-    """record_offers' own guards: capacity, and one contact per message id."""
+    """record_contacts' guards when it records offers: capacity, and one contact per
+    message id."""
     [op] = await offering_source(pool, [("a", 1, 1)])
     source_id = await pool.fetchval("SELECT id FROM sources")
     await new(pool, "web", "first")  # offered: the operator's only unit
 
     async def record(conn: asyncpg.Connection, n: str) -> list[asyncpg.Record]:
         return await conn.fetch(
-            Q.record_offers,
+            Q.record_contacts,
             [n], [None], [None], [None], [n], [source_id], [op], ["hi"], [f"m-{n}"],
-            [], [], [], [], [], [30],
+            [], [], [], [], [], [0], [30],
         )  # fmt: skip
 
     async with pool.acquire() as conn:
