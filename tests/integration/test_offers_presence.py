@@ -163,3 +163,19 @@ weights = { Ann = 1 }
     assert {c.kind for c in again} == {"unchanged"}
     off = await apply(pool, parse(text.replace("expire_to_away = 2", ""), "toml"), dry_run=False)
     assert [c.details for c in off if c.kind == "update"] == ["expire_to_away 2 → off"]
+
+
+async def test_lapses_before_going_away_and_back_do_not_count(pool: asyncpg.Pool) -> None:
+    a, b = await offering_source(pool, [("a", 1, 1), ("b", 1, 1)])
+    await admin.update_source(pool, "web", expire_to_away=2)
+    await new(pool, "web", "w:1")
+    x = (await pool.fetchrow(CONTACT, "m-w:1"))["operator_id"]
+    y = b if x == a else a
+    assert await lapse(pool, x) == 1  # one lapse of x's; w:1 moves on to y
+    assert (await pool.fetchrow(CONTACT, "m-w:1"))["operator_id"] == y
+    await availability.set_presence(pool, x, "away", "cli")  # nothing pending: no decline
+    await availability.set_presence(pool, x, "online", "cli")
+    await new(pool, "web", "w:2")  # y is full: offered to x
+    assert (await pool.fetchrow(CONTACT, "m-w:2"))["operator_id"] == x
+    assert await lapse(pool, x) == 1  # two lapses in all, but one since x came back
+    assert await presence(pool, x) == "online"
