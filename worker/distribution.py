@@ -152,8 +152,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.sources_by_ids, 1),
     (Q.record_contacts, 16),
     (Q.previous_operators, 4),
-    (Q.assign_contacts, 9),
-    (Q.assign_offers, 10),
+    (Q.assign_contacts, 10),
     (Q.mark_events_published, 1),
     (Q.answer_state, 2),
     (Q.accept_offers, 1),
@@ -563,11 +562,8 @@ async def _assign_queued(
         *_claims(assignments),
         *smooth,
     ]
-    timeouts = [routes[a.source_id].accept_timeout for a in assignments]
-    if any(timeouts):  # offers are made in the same statement
-        rows = {r["id"]: r for r in await conn.fetch(Q.assign_offers, *args, timeouts)}
-    else:
-        rows = {r["id"]: r for r in await conn.fetch(Q.assign_contacts, *args)}
+    timeouts = [routes[a.source_id].accept_timeout for a in assignments]  # 0: no offer
+    rows = {r["id"]: r for r in await conn.fetch(Q.assign_contacts, *args, timeouts)}
     if len(rows) != len(assignments):
         # An operator chosen was filled or switched off by a concurrent transaction (or
         # the contact was taken: its source's lock makes that impossible): roll the whole

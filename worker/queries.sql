@@ -574,11 +574,13 @@ LEFT JOIN operators o ON o.id = w.operator_id;
 
 -- name: assign_contacts
 -- Take the operators' capacity (their rows locked here, ascending, with those whose smooth
--- state is stored, before the claim and that state) and hand them the queued contacts, and store the smooth strategy's state, in one statement;
--- an operator whose capacity would be exceeded claims nothing and gets none ($1 contact
+-- state is stored, before the claim and that state), hand them the queued contacts, and
+-- store the smooth strategy's state, in one statement; an operator whose capacity would be exceeded claims nothing and gets none ($1 contact
 -- ids, $2 operator ids, $3 operator ids once each, ascending, $4 units each; smooth
 -- starts: $5 source ids, $6 operator ids, $7 starts; smooth clocks: $8 source ids,
--- $9 clocks).
+-- $9 clocks; $10 per contact of $1 the accept timeout in seconds: 0 assigns it, above 0,
+-- for a source that makes offers, offers it: a deadline, the next attempt and the
+-- offer's row, see worker/offers.py).
 WITH locked AS MATERIALIZED (
     SELECT o.id FROM operators o
     WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
@@ -603,52 +605,12 @@ WITH locked AS MATERIALIZED (
     SET smooth_clock = t.clock
     FROM unnest($8::bigint[], $9::double precision[]) AS t (id, clock)
     WHERE s.id = t.id
-)
--- Open as `closed_at IS NULL` (the same, by the contacts' CHECK), not `status = 'open'`:
--- that would let the planner drive the join from the backlog's partial index, which it
--- believes nearly empty when the backlog was made in this very transaction (offers taken
--- back in bulk), and look through all contacts given for each of them: 25 s instead of
--- 0.3 s for 10,000 contacts.
-UPDATE contacts c
-SET operator_id = t.operator_id, assigned_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS t (id, operator_id), leads l
-WHERE c.id = t.id AND c.closed_at IS NULL AND c.operator_id IS NULL AND l.id = c.lead_id
-  AND t.operator_id IN (SELECT id FROM claimed)
-RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,
-          c.created_at, c.assigned_at;
-
--- name: assign_offers
--- assign_contacts for a batch with contacts of sources that make offers (worker/offers.py):
--- the same, and those contacts (a timeout above 0) are offered in the same statement: a
--- deadline, the next attempt and the offer's row ($1 contact ids, $2 operator ids, $3
--- operator ids once each, ascending, $4 units each; smooth starts: $5 source ids, $6
--- operator ids, $7 starts; smooth clocks: $8 source ids, $9 clocks; $10 the accept
--- timeout in seconds per contact of $1, 0 for an assignment).
-WITH locked AS MATERIALIZED (
-    SELECT o.id FROM operators o
-    WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
-    ORDER BY o.id
-    FOR UPDATE
-), claimed AS (
-    UPDATE operators o
-    SET open_load = o.open_load + t.n, last_assigned_at = now()
-    FROM unnest($3::bigint[], $4::integer[]) AS t (id, n)
-    WHERE t.id = o.id AND o.is_active AND o.ready AND t.n + o.open_load <= o.max_load
-      AND o.id IN (SELECT id FROM locked)
-    RETURNING o.id
-), starts AS (
-    UPDATE source_weights w
-    SET smooth_start = t.start
-    FROM unnest($5::bigint[], $6::bigint[], $7::double precision[])
-        AS t (source_id, operator_id, start)
-    WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
-      AND t.operator_id IN (SELECT id FROM locked)
-), clocks AS (
-    UPDATE sources s
-    SET smooth_clock = t.clock
-    FROM unnest($8::bigint[], $9::double precision[]) AS t (id, clock)
-    WHERE s.id = t.id
 ), given AS (
+    -- Open as `closed_at IS NULL` (the same, by the contacts' CHECK), not `status = 'open'`:
+    -- that would let the planner drive the join from the backlog's partial index, which it
+    -- believes nearly empty when the backlog was made in this very transaction (offers taken
+    -- back in bulk), and look through all contacts given for each of them: 25 s instead of
+    -- 0.3 s for 10,000 contacts.
     UPDATE contacts c
     SET operator_id      = t.operator_id,
         assigned_at      = now(),
@@ -657,7 +619,6 @@ WITH locked AS MATERIALIZED (
         offer_attempt    = c.offer_attempt + (t.timeout > 0)::integer
     FROM unnest($1::bigint[], $2::bigint[], $10::integer[]) AS t (id, operator_id, timeout),
          leads l
-    -- closed_at, not status: see assign_contacts.
     WHERE c.id = t.id AND c.closed_at IS NULL AND c.operator_id IS NULL AND l.id = c.lead_id
       AND t.operator_id IN (SELECT id FROM claimed)
     RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,

@@ -211,7 +211,7 @@ async def test_offering_queued_contacts_claims_no_capacity_past_max_load(
         try:
             # The queued contact offered to the full operator: one unit over max_load.
             rows = await conn.fetch(
-                Q.assign_offers, [queued], [op], [op], [1], [], [], [], [], [], [30]
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [30]
             )
             assert rows == [], "a queued contact was offered past max_load"
             assert await conn.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1

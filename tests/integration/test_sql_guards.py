@@ -89,7 +89,7 @@ async def test_assigning_queued_contacts_claims_no_capacity_past_max_load(
         try:
             # The queued contact handed to the full operator: one unit over max_load.
             rows = await conn.fetch(
-                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], []
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [0]
             )
             assert rows == [], "a queued contact was assigned past max_load"
             operator_id = await conn.fetchval(
