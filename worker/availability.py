@@ -31,6 +31,7 @@ import asyncpg
 
 from worker import distribution, log
 from worker.errors import UserError
+from worker.listen import keep_listening
 from worker.metrics import Metrics
 from worker.outbox import EventWriter
 from worker.retry import backoff, in_transaction, is_transient
@@ -312,11 +313,17 @@ class ScheduleKeeper:
         self._metrics = metrics
         self._wake = asyncio.Event()
 
-    def _notified(self, *_args: object) -> None:
-        self._wake.set()
-
     async def run(self, stop: asyncio.Event) -> None:
-        listener = asyncio.create_task(self._listen(stop))
+        listener = asyncio.create_task(
+            keep_listening(
+                self._settings.database_url,
+                CHANNEL,
+                self._wake,
+                stop,
+                self._settings.retry_max_seconds,
+                "schedule",
+            )
+        )
         try:
             attempt = 0
             while not stop.is_set():
@@ -349,31 +356,6 @@ class ScheduleKeeper:
     async def _gauge(self) -> None:
         for r in await self._pool.fetch(Q.available_operators_per_source):
             self._metrics.available_operators.labels(r["source"]).set(r["available"])
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """A LISTEN connection, kept while the keeper runs (its timer covers any gap)."""
-        attempt = 0
-        while not stop.is_set():
-            if attempt:
-                await asyncio.sleep(max(backoff(attempt, self._settings.retry_max_seconds), 0.5))
-            attempt += 1
-            try:
-                conn = await asyncpg.connect(self._settings.database_url)
-            except Exception as exc:
-                logger.warning("schedule_listen_failed", error=type(exc).__name__)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            try:
-                await conn.add_listener(CHANNEL, self._notified)
-                self._wake.set()
-                attempt = 0
-                await lost.wait()
-            except Exception as exc:
-                logger.warning("schedule_listen_lost", error=type(exc).__name__)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.close(timeout=2))
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -30,6 +30,7 @@ from aiormq import spec
 from schemas.events import envelope, operator_envelope
 from worker import log
 from worker.assignment import Assignment
+from worker.listen import keep_listening
 from worker.metrics import Metrics
 from worker.retry import backoff, is_transient, read_only
 from worker.settings import Settings
@@ -253,9 +254,6 @@ class OutboxRelay:
         for the consumer)."""
         await self._room.wait()
 
-    def _notified(self, *_args: object) -> None:
-        self._wake.set()
-
     async def _publish_committed(self) -> None:
         """Publish what `committed` handed over, many confirms in flight; a failure leaves
         the batch leased, to be claimed once the lease lapses."""
@@ -368,7 +366,16 @@ class OutboxRelay:
         and sweep on a timer for what a crash, a lapsed lease or a lost notification left
         behind."""
         helpers = [
-            asyncio.create_task(self._listen(stop)),
+            asyncio.create_task(
+                keep_listening(
+                    self._settings.database_url,
+                    CHANNEL,
+                    self._wake,
+                    stop,
+                    self._settings.retry_max_seconds,
+                    "outbox",
+                )
+            ),
             asyncio.create_task(self._mark_confirmed()),
         ] + [
             asyncio.create_task(self._publish_committed())
@@ -424,32 +431,6 @@ class OutboxRelay:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """Keep a LISTEN connection; reconnect when it drops (the sweep covers the gap),
-        backing off when it keeps dropping (a standby in recovery cannot LISTEN)."""
-        attempt = 0
-        while not stop.is_set():
-            if attempt:
-                await asyncio.sleep(max(backoff(attempt, self._settings.retry_max_seconds), 0.5))
-            attempt += 1
-            try:
-                conn = await asyncpg.connect(self._settings.database_url)
-            except Exception as exc:
-                logger.warning("outbox_listen_failed", error=type(exc).__name__)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            try:
-                await conn.add_listener(CHANNEL, self._notified)
-                self._wake.set()  # catch up on what was committed while not listening
-                attempt = 0
-                await lost.wait()
-            except Exception as exc:
-                logger.warning("outbox_listen_lost", error=type(exc).__name__)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.close(timeout=2))
 
 
 async def prune_outbox(pool: asyncpg.Pool, retention_hours: float) -> int:

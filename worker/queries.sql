@@ -827,10 +827,6 @@ FROM (SELECT t.id, EXISTS (SELECT 1 FROM sources o WHERE o.overflow_to = t.id) A
       FROM sources t) AS r
 WHERE s.id = r.id AND s.receives_overflow IS DISTINCT FROM r.receives;
 
--- name: notify_timers
--- Wake the workers' timers at commit: a source's timer settings changed.
-SELECT pg_notify('leadrouter_timers', '');
-
 -- name: timer_sources
 -- The sources with a timer: waiting alerts, overflow, or overflowed contacts to forget.
 SELECT id, receives_overflow FROM sources

@@ -73,7 +73,6 @@ async def store(conn: asyncpg.Connection, source_id: int, change: QueueingChange
     await conn.execute(Q.store_queueing, source_id, order, target, after, alert, changed)
     if changed:
         await conn.execute(Q.mark_receiving_sources)
-    await conn.execute(Q.notify_timers)
 
 
 async def _refuse_cycle(conn: asyncpg.Connection, key: str, source_id: int, target: int) -> None:
