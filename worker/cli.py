@@ -497,14 +497,14 @@ async def sources_add(
     async with await _pool(_settings()) as pool:
         row = await source_queueing.add_source(
             pool,
-            key,
-            name,
-            description,
-            strategy,
-            affinity_hours,
             change,
-            accept_timeout or 0,
-            expire_to_away or 0,
+            key=key,
+            name=name,
+            description=description,
+            strategy=strategy,
+            affinity_hours=affinity_hours,
+            accept_timeout=accept_timeout or 0,
+            expire_to_away=expire_to_away or 0,
         )
     _print_one(row, as_json)
 
@@ -539,14 +539,14 @@ async def sources_update(
     async with await _pool(_settings()) as pool:
         row = await source_queueing.update_source(
             pool,
-            key,
-            name,
-            description,
-            strategy,
-            affinity_hours,
             change,
-            accept_timeout,
-            expire_to_away,
+            key=key,
+            name=name,
+            description=description,
+            strategy=strategy,
+            affinity_hours=affinity_hours,
+            accept_timeout=accept_timeout,
+            expire_to_away=expire_to_away,
         )
     _print_one(row, as_json)
 

@@ -350,13 +350,24 @@ class Consumer:
 
     async def _route(self, deliveries: Sequence[_Delivery]) -> None:
         """One transaction for the whole batch; marks unknown sources and contacts as
-        dead letters and leaves the rest handled."""
-        items = [(d, d.inbound) for d in deliveries if d.inbound is not None]
-        if any(isinstance(i.body, OperatorPresence) for _, i in items):
-            await self._presence([(d, i) for d, i in items if isinstance(i.body, OperatorPresence)])
-            items = [(d, i) for d, i in items if not isinstance(i.body, OperatorPresence)]
-            if not items:
-                return
+        dead letters and leaves the rest handled. An `operator.presence` message is a
+        barrier: what came before it is routed first, then it is applied in a transaction
+        of its own, then what came after (an accept then going away keeps the accept)."""
+        items: list[tuple[_Delivery, Inbound]] = []
+        for d in deliveries:
+            if d.inbound is None:
+                continue
+            if isinstance(d.inbound.body, OperatorPresence):
+                if items:
+                    await self._route_items(items, len(deliveries))
+                    items = []
+                await self._presence([(d, d.inbound)])
+            else:
+                items.append((d, d.inbound))
+        if items:
+            await self._route_items(items, len(deliveries))
+
+    async def _route_items(self, items: Sequence[tuple[_Delivery, Inbound]], size: int) -> None:
         keys = {i.body.source for _, i in items if isinstance(i.body, LeadContact)}
         ids = {
             i.body.contact_id
@@ -403,7 +414,7 @@ class Consumer:
             self._metrics.assignments.labels(source, strategy).inc(count)
         logger.info(
             "batch_handled",
-            size=len(deliveries),
+            size=size,
             contacts=len(outcome.contacts),
             assigned=len(outcome.assigned),
             late_assignments=outcome.late_assignments,

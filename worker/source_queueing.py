@@ -5,11 +5,14 @@ stored here for the CLI and `leadrouter apply`, in the caller's transaction: ove
 settings change one at a time (an advisory lock), so that no two changes make a cycle
 (A -> B -> A) together. The timers that act on them live in timers.py."""
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 from worker import admin
+from worker.admin import Row
 from worker.errors import UserError
 from worker.sql import Q
 
@@ -90,58 +93,25 @@ async def _refuse_cycle(conn: asyncpg.Connection, key: str, source_id: int, targ
         raise UserError(f"overflow would go round: {' -> '.join([*path, key])}")
 
 
-async def add_source(
-    pool: asyncpg.Pool,
-    key: str,
-    name: str | None,
-    description: str,
-    strategy: str | None,
-    affinity_hours: int | None,
-    change: QueueingChange,
-    accept_timeout: int = 0,
-    expire_to_away: int = 0,
-) -> dict[str, object]:
-    """`sources add` with queueing settings, all or nothing."""
-    change.check()
-    async with pool.acquire() as conn, conn.transaction():
-        row = await admin.add_source(
-            conn,
-            key,
-            name,
-            description,
-            strategy,
-            affinity_hours,
-            accept_timeout,
-            expire_to_away,
-        )
-        await store(conn, row["id"], change)
-        return await _with_queueing(conn, row)
+async def add_source(pool: asyncpg.Pool, change: QueueingChange, **fields: Any) -> Row:
+    """`sources add` with queueing settings, all or nothing (`fields`: admin.add_source's)."""
+    return await _stored(pool, change, lambda conn: admin.add_source(conn, **fields))
 
 
-async def update_source(
+async def update_source(pool: asyncpg.Pool, change: QueueingChange, **fields: Any) -> Row:
+    """`sources update` with queueing settings, all or nothing (`fields`:
+    admin.update_source's)."""
+    return await _stored(pool, change, lambda conn: admin.update_source(conn, **fields))
+
+
+async def _stored(
     pool: asyncpg.Pool,
-    key: str,
-    name: str | None,
-    description: str | None,
-    strategy: str | None,
-    affinity_hours: int | None,
     change: QueueingChange,
-    accept_timeout: int | None = None,
-    expire_to_away: int | None = None,
-) -> dict[str, object]:
-    """`sources update` with queueing settings, all or nothing."""
+    write: Callable[[asyncpg.Connection], Awaitable[Row]],
+) -> Row:
     change.check()
     async with pool.acquire() as conn, conn.transaction():
-        row = await admin.update_source(
-            conn,
-            key,
-            name,
-            description,
-            strategy,
-            affinity_hours,
-            accept_timeout,
-            expire_to_away,
-        )
+        row = await write(conn)
         await store(conn, row["id"], change)
         return await _with_queueing(conn, row)
 

@@ -32,7 +32,9 @@ async def source(
     pool: asyncpg.Pool, key: str, max_loads: list[int], change: QueueingChange | None = None
 ) -> list[int]:
     """A source with operators of these max loads, weight 1 each; returns their ids."""
-    await source_queueing.add_source(pool, key, None, "", None, None, change or QueueingChange())
+    await source_queueing.add_source(
+        pool, change or QueueingChange(), key=key, name=None, description="", strategy=None
+    )
     ids = [
         (await admin.add_operator(pool, f"{key}-{n}", m, True))["id"]
         for n, m in enumerate(max_loads)
@@ -132,35 +134,25 @@ async def test_an_overflow_cycle_is_refused(pool: asyncpg.Pool) -> None:
     await source(pool, "c", [1], QueueingChange(overflow_to="b", overflow_after=5))
     with pytest.raises(UserError, match="overflow would go round: a -> c -> b -> a"):
         await source_queueing.update_source(
-            pool, "a", None, None, None, None, QueueingChange(overflow_to="c", overflow_after=5)
+            pool, QueueingChange(overflow_to="c", overflow_after=5), key="a"
         )
     with pytest.raises(UserError, match="itself"):
         await source_queueing.update_source(
-            pool, "a", None, None, None, None, QueueingChange(overflow_to="a", overflow_after=5)
+            pool, QueueingChange(overflow_to="a", overflow_after=5), key="a"
         )
     with pytest.raises(UserError, match="both"):
-        await source_queueing.update_source(
-            pool, "a", None, None, None, None, QueueingChange(overflow_to="c")
-        )
+        await source_queueing.update_source(pool, QueueingChange(overflow_to="c"), key="a")
     # Nothing half-applied: a refused `sources update` changed nothing, its name neither.
     with pytest.raises(UserError):
         await source_queueing.update_source(
-            pool,
-            "a",
-            "New name",
-            None,
-            None,
-            None,
-            QueueingChange(overflow_to="c", overflow_after=5),
+            pool, QueueingChange(overflow_to="c", overflow_after=5), key="a", name="New name"
         )
     row = await pool.fetchrow("SELECT name, overflow_to FROM sources WHERE key = 'a'")
     assert (row["name"], row["overflow_to"]) == ("a", None)
     # Turning b's overflow off lets a go to c.
+    await source_queueing.update_source(pool, QueueingChange(overflow_after=0), key="b")
     await source_queueing.update_source(
-        pool, "b", None, None, None, None, QueueingChange(overflow_after=0)
-    )
-    await source_queueing.update_source(
-        pool, "a", None, None, None, None, QueueingChange(overflow_to="c", overflow_after=5)
+        pool, QueueingChange(overflow_to="c", overflow_after=5), key="a"
     )
     receiving = await pool.fetch("SELECT key FROM sources WHERE receives_overflow ORDER BY key")
     assert [r["key"] for r in receiving] == ["b", "c"]

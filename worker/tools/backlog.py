@@ -76,7 +76,9 @@ async def run(base: Settings, contacts: int, rounds: int, lifo: bool) -> None:
 
 async def _measure(pool: asyncpg.Pool, contacts: int, rounds: int, lifo: bool) -> None:
     change = source_queueing.QueueingChange(queue_order="lifo" if lifo else None)
-    source = await source_queueing.add_source(pool, "backlog", None, "", None, None, change)
+    source = await source_queueing.add_source(
+        pool, change, key="backlog", name=None, description="", strategy=None
+    )
     source_id = int(str(source["id"]))
     operator = (await admin.add_operator(pool, "busy", 0, True))["id"]
     await admin.set_weights(pool, "backlog", {operator: 1})
