@@ -152,7 +152,7 @@ _PREPARED: tuple[tuple[str, int], ...] = (  # (query, how many array parameters)
     (Q.sources_by_ids, 1),
     (Q.record_contacts, 16),
     (Q.previous_operators, 4),
-    (Q.assign_contacts, 10),
+    (Q.assign_contacts, 11),
     (Q.mark_events_published, 1),
     (Q.answer_state, 2),
     (Q.accept_offers, 1),
@@ -434,7 +434,13 @@ async def _read_overflowed(
     homes: dict[int, str] = {}
     for r in rows:
         read[r["source_id"]].append(
-            Queued(r["id"], r["source_id"], r["lead_external_id"], priority=r["priority"])
+            Queued(
+                r["id"],
+                r["source_id"],
+                r["lead_external_id"],
+                frozenset(r["offer_skip"]) if r["offer_skip"] else _NOBODY,
+                r["priority"],
+            )
         )
         homes[r["id"]] = r["home_key"]
     takes = {r["source_id"]: r["take"] for r in rows}
@@ -563,7 +569,8 @@ async def _assign_queued(
         *smooth,
     ]
     timeouts = [routes[a.source_id].accept_timeout for a in assignments]  # 0: no offer
-    rows = {r["id"]: r for r in await conn.fetch(Q.assign_contacts, *args, timeouts)}
+    routing = [a.source_id for a in assignments]  # an overflowed contact's: the target
+    rows = {r["id"]: r for r in await conn.fetch(Q.assign_contacts, *args, timeouts, routing)}
     if len(rows) != len(assignments):
         # An operator chosen was filled or switched off by a concurrent transaction (or
         # the contact was taken: its source's lock makes that impossible): roll the whole

@@ -204,7 +204,7 @@ async def withdraw(
     freed = Counter(r["operator_id"] for r in rows)
     ids = sorted(freed)
     await conn.execute(Q.release_operators, ids, [freed[i] for i in ids])
-    shares = Counter((r["source_id"], r["operator_id"]) for r in rows)
+    shares = Counter((r["offered_by"], r["operator_id"]) for r in rows)
     keys = sorted(shares)
     await conn.execute(
         Q.give_back_shares, [k[0] for k in keys], [k[1] for k in keys], [shares[k] for k in keys]
@@ -337,7 +337,7 @@ async def _set_away_after_lapses(pool: asyncpg.Pool, lapsed: Iterable[asyncpg.Re
 
     by_source: dict[int, set[int]] = {}
     for r in lapsed:
-        by_source.setdefault(r["source_id"], set()).add(r["operator_id"])
+        by_source.setdefault(r["offered_by"], set()).add(r["operator_id"])
     away: set[int] = set()
     for source_id, operators in sorted(by_source.items()):
         rows = await pool.fetch(Q.expired_in_a_row, sorted(operators - away), source_id)

@@ -578,9 +578,10 @@ LEFT JOIN operators o ON o.id = w.operator_id;
 -- store the smooth strategy's state, in one statement; an operator whose capacity would be exceeded claims nothing and gets none ($1 contact
 -- ids, $2 operator ids, $3 operator ids once each, ascending, $4 units each; smooth
 -- starts: $5 source ids, $6 operator ids, $7 starts; smooth clocks: $8 source ids,
--- $9 clocks; $10 per contact of $1 the accept timeout in seconds: 0 assigns it, above 0,
+-- $9 clocks; per contact of $1: $10 the accept timeout in seconds, 0 assigns it, above 0,
 -- for a source that makes offers, offers it: a deadline, the next attempt and the
--- offer's row, see worker/offers.py).
+-- offer's row, see worker/offers.py; $11 the source routing it, its own or, overflowed,
+-- another).
 WITH locked AS MATERIALIZED (
     SELECT o.id FROM operators o
     WHERE o.id = ANY($3::bigint[]) OR o.id = ANY($6::bigint[])
@@ -616,17 +617,21 @@ WITH locked AS MATERIALIZED (
         assigned_at      = now(),
         offer_expires_at = CASE WHEN t.timeout > 0 THEN statement_timestamp()
                                 + make_interval(secs => t.timeout::double precision) END,
-        offer_attempt    = c.offer_attempt + (t.timeout > 0)::integer
-    FROM unnest($1::bigint[], $2::bigint[], $10::integer[]) AS t (id, operator_id, timeout),
+        offer_attempt    = c.offer_attempt + (t.timeout > 0)::integer,
+        offer_source_id  = CASE WHEN t.timeout > 0 AND t.source_id <> c.source_id
+                                THEN t.source_id END
+    FROM unnest($1::bigint[], $2::bigint[], $10::integer[], $11::bigint[])
+             AS t (id, operator_id, timeout, source_id),
          leads l
     WHERE c.id = t.id AND c.closed_at IS NULL AND c.operator_id IS NULL AND l.id = c.lead_id
       AND t.operator_id IN (SELECT id FROM claimed)
     RETURNING c.id, c.lead_id, l.external_id AS lead_external_id, c.inbound_message_id,
               c.created_at, c.assigned_at, c.source_id, c.operator_id,
-              c.offer_attempt AS attempt, c.offer_expires_at
+              c.offer_attempt AS attempt, c.offer_expires_at,
+              coalesce(c.offer_source_id, c.source_id) AS offered_by
 ), recorded AS (
     INSERT INTO offers (contact_id, attempt, source_id, operator_id, offered_at, expires_at)
-    SELECT id, attempt, source_id, operator_id, statement_timestamp(), offer_expires_at
+    SELECT id, attempt, offered_by, operator_id, statement_timestamp(), offer_expires_at
     FROM given
     WHERE offer_expires_at IS NOT NULL
 )
@@ -697,30 +702,43 @@ SELECT * FROM accepted ORDER BY id;
 -- Take pending offers back from their operators (declined, or lapsed): each contact
 -- queues again with its operator added to its skip list, which starts over (without
 -- that operator, unless nobody else is weighted) once it holds everyone weighted on the
--- source; the offers' rows say how they ended. The caller gives back the capacity
--- ($1 contact ids, $2 outcome: declined or expired, $3 reasons or NULL, per contact).
+-- source that made the offer (`offered_by`: the contact's own, or the one it overflowed
+-- to); the offers' rows say how they ended. Queued again, a contact behind its source's
+-- timers' watermarks moves them back, so that it is alerted or overflows like the
+-- others (once: those events and rows are unique per contact). The caller gives back
+-- the capacity ($1 contact ids, $2 outcome: declined or expired, $3 reasons or NULL, per
+-- contact).
 WITH taken AS (
-    SELECT c.id, c.operator_id, c.offer_attempt, t.reason
+    SELECT c.id, c.operator_id, c.offer_attempt, t.reason,
+           coalesce(c.offer_source_id, c.source_id) AS offered_by
     FROM unnest($1::bigint[], $3::text[]) AS t (id, reason)
     JOIN contacts c ON c.id = t.id
     WHERE c.offer_expires_at IS NOT NULL  -- under the sources' locks: no row lock needed
 ), withdrawn AS (
     UPDATE contacts c
     SET operator_id = NULL, assigned_at = NULL, offer_expires_at = NULL,
+        offer_source_id = NULL,
         offer_skip = CASE
             WHEN EXISTS (SELECT 1 FROM source_weights w
-                         WHERE w.source_id = c.source_id
+                         WHERE w.source_id = t.offered_by
                            AND w.operator_id <> ALL (c.offer_skip || t.operator_id))
                 THEN c.offer_skip || t.operator_id
             WHEN EXISTS (SELECT 1 FROM source_weights w
-                         WHERE w.source_id = c.source_id AND w.operator_id <> t.operator_id)
+                         WHERE w.source_id = t.offered_by AND w.operator_id <> t.operator_id)
                 THEN ARRAY[t.operator_id]
             ELSE ARRAY[]::bigint[] END
     FROM taken t, leads l, sources s
     WHERE c.id = t.id AND l.id = c.lead_id AND s.id = c.source_id
     RETURNING c.id, t.operator_id, t.offer_attempt AS attempt, t.reason, c.lead_id,
               l.external_id AS lead_external_id, s.key AS source_key, c.source_id,
-              c.inbound_message_id, c.created_at, statement_timestamp() AS at
+              t.offered_by, c.inbound_message_id, c.created_at, statement_timestamp() AS at
+), rewound AS (
+    UPDATE sources s
+    SET alerted_through    = least(s.alerted_through, w.first - 1),
+        overflowed_through = least(s.overflowed_through, w.first - 1)
+    FROM (SELECT source_id, min(id) AS first FROM withdrawn GROUP BY source_id) AS w
+    WHERE s.id = w.source_id
+      AND (s.alerted_through >= w.first OR s.overflowed_through >= w.first)
 ), answered AS (
     UPDATE offers o
     SET outcome = $2, answered_at = statement_timestamp(), reason = w.reason
@@ -765,8 +783,10 @@ LIMIT $2;
 -- Queued contacts of other sources that may go to these sources' operators (they
 -- overflowed to them), per source in its order (priority, then oldest or, $2, newest
 -- first), as many as its available operators could take (at most $3), with their own
--- source's key ($1 source ids, $2 newest first, aligned with $1, $3 most per source).
-SELECT t.source_id, c.id, c.priority, c.home_key, l.external_id AS lead_external_id, k.take
+-- source's key and the operators its offers skip ($1 source ids, $2 newest first,
+-- aligned with $1, $3 most per source).
+SELECT t.source_id, c.id, c.priority, c.home_key, c.offer_skip, l.external_id AS lead_external_id,
+       k.take
 FROM unnest($1::bigint[], $2::boolean[]) AS t (source_id, lifo)
 CROSS JOIN LATERAL (
     SELECT least($3::integer,
@@ -775,7 +795,7 @@ CROSS JOIN LATERAL (
                   WHERE w.source_id = t.source_id AND w.available))::integer AS take
 ) AS k
 CROSS JOIN LATERAL (
-    SELECT c.id, c.priority, c.lead_id, s.key AS home_key
+    SELECT c.id, c.priority, c.lead_id, c.offer_skip, s.key AS home_key
     FROM contact_overflows f
     JOIN contacts c ON c.id = f.contact_id
     JOIN sources s ON s.id = c.source_id
@@ -897,11 +917,12 @@ ON CONFLICT DO NOTHING
 RETURNING contact_id;
 
 -- name: forget_overflows
--- Overflow rows of contacts that are no longer queued ($1 source the rows point to).
+-- Overflow rows of closed contacts ($1 source the rows point to). An offered or assigned
+-- one keeps its row: a declined or lapsed offer, or a hand-back, queues it again, still
+-- overflowed (routing reads only queued ones).
 DELETE FROM contact_overflows f
 USING contacts c
-WHERE f.source_id = $1 AND c.id = f.contact_id
-  AND (c.status <> 'open' OR c.operator_id IS NOT NULL);
+WHERE f.source_id = $1 AND c.id = f.contact_id AND c.status <> 'open';
 
 -- name: insert_timer_events
 -- The timers' events; one per contact and kind, ever: a second is dropped ($1 event ids,
@@ -986,13 +1007,20 @@ RETURNING is_active AND ready AS available;
 -- must be locked ($1 operator id, $2 source ids).
 WITH handed AS (
     UPDATE contacts c
-    SET operator_id = NULL, assigned_at = NULL
+    SET operator_id = NULL, assigned_at = NULL, offer_skip = '{}'  -- routed as if new
     FROM leads l, sources s
     WHERE c.operator_id = $1 AND c.status = 'open' AND c.source_id = ANY($2::bigint[])
       AND c.offer_expires_at IS NULL
       AND l.id = c.lead_id AND s.id = c.source_id
     RETURNING c.id, c.lead_id, c.source_id, c.inbound_message_id,
               l.external_id AS lead_external_id, s.key AS source_key
+), rewound AS (  -- as withdraw_offers: handed back, they are alerted and overflow too
+    UPDATE sources s
+    SET alerted_through    = least(s.alerted_through, w.first - 1),
+        overflowed_through = least(s.overflowed_through, w.first - 1)
+    FROM (SELECT source_id, min(id) AS first FROM handed GROUP BY source_id) AS w
+    WHERE s.id = w.source_id
+      AND (s.alerted_through >= w.first OR s.overflowed_through >= w.first)
 ), released AS (
     UPDATE operators o
     SET open_load = GREATEST(o.open_load - (SELECT count(*) FROM handed)::integer, 0)

@@ -205,13 +205,14 @@ async def test_offering_queued_contacts_claims_no_capacity_past_max_load(
     [op] = await offering_source(pool, [("a", 1, 1)])
     outcome = await new(pool, "web", "first", "second")  # one offered, one queued
     [queued] = [c for c in outcome.contacts.values() if c not in outcome.assigned]
+    source = await pool.fetchval("SELECT source_id FROM contacts WHERE id = $1", queued)
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
             # The queued contact offered to the full operator: one unit over max_load.
             rows = await conn.fetch(
-                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [30]
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [30], [source]
             )
             assert rows == [], "a queued contact was offered past max_load"
             assert await conn.fetchval("SELECT open_load FROM operators WHERE id = $1", op) == 1

@@ -186,7 +186,7 @@ async def test_the_claims_take_nothing_of_an_operator_who_is_not_online(
             [row] = await conn.fetch(Q.record_contacts, *args, [], [], [], [], [], [0], [0])
             assert row["claimed"] is False, "an away operator's capacity was claimed"
             rows = await conn.fetch(
-                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [0]
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [0], [source_id]
             )
             assert rows == [], "a queued contact went to an away operator"
         finally:

@@ -82,6 +82,7 @@ async def test_assigning_queued_contacts_claims_no_capacity_past_max_load(
     async with pool.acquire() as conn, conn.transaction():
         outcome = await route_new(conn, "tg", "first", "second")  # one assigned, one queued
     [queued] = [c for c in outcome.contacts.values() if c not in outcome.assigned]
+    source = await pool.fetchval("SELECT source_id FROM contacts WHERE id = $1", queued)
 
     async with pool.acquire() as conn:
         tx = conn.transaction()
@@ -89,7 +90,7 @@ async def test_assigning_queued_contacts_claims_no_capacity_past_max_load(
         try:
             # The queued contact handed to the full operator: one unit over max_load.
             rows = await conn.fetch(
-                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [0]
+                Q.assign_contacts, [queued], [op], [op], [1], [], [], [], [], [], [0], [source]
             )
             assert rows == [], "a queued contact was assigned past max_load"
             operator_id = await conn.fetchval(
