@@ -1007,7 +1007,7 @@ RETURNING is_active AND ready AS available;
 -- must be locked ($1 operator id, $2 source ids).
 WITH handed AS (
     UPDATE contacts c
-    SET operator_id = NULL, assigned_at = NULL, offer_skip = '{}'  -- routed as if new
+    SET operator_id = NULL, assigned_at = NULL, offer_skip = ARRAY[]::bigint[]  -- as if new
     FROM leads l, sources s
     WHERE c.operator_id = $1 AND c.status = 'open' AND c.source_id = ANY($2::bigint[])
       AND c.offer_expires_at IS NULL
