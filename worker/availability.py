@@ -229,7 +229,9 @@ async def _change(
     moved = 0
     if not available:
         why = f"operator {new['presence']}"
-        if new["presence"] == "online":
+        if not old["is_active"]:
+            why = "operator inactive"
+        elif new["presence"] == "online":
             why = "operator on leave" if status.on_leave else "operator off shift"
         moved = await _move_offers_on(conn, operator_id, sources, why)
     if shift is not _KEEP or leave is not _KEEP:
