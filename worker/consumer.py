@@ -349,8 +349,8 @@ class Consumer:
         return False
 
     async def _route(self, deliveries: Sequence[_Delivery]) -> None:
-        """One transaction for the whole batch; marks unknown sources and contacts as
-        dead letters and leaves the rest handled. An `operator.presence` message is a
+        """One transaction for the batch's messages; marks unknown sources and contacts
+        as dead letters and leaves the rest handled. An `operator.presence` message is a
         barrier: what came before it is routed first, then it is applied in a transaction
         of its own, then what came after (an accept then going away keeps the accept)."""
         items: list[tuple[_Delivery, Inbound]] = []
