@@ -21,7 +21,7 @@ from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay, prune_outbox
-from worker.retry import backoff, connect_with_retry, is_transient
+from worker.retry import backoff, connect_with_retry, is_transient, stopped_within
 from worker.settings import Settings, mask_url
 from worker.sql import Q
 
@@ -331,9 +331,7 @@ class Worker:
 
     async def _stopped_within(self, seconds: float) -> bool:
         """Wait this long, or less if asked to stop; returns whether we are stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        return self._stop.is_set()
+        return await stopped_within(self._stop, seconds)
 
     async def _prune_outbox(self) -> None:
         """Keep the outbox from growing without bound: published events are deleted once

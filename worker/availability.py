@@ -34,7 +34,7 @@ from worker.errors import UserError
 from worker.listen import keep_listening
 from worker.metrics import Metrics
 from worker.outbox import EventWriter
-from worker.retry import backoff, in_transaction, is_transient
+from worker.retry import backoff, in_transaction, is_transient, stopped_within
 from worker.schedule import Schedule, ScheduleError, leave_text, parse_leave, parse_shift, zone
 from worker.settings import Settings
 from worker.sql import Q
@@ -339,7 +339,7 @@ class ScheduleKeeper:
                     attempt += 1
                     if not is_transient(exc):
                         logger.exception("schedule_failed")
-                    await _wait(stop, backoff(attempt, self._settings.retry_max_seconds))
+                    await stopped_within(stop, backoff(attempt, self._settings.retry_max_seconds))
                     continue
                 sleep = MAX_SLEEP_SECONDS
                 if due is not None:
@@ -367,8 +367,3 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

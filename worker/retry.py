@@ -1,6 +1,7 @@
 """Which failures are transient (wait and retry, never dead-letter) and how long to wait."""
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -60,6 +61,14 @@ def read_only(exc: BaseException) -> bool:
 def backoff(attempt: int, cap: float) -> float:
     """Exponential backoff from 50 ms with full jitter, at most `cap` seconds."""
     return random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 32)))
+
+
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait this long, or less if `stop` is set; returns whether it is (side tasks'
+    sleeps, cut short by shutdown)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 async def connect_with_retry(

@@ -17,7 +17,6 @@ in the tick's first query.
 Also: the gauge of the oldest queued contact's age per source."""
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import asyncpg
 from worker import distribution, log
 from worker.metrics import Metrics
 from worker.outbox import EventWriter
-from worker.retry import backoff, is_transient
+from worker.retry import backoff, is_transient, stopped_within
 from worker.sql import Q
 
 logger = log.get(__name__)
@@ -163,7 +162,7 @@ async def run_timers(
                 raise
             attempt += 1
             logger.warning("timers_failed", error=type(exc).__name__)
-            await _wait(stop, backoff(attempt, retry_max_seconds))
+            await stopped_within(stop, backoff(attempt, retry_max_seconds))
             continue
         if done.alerted or done.overflowed or done.forwarded or done.assigned:
             logger.info(
@@ -174,9 +173,4 @@ async def run_timers(
                 assigned=done.assigned,
             )
             wake_relay()
-        await _wait(stop, TICK_SECONDS)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        await stopped_within(stop, TICK_SECONDS)
