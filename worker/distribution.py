@@ -400,10 +400,7 @@ async def _read_state(
             windows[r["source_id"]] = (r, r["read_limit"])
             takes[r["source_id"]] = MAX_DRAIN if r["take"] is None else r["take"]
         elif kind == "queued":
-            skip = frozenset(r["skip"]) if r["skip"] else _NOBODY
-            queued[r["source_id"]].append(
-                Queued(r["id"], r["source_id"], r["lead_external_id"], skip, r["priority"])
-            )
+            queued[r["source_id"]].append(_queued(r))
         else:
             known.add(r["message_id"])
     heads = {s: Heads(r.lifo, []) for s, r in by_id.items()}
@@ -416,6 +413,12 @@ async def _read_state(
         last = (cs[-1].start + 1 / cs[-1].weight, -cs[-1].weight, cs[-1].id) if limited else None
         read[source] = Window(r["start"], r["weight"], r["bound"], last)
     return _State(weights, read, takes, heads, known)
+
+
+def _queued(r: asyncpg.Record) -> Queued:
+    """A queued contact as routing_state and overflowed_queued read it."""
+    skip = frozenset(r["skip"]) if r["skip"] else _NOBODY
+    return Queued(r["id"], r["source_id"], r["lead_external_id"], skip, r["priority"])
 
 
 async def _read_overflowed(
@@ -433,15 +436,7 @@ async def _read_overflowed(
     read: dict[int, list[Queued]] = defaultdict(list)
     homes: dict[int, str] = {}
     for r in rows:
-        read[r["source_id"]].append(
-            Queued(
-                r["id"],
-                r["source_id"],
-                r["lead_external_id"],
-                frozenset(r["offer_skip"]) if r["offer_skip"] else _NOBODY,
-                r["priority"],
-            )
-        )
+        read[r["source_id"]].append(_queued(r))
         homes[r["id"]] = r["home_key"]
     takes = {r["source_id"]: r["take"] for r in rows}
     for source in receiving:
@@ -580,18 +575,7 @@ async def _assign_queued(
         row, route_ = rows[a.contact_id], routes[a.source_id]
         _assigned(outcome, route_, a.contact_id, a.operator_id)
         key = homes.get(a.contact_id, route_.key)  # an overflowed one keeps its own
-        if route_.accept_timeout:
-            offers.offered(
-                events,
-                row,
-                row["lead_external_id"],
-                key,
-                a,
-                row["attempt"],
-                row["offer_expires_at"],
-            )
-        else:
-            events.assigned(row, row["lead_external_id"], key, a)
+        _given(events, route_, row, row["lead_external_id"], key, a)
 
 
 async def _insert(
@@ -640,14 +624,27 @@ async def _insert(
         else:
             a = placed[position[message_id]]
             _assigned(outcome, route_, row["id"], a.operator_id)
-            if route_.accept_timeout:
-                offers.offered(
-                    events, row, external_id, route_.key, a, row["attempt"], row["offer_expires_at"]
-                )
-            else:
-                events.assigned(row, external_id, route_.key, a)
+            _given(events, route_, row, external_id, route_.key, a)
     # Inserted by a concurrent transaction after our check: duplicates all the same.
     outcome.duplicates.update(position.keys() - {r["inbound_message_id"] for r in rows})
+
+
+def _given(
+    events: EventWriter,
+    route_: Route,
+    row: asyncpg.Record,
+    lead_external_id: str,
+    source_key: str,
+    a: Assignment,
+) -> None:
+    """The event of a contact routing gave an operator: offered, for a source that makes
+    offers, else assigned."""
+    if route_.accept_timeout:
+        offers.offered(
+            events, row, lead_external_id, source_key, a, row["attempt"], row["offer_expires_at"]
+        )
+    else:
+        events.assigned(row, lead_external_id, source_key, a)
 
 
 def _assigned(outcome: Outcome, route_: Route, contact_id: int, operator_id: int) -> None:

@@ -785,8 +785,8 @@ LIMIT $2;
 -- first), as many as its available operators could take (at most $3), with their own
 -- source's key and the operators its offers skip ($1 source ids, $2 newest first,
 -- aligned with $1, $3 most per source).
-SELECT t.source_id, c.id, c.priority, c.home_key, c.offer_skip, l.external_id AS lead_external_id,
-       k.take
+SELECT t.source_id, c.id, c.priority, c.home_key, c.offer_skip AS skip,
+       l.external_id AS lead_external_id, k.take
 FROM unnest($1::bigint[], $2::boolean[]) AS t (source_id, lifo)
 CROSS JOIN LATERAL (
     SELECT least($3::integer,
