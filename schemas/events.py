@@ -138,16 +138,15 @@ def operator_envelope(
     """The envelope of an event about an operator, as plain data."""
     if routing_key not in OPERATOR_ROUTING_KEYS:
         raise ValueError(f"unknown event routing key {routing_key!r}")
-    return {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": f"/leadrouter/operators/{data['operator_id']}",
-        "type": EVENT_TYPE_PREFIX + routing_key,
-        "time": time.isoformat(),
-        "subject": f"operators/{data['operator_id']}",
-        "datacontenttype": "application/json",
-        "data": data,
-    }
+    operator = data["operator_id"]
+    return _envelope(
+        event_id,
+        routing_key,
+        time,
+        data,
+        f"/leadrouter/operators/{operator}",
+        f"operators/{operator}",
+    )
 
 
 def envelope(
@@ -157,13 +156,32 @@ def envelope(
     the outbox (pydantic would cost more than the routing itself on that path)."""
     if routing_key not in ROUTING_KEYS:
         raise ValueError(f"unknown event routing key {routing_key!r}")
+    return _envelope(
+        event_id,
+        routing_key,
+        time,
+        data,
+        f"/leadrouter/sources/{data['source']}",
+        f"contacts/{data['contact_id']}",
+    )
+
+
+def _envelope(
+    event_id: str,
+    routing_key: str,
+    time: datetime,
+    data: dict[str, Any],
+    source: str,
+    subject: str,
+) -> dict[str, Any]:
+    """A CloudEvents 1.0 envelope around `data`, as plain data."""
     return {
         "specversion": "1.0",
         "id": event_id,
-        "source": f"/leadrouter/sources/{data['source']}",
+        "source": source,
         "type": EVENT_TYPE_PREFIX + routing_key,
         "time": time.isoformat(),
-        "subject": f"contacts/{data['contact_id']}",
+        "subject": subject,
         "datacontenttype": "application/json",
         "data": data,
     }
