@@ -226,17 +226,18 @@ async def _change(
     if not available:
         requeued = await _became_unavailable(conn, operator_id, sources, requeue_open, events)
     await events.write(conn, lease=None)
-    moved = 0
+    moved = assigned = 0
     if not available:
         why = f"operator {new['presence']}"
         if not old["is_active"]:
             why = "operator inactive"
         elif new["presence"] == "online":
             why = "operator on leave" if status.on_leave else "operator off shift"
-        moved = await _move_offers_on(conn, operator_id, sources, why)
+        moved, assigned = await _move_offers_on(conn, operator_id, sources, why)
     if shift is not _KEEP or leave is not _KEEP:
         await conn.execute(Q.notify_schedule)
-    assigned = (await distribution.drain_sources(conn, sources)).total() if sources else 0
+    if not moved:  # moving offers on routed these backlogs already
+        assigned = (await distribution.drain_sources(conn, sources)).total() if sources else 0
     row = {"id": operator_id, "name": old["name"], "is_active": old["is_active"], **new}
     if event or requeued:
         logger.info(
@@ -261,9 +262,9 @@ async def _became_unavailable(
 ) -> int:
     """What an operator no longer taking work entails, under the locks of `sources`:
     with `requeue_open`, their open contacts of those sources go back to the queue
-    (`contact.requeued`), to be routed by the caller's drain in their old place. The one
-    place to move pending offers on, too, once offers exist. Returns how many contacts
-    were handed back."""
+    (`contact.requeued`), to be routed by the caller's drain in their old place (their
+    pending offers move on after this change's events are written: `_move_offers_on`).
+    Returns how many contacts were handed back."""
     if not requeue_open:
         return 0
     rows = await conn.fetch(Q.requeue_open_contacts, operator_id, sorted(sources))
@@ -274,15 +275,16 @@ async def _became_unavailable(
 
 async def _move_offers_on(
     conn: asyncpg.Connection, operator_id: int, sources: set[int], why: str
-) -> int:
+) -> tuple[int, int]:
     """An operator who no longer takes work declines their pending offers (`why` is the
     decline's reason), under the locks of `sources`: each is offered at once to the next
-    operator, or queued. Returns how many were taken back."""
+    operator, or queued, as the whole backlog of `sources` is routed. Returns how many
+    were taken back, and how many queued contacts that routing assigned."""
     pending = await conn.fetch(Q.pending_offers_of, operator_id, sorted(sources))
     if not pending:
-        return 0
+        return 0, 0
     outcome = await distribution.expire(conn, sources, [r["id"] for r in pending], "declined", why)
-    return len(outcome.withdrawn)
+    return len(outcome.withdrawn), outcome.assignments.total()
 
 
 # --- the schedule keeper --------------------------------------------------------------
