@@ -415,7 +415,7 @@ WHERE c.id = ANY($1::bigint[]);
 -- name: close_contacts
 -- Close the open ones of these contacts, ending a pending offer ($1 contact ids).
 UPDATE contacts c
-SET status = 'closed', closed_at = now(), offer_expires_at = NULL
+SET status = 'closed', closed_at = now(), offer_expires_at = NULL, offer_source_id = NULL
 FROM leads l, sources s
 WHERE c.id = ANY($1::bigint[]) AND c.status = 'open' AND l.id = c.lead_id AND s.id = c.source_id
 RETURNING c.id, c.operator_id, c.inbound_message_id, c.closed_at,
@@ -683,7 +683,7 @@ ORDER BY t.n;
 -- now, and their offers' rows say so ($1 contact ids).
 WITH accepted AS (
     UPDATE contacts c
-    SET offer_expires_at = NULL, assigned_at = statement_timestamp()
+    SET offer_expires_at = NULL, offer_source_id = NULL, assigned_at = statement_timestamp()
     FROM leads l, sources s
     WHERE c.id = ANY($1::bigint[]) AND c.offer_expires_at IS NOT NULL
       AND l.id = c.lead_id AND s.id = c.source_id
