@@ -283,7 +283,9 @@ async def _move_offers_on(
     pending = await conn.fetch(Q.pending_offers_of, operator_id, sorted(sources))
     if not pending:
         return 0, 0
-    outcome = await distribution.expire(conn, sources, [r["id"] for r in pending], "declined", why)
+    outcome = await distribution.take_back_offers(
+        conn, sources, [r["id"] for r in pending], "declined", why
+    )
     return len(outcome.withdrawn), outcome.assignments.total()
 
 

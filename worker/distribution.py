@@ -228,18 +228,18 @@ async def route(
     return outcome
 
 
-async def expire(
+async def take_back_offers(
     conn: asyncpg.Connection,
     source_ids: set[int],
     contact_ids: Sequence[int],
     how: str = "expired",
     reason: str | None = None,
 ) -> Outcome:
-    """Expire these lapsed offers of these sources (their locks held), or with `how`
-    declined take them back as declined (their operator went away), and route them on
-    at once, with the rest of their backlogs; the events go to the outbox for the relays.
-    Sources that the operators' freed capacity serves besides these are left to the
-    caller (`Outcome.undrained`)."""
+    """Take these pending offers of these sources back (their locks held), as `how`
+    says: expired (they lapsed) or declined (with `reason`: their operator stopped taking
+    work), and route them on at once, with the rest of their backlogs; the events go to
+    the outbox for the relays. Sources that the operators' freed capacity serves besides
+    these are left to the caller (`Outcome.undrained`)."""
     outcome = Outcome()
     events, expired = EventWriter(), EventWriter()
     rows = await offers.withdraw(conn, contact_ids, how, [reason] * len(contact_ids), outcome, None)

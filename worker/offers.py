@@ -311,7 +311,7 @@ async def expire_sources(pool: asyncpg.Pool, source_ids: Sequence[int]) -> int:
             due = await conn.fetch(Q.due_offers, sorted(ids), EXPIRE_BATCH)
             if not due:
                 return 0
-            outcome = await distribution.expire(
+            outcome = await distribution.take_back_offers(
                 conn, {r["source_id"] for r in due}, [r["id"] for r in due]
             )
         logger.info(
