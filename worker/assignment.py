@@ -6,8 +6,9 @@ import random
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from worker.strategies import STRATEGIES, Candidate, finish_key, smooth_next
+from worker.strategies import Candidate, LoadKey, finish_key, load_key, smooth_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,15 +33,21 @@ class Assignment:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """A smooth source's clock, the total weight of its available operators, and how its
-    candidates were read: all of them (`bound` None), or only those whose start is below
-    `bound`, and at most a limit of them in the smooth order, `last` being the order key
-    of the last one read when the limit was reached (None when fewer were there)."""
+    """A source's clock (smooth, weighted_random), the total weight of its available
+    operators, and how its candidates were read: all of them (`bound` and `last` None), or
+    at most a limit of them in the strategy's order, `last` being the order key of the
+    last one read when the limit was reached (None when fewer were there), and for smooth
+    only those whose start is below `bound`."""
 
     clock: float
     total: int
     bound: float | None = None
-    last: tuple[float, int, int] | None = None
+    last: tuple[Any, ...] | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Whether every available operator of the source was read."""
+        return self.bound is None and self.last is None
 
 
 @dataclass
@@ -112,7 +119,7 @@ class _Smooth:
         if not self.ready:
             # Nobody available is owed anything (those who left are owed much): the
             # earliest finish of all, which only a whole read can tell.
-            if self.window.bound is not None:
+            if not self.window.whole:
                 return None
             here = [c for i, c in self.by_id.items() if available(i) and i not in skip]
             if not here:  # only operators the contact skips can take one
@@ -127,8 +134,9 @@ class _Smooth:
             return None
         return operator_id
 
-    def took(self, operator_id: int) -> None:
-        """`operator_id` took a contact (by the rule or by affinity)."""
+    def took(self, operator_id: int, by_affinity: bool) -> bool:
+        """`operator_id` took a contact (by the rule or by affinity: both count, so that
+        shares stay fair). Returns whether the source's state changed."""
         self.start[operator_id] += 1 / self.by_id[operator_id].weight
         self.version[operator_id] += 1
         heapq.heappush(
@@ -136,6 +144,125 @@ class _Smooth:
         )
         if self.total > 0:
             self.clock += 1 / self.total
+        return True
+
+    def left(self, operator_id: int) -> bool:
+        """`operator_id` filled up. Returns whether their start is stored as of leaving."""
+        self.total -= self.by_id[operator_id].weight
+        self.room -= 1
+        return True
+
+
+class _Race(_Smooth):
+    """A weighted_random source's routing within a batch, as a race of exponential clocks
+    (migration 0021): each operator's next turn is start + 1 / weight; the earliest turn
+    among the available operators wins, the clock moves to it, and the winner's next turn
+    is drawn an exponential wait (of rate their weight) later. Each contact thus goes to an
+    operator with probability weight / (total available weight), whatever came before. A
+    turn found behind the clock (its operator was skipped by a contact, or never drawn:
+    `fresh`) is drawn again from the clock, which the memoryless wait allows."""
+
+    def __init__(
+        self, window: Window, candidates: Sequence[Candidate], rng: random.Random, fresh: bool
+    ) -> None:
+        super().__init__(window, candidates)
+        self.rng = rng
+        self.drawn: set[int] = set()  # operators whose turn was drawn here, to be stored
+        for c in candidates:
+            if fresh or c.start + 1 / c.weight <= self.clock:
+                self._draw(c.id)
+        self.waiting = []  # no eligibility: every available operator is in the race
+        self.ready = [(self.key(i), i, self.version[i]) for i in self.start]
+        heapq.heapify(self.ready)
+
+    def _draw(self, operator_id: int) -> None:
+        weight = self.by_id[operator_id].weight
+        self.start[operator_id] = self.clock + self.rng.expovariate(weight) - 1 / weight
+        self.version[operator_id] += 1
+        self.drawn.add(operator_id)
+
+    def _choose(
+        self,
+        available: Callable[[int], bool],
+        skip: Set[int],
+        set_aside: list[tuple[tuple[float, int, int], int, int]],
+    ) -> int | None:
+        last = self.window.last
+        if last is not None and last[0] <= self.clock:
+            return None  # unread turns may be behind the clock too: only a whole read can tell
+        while self.ready:
+            key, operator_id, version = self.ready[0]
+            if version != self.version[operator_id] or not available(operator_id):
+                heapq.heappop(self.ready)
+            elif key[0] <= self.clock:
+                heapq.heappop(self.ready)
+                self._draw(operator_id)
+                heapq.heappush(
+                    self.ready, (self.key(operator_id), operator_id, self.version[operator_id])
+                )
+            elif operator_id in skip:
+                set_aside.append(heapq.heappop(self.ready))
+            elif last is not None and key > last:
+                return None
+            else:
+                return operator_id
+        return None
+
+    def took(self, operator_id: int, by_affinity: bool) -> bool:
+        """A contact given by affinity is not a turn of the race: nothing changes."""
+        if by_affinity:
+            return False
+        self.clock = self.start[operator_id] + 1 / self.by_id[operator_id].weight
+        self.start[operator_id] += self.rng.expovariate(self.by_id[operator_id].weight)
+        self.version[operator_id] += 1
+        heapq.heappush(self.ready, (self.key(operator_id), operator_id, self.version[operator_id]))
+        return True
+
+
+class _Loaded:
+    """A least_loaded source's routing within a batch: its read candidates in a heap in
+    the strategy's order. Keys only grow within a batch (loads and last assignments rise),
+    so an entry whose key is no longer its operator's (they took a contact, here or for
+    another source) is pushed back with the new one when it comes up."""
+
+    def __init__(
+        self, window: Window, candidates: Sequence[Candidate], key: Callable[[int], LoadKey]
+    ) -> None:
+        self.window = window
+        self.room = sum(c.open_load < c.max_load for c in candidates)
+        self.key = key
+        self.heap = [(key(c.id), c.id) for c in candidates]
+        heapq.heapify(self.heap)
+
+    def choose(self, available: Callable[[int], bool], skip: Set[int] = frozenset()) -> int | None:
+        """The first operator in the order among those `available` and not in `skip` (or
+        None when the window cannot tell for sure, or only skipped ones are there)."""
+        set_aside: list[tuple[LoadKey, int]] = []
+        try:
+            while self.heap:
+                key, operator_id = self.heap[0]
+                now = self.key(operator_id)
+                if not available(operator_id):
+                    heapq.heappop(self.heap)
+                elif now != key:
+                    heapq.heapreplace(self.heap, (now, operator_id))
+                elif operator_id in skip:
+                    set_aside.append(heapq.heappop(self.heap))
+                elif self.window.last is not None and key > self.window.last:
+                    return None
+                else:
+                    return operator_id
+            return None
+        finally:
+            for item in set_aside:
+                heapq.heappush(self.heap, item)
+
+    def took(self, operator_id: int, by_affinity: bool) -> bool:
+        return False  # the load it orders by is counted by `assign`
+
+    def left(self, operator_id: int) -> bool:
+        self.room -= 1
+        return False
 
 
 def assign(
@@ -156,17 +283,19 @@ def assign(
     it skips could take (`Queued.skip`: they declined it or let its offer lapse) is passed
     over, and waits for someone else.
 
-    `weights`: per source id, its available operators (for a smooth source, those read in
-    its window), with their load; `strategies`: per source id; `preferred`: per contact id,
-    the operator who had its lead lately (for `affinity_sources`, a lead's earlier contact
-    in this same batch counts too); `windows`: per smooth source, its clock and how its
-    candidates were read (without one, the candidates are all there are, owed nothing
-    by a clock at 0)."""
+    `weights`: per source id, its available operators (those read in its window), with
+    their load; `strategies`: per source id; `preferred`: per contact id, the operator who
+    had its lead lately (for `affinity_sources`, a lead's earlier contact in this same
+    batch counts too); `windows`: per source, its clock and how its candidates were read
+    (without one, the candidates are all there are, owed nothing by a clock at 0, and
+    weighted_random draws everyone's turn afresh)."""
     load: dict[int, int] = {}
     limit: dict[int, int] = {}
+    read: dict[int, Candidate] = {}
     for candidates in weights.values():
         for c in candidates:
             load[c.id], limit[c.id] = c.open_load, c.max_load
+            read[c.id] = c
     # Assigned in this batch: later than anything in the database, in batch order.
     latest = max(
         (
@@ -177,17 +306,32 @@ def assign(
         ),
         default=datetime.now(UTC),
     )
-    smooth: dict[int, _Smooth] = {}
-    for source, candidates in weights.items():
-        if strategies.get(source) == "smooth":
-            window = (windows or {}).get(source) or Window(0.0, sum(c.weight for c in candidates))
-            smooth[source] = _Smooth(window, candidates)
-    weighted_in: dict[int, list[int]] = {}  # operator -> the smooth sources they were read for
-    for source, state in smooth.items():
-        for operator_id in state.start:
-            weighted_in.setdefault(operator_id, []).append(source)
-    left_at: dict[tuple[int, int], float] = {}  # (source, operator) -> clock when they filled
     last: dict[int, datetime] = {}
+
+    def loaded(operator_id: int) -> LoadKey:
+        c = read[operator_id]
+        at = last.get(operator_id, c.last_assigned_at)
+        return load_key(Candidate(operator_id, c.weight, load[operator_id], 0, at))
+
+    def free(operator_id: int) -> bool:
+        return load[operator_id] < limit[operator_id]
+
+    states: dict[int, _Smooth | _Loaded] = {}
+    for source, candidates in weights.items():
+        given = (windows or {}).get(source)
+        window = given or Window(0.0, sum(c.weight for c in candidates))
+        strategy = strategies.get(source)
+        if strategy == "weighted_random":
+            states[source] = _Race(window, candidates, rng, fresh=given is None)
+        elif strategy == "least_loaded":
+            states[source] = _Loaded(window, candidates, loaded)
+        else:
+            states[source] = _Smooth(window, candidates)
+    weighted_in: dict[int, list[int]] = {}  # operator -> the sources they were read for
+    for source, candidates in weights.items():
+        for c in candidates:
+            weighted_in.setdefault(c.id, []).append(source)
+    left_at: dict[tuple[int, int], float] = {}  # (source, operator) -> clock when they filled
     just_had: dict[tuple[str, int], int] = {}  # (lead, source) -> operator, this batch
     plan = Plan([])
     blocked: set[int] = set()
@@ -207,59 +351,53 @@ def assign(
             and load.get(wanted, 0) < limit.get(wanted, 0)
             and any(c.id == wanted for c in candidates)
         )
+        state = states.get(source)
         chosen_id: int | None
         if by_affinity:
             chosen_id = wanted
-        elif source in smooth:
-            state = smooth[source]
-            if not state.room:
-                chosen_id = None
-            elif skip:
-                chosen_id = state.choose(lambda i: load[i] < limit[i], skip)
-                if chosen_id is None and state.window.bound is None:
-                    continue  # read whole: only operators it skips can take it
-            else:
-                chosen_id = state.choose(lambda i: load[i] < limit[i])
-            if chosen_id is None and state.room:
-                plan.unread.add(source)
+        elif state is None or not state.room:
+            chosen_id = None
+        elif skip:
+            chosen_id = state.choose(free, skip)
+            if chosen_id is None and state.window.whole:
+                continue  # read whole: only operators it skips can take it
         else:
-            # Built directly: dataclasses.replace() would dominate a batch's routing time.
-            available = [
-                Candidate(
-                    c.id, c.weight, load[c.id], c.max_load, last.get(c.id, c.last_assigned_at)
-                )
-                for c in candidates
-                if load[c.id] < limit[c.id] and c.id not in skip
-            ]
-            if not available and skip and any(load[c.id] < limit[c.id] for c in candidates):
-                continue  # only operators it skips can take it
-            chosen_id = STRATEGIES[strategies[source]](available, rng).id if available else None
+            chosen_id = state.choose(free)
         if chosen_id is None:
+            if state is not None and state.room:
+                plan.unread.add(source)
             blocked.add(source)
             continue
         load[chosen_id] += 1
         last[chosen_id] = latest + timedelta(microseconds=len(plan.assignments) + 1)
         just_had[(contact.lead, source)] = chosen_id
-        if source in smooth:  # affinity counts too, so shares stay fair
-            state = smooth[source]
-            state.took(chosen_id)
+        if state is not None and state.took(chosen_id, by_affinity):
+            assert isinstance(state, _Smooth)
             plan.starts[(source, chosen_id)] = state.start[chosen_id]
             plan.clocks[source] = state.clock
         if load[chosen_id] >= limit[chosen_id]:
-            # No longer available anywhere: the total of every smooth source they were
-            # read for drops from here on, and their start there is stored as if they
-            # left at the end of the batch (the database then keeps start - clock).
+            # No longer available anywhere: the total of every source they were read for
+            # drops from here on, and their start there (smooth, weighted_random) is
+            # stored as if they left at the end of the batch (the database then keeps
+            # start - clock).
             for other in weighted_in.get(chosen_id, ()):
-                state = smooth[other]
-                state.total -= state.by_id[chosen_id].weight
-                state.room -= 1
-                left_at[(other, chosen_id)] = state.clock
+                there = states[other]
+                if there.left(chosen_id):
+                    assert isinstance(there, _Smooth)
+                    left_at[(other, chosen_id)] = there.clock
         plan.assignments.append(Assignment(contact.id, source, chosen_id, by_affinity))
         done.add(contact.id)
+    for source, state in states.items():
+        if isinstance(state, _Race):
+            for operator_id in state.drawn:
+                plan.starts[(source, operator_id)] = state.start[operator_id]
+            if state.drawn:
+                plan.clocks[source] = state.clock
     for (source, operator_id), clock in left_at.items():
-        state = smooth[source]
-        shifted = state.start[operator_id] + (state.clock - clock)
-        if (source, operator_id) in plan.starts or shifted != state.by_id[operator_id].start:
+        there = states[source]
+        assert isinstance(there, _Smooth)
+        shifted = there.start[operator_id] + (there.clock - clock)
+        if (source, operator_id) in plan.starts or shifted != there.by_id[operator_id].start:
             plan.starts[(source, operator_id)] = shifted
-            plan.clocks[source] = state.clock
+            plan.clocks[source] = there.clock
     return plan

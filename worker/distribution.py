@@ -4,9 +4,9 @@ ascending order, closes contacts, routes the backlog of every affected source ol
 first and the new contacts behind it, records the new contacts (already assigned where
 they can be), set-based, and writes the events to the outbox.
 
-Routing reads the operators without locking them, and only those it may choose: for the
-smooth strategy, the few first in its order by an index (see `routing_state`), so that a
-contact costs about the same whatever the size of the team. The write then locks and
+Routing reads the operators without locking them, and only those it may choose: the few
+first in its strategy's order by an index (see `routing_state`), so that a contact costs
+about the same whatever the size of the team. The write then locks and
 claims only the operators chosen, and the database re-checks their capacity there; when a
 concurrent transaction took it first, the whole transaction is retried (`CapacityTaken`).
 
@@ -32,7 +32,7 @@ from worker.outbox import Event, EventWriter
 from worker.queue_order import Heads, serving_order
 from worker.retry import in_transaction
 from worker.sql import Q
-from worker.strategies import Candidate
+from worker.strategies import Candidate, finish_key, load_key
 
 _rng = random.SystemRandom()
 MAX_DRAIN = 10_000  # queued contacts one transaction may assign per source
@@ -332,7 +332,7 @@ async def _drain(
         return
     by_id = {r.id: r for r in routes}
     homes: dict[int, str] = {}  # overflowed contact id -> its own source's key
-    whole = {r.id for r in routes if r.strategy != "smooth"}
+    whole: set[int] = set()
     while True:
         state = await _read_state(conn, by_id, new, whole)
         fresh = _fresh(new, state.known, outcome)
@@ -347,8 +347,8 @@ async def _drain(
         decided = await _decide(conn, state, wanted, sources, by_id)
         if not decided.unread:
             break
-        # A smooth source's window did not hold the choice for sure (many operators
-        # ahead of their share with early finishes): read its candidates whole, once.
+        # A source's window did not hold the choice for sure (smooth: many operators ahead
+        # of their share with early finishes): read its candidates whole, once.
         whole |= decided.unread
         outcome.duplicates.clear()
     await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events, homes)
@@ -410,8 +410,10 @@ async def _read_state(
     for source, (r, read_limit) in windows.items():
         cs = weights.get(source, [])
         limited = read_limit is not None and len(cs) >= read_limit
-        last = (cs[-1].start + 1 / cs[-1].weight, -cs[-1].weight, cs[-1].id) if limited else None
-        read[source] = Window(r["start"], r["weight"], r["bound"], last)
+        order = load_key if by_id[source].strategy == "least_loaded" else finish_key
+        read[source] = Window(
+            r["start"], r["weight"], r["bound"], order(cs[-1]) if limited else None
+        )
     return _State(weights, read, takes, heads, known)
 
 

@@ -93,9 +93,10 @@ RETURNING id, key, name, description, strategy, affinity_hours, accept_timeout, 
 -- name: update_source
 -- Change a source; NULL keeps a field, $5 says whether to set affinity hours to $6, $7 the
 -- accept timeout in seconds (0: offers off; offers pending then still run their course). A new
--- strategy starts afresh: what the smooth strategy owed operators before is forgotten,
--- under the source's lock (a batch that read the old strategy while waiting for that
--- lock may still store its state once after)
+-- strategy starts afresh, under the source's lock (a batch that read the old strategy while
+-- waiting for that lock may still store its state once after): what the smooth strategy
+-- owed operators before is forgotten, weighted_random draws everyone's wait
+-- (migration 0021), least_loaded rows get their operators' load and are counted
 -- ($1 key, $2 name, $3 description, $4 strategy, $5 set affinity, $6 affinity hours,
 -- $7 accept timeout, $8 offers lapsed in a row that set an operator away, 0: never).
 WITH old AS (
@@ -116,9 +117,20 @@ WITH old AS (
               s.accept_timeout, s.expire_to_away, s.strategy <> old.strategy AS strategy_changed
 ), reset AS (
     UPDATE source_weights w
-    SET smooth_start = CASE WHEN w.available THEN s.smooth_clock ELSE 0 END
-    FROM updated u, sources s
-    WHERE w.source_id = u.id AND u.strategy_changed AND s.id = u.id
+    SET smooth_start     = CASE WHEN w.available THEN s.smooth_clock ELSE 0 END
+                           + CASE WHEN u.strategy = 'weighted_random' THEN race_draw(w.weight)
+                                  ELSE 0 END,
+        least_loaded     = u.strategy = 'least_loaded',
+        open_load        = CASE WHEN u.strategy = 'least_loaded' THEN o.open_load END,
+        last_assigned_at = CASE WHEN u.strategy = 'least_loaded' THEN o.last_assigned_at END
+    FROM updated u, sources s, operators o
+    WHERE w.source_id = u.id AND u.strategy_changed AND s.id = u.id AND o.id = w.operator_id
+    RETURNING w.operator_id, w.least_loaded
+), counted AS (
+    UPDATE operators o
+    SET least_loaded_sources = o.least_loaded_sources + CASE WHEN r.least_loaded THEN 1 ELSE -1 END
+    FROM reset r, old
+    WHERE o.id = r.operator_id AND r.least_loaded <> (old.strategy = 'least_loaded')
 )
 SELECT id, key, name, description, strategy, affinity_hours, accept_timeout, expire_to_away
 FROM updated;
@@ -394,6 +406,7 @@ WITH locked AS MATERIALIZED (
         AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
       AND t.operator_id IN (SELECT id FROM locked)
+      AND w.available  -- else the trigger keeps it (a drawn turn's operator filled meanwhile)
 ), clocks AS (
     UPDATE sources s
     SET smooth_clock = t.clock
@@ -434,13 +447,17 @@ WHERE o.id = t.id;
 -- operators it chose, and the database re-checks their capacity there. First the changes
 -- to the sources' total available weight are folded into `sources.available_weight`
 -- (migration 0016; only the holder of a source's lock does this).
--- 'clock': per source with an available operator, the smooth clock (`start`), the total
---   weight of its available operators (`weight`) and, unless read whole, the window its candidates were read in: `bound` (the clock
---   after this batch's contacts, and one more) and `read_limit`;
+-- 'clock': per source with an available operator, the smooth clock (`start`; for
+--   weighted_random the race's, migration 0021), the total weight of its available
+--   operators (`weight`) and, unless read whole, the window its candidates were read in:
+--   `read_limit` and, for smooth, `bound` (the clock after this batch's contacts, and one
+--   more);
 -- 'candidate': an available operator of a source with their weight, load and smooth
 --   start; read whole ($5) or only the first `read_limit` (twice the contacts to route,
---   plus 8) in the smooth order whose start is below `bound`: who can be chosen within
---   this batch, whatever the size of the team (the caller checks that it was enough);
+--   plus 8) in the strategy's order (smooth and weighted_random: by start + 1 / weight,
+--   for smooth only those whose start is below `bound`; least_loaded: by load per
+--   weight): who can be chosen within this batch, whatever the size of the team (the
+--   caller checks that it was enough);
 -- 'queued': a source's oldest queued contacts, as many as its available operators could
 --   take (at most $3, the clock row's `take`), each with the operators its offers skip
 --   (`skip`, empty unless the source makes offers); only a source that has any sums its
@@ -466,7 +483,7 @@ WITH folded AS (
     RETURNING s.id, s.available_weight
 ), src AS MATERIALIZED (
     SELECT t.id, t.arriving, t.whole, s.queue_order = 'lifo' AS lifo, s.smooth_clock AS clock,
-           coalesce(totals.available_weight, s.available_weight) AS weight
+           coalesce(totals.available_weight, s.available_weight) AS weight, s.strategy
     FROM unnest($1::bigint[], $4::integer[], $5::boolean[]) AS t (id, arriving, whole)
     JOIN sources s ON s.id = t.id
     LEFT JOIN totals ON totals.id = t.id
@@ -508,10 +525,10 @@ WITH folded AS (
          LIMIT takes.take)
     ) AS q
 ), windows AS MATERIALIZED (
-    SELECT src.id, src.clock, src.weight, takes.take,
+    SELECT src.id, src.clock, src.weight, takes.take, src.strategy,
            CASE WHEN NOT src.whole THEN 2 * n.k + 8 END AS read_limit,
-           CASE WHEN NOT src.whole THEN src.clock + (n.k + 1)::double precision / src.weight END
-               AS bound
+           CASE WHEN NOT src.whole AND src.strategy = 'smooth'
+                THEN src.clock + (n.k + 1)::double precision / src.weight END AS bound
     FROM src
     CROSS JOIN LATERAL (
         SELECT src.arriving + (SELECT count(*) FROM queued WHERE queued.source_id = src.id)
@@ -530,13 +547,22 @@ SELECT 'candidate', windows.id, c.operator_id, c.weight, c.open_load, c.max_load
        c.last_assigned_at, c.smooth_start, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM windows
 CROSS JOIN LATERAL (
-    SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
-    FROM source_weights w
-    JOIN operators o ON o.id = w.operator_id
-    WHERE w.source_id = windows.id AND w.available
-      AND (windows.bound IS NULL OR w.smooth_start < windows.bound)
-    ORDER BY w.smooth_start + 1::double precision / w.weight, w.weight DESC, w.operator_id
-    LIMIT windows.read_limit
+    (SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
+     FROM source_weights w
+     JOIN operators o ON o.id = w.operator_id
+     WHERE windows.strategy <> 'least_loaded' AND w.source_id = windows.id AND w.available
+       AND (windows.bound IS NULL OR w.smooth_start < windows.bound)
+     ORDER BY w.smooth_start + 1::double precision / w.weight, w.weight DESC, w.operator_id
+     LIMIT windows.read_limit)
+    UNION ALL
+    (SELECT w.operator_id, w.weight, o.open_load, o.max_load, o.last_assigned_at, w.smooth_start
+     FROM source_weights w
+     JOIN operators o ON o.id = w.operator_id
+     WHERE windows.strategy = 'least_loaded' AND w.source_id = windows.id AND w.available
+       AND w.least_loaded
+     ORDER BY w.open_load::double precision / w.weight, w.weight DESC,
+              w.last_assigned_at NULLS FIRST, w.operator_id
+     LIMIT windows.read_limit)
 ) AS c
 UNION ALL
 SELECT 'queued', source_id, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, external_id, NULL,
@@ -601,6 +627,7 @@ WITH locked AS MATERIALIZED (
         AS t (source_id, operator_id, start)
     WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
       AND t.operator_id IN (SELECT id FROM locked)
+      AND w.available  -- else the trigger keeps it (a drawn turn's operator filled meanwhile)
 ), clocks AS (
     UPDATE sources s
     SET smooth_clock = t.clock

@@ -23,7 +23,8 @@ Strategy = Callable[[Sequence[Candidate], random.Random], Candidate]
 
 
 def weighted_random(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:
-    """Probability weight / sum of the candidates' weights."""
+    """Probability weight / sum of the candidates' weights. (Routing runs it as a race of
+    exponential clocks over a window of candidates, see assignment.py: the same law.)"""
     if not candidates:
         raise ValueError("no candidates")
     return rng.choices(candidates, weights=[c.weight for c in candidates], k=1)[0]
@@ -89,15 +90,20 @@ def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candida
     waited longest since their last assignment (never assigned counts as longest)."""
     if not candidates:
         raise ValueError("no candidates")
-    return min(
-        candidates,
-        key=lambda c: (
-            c.open_load / c.weight,
-            -c.weight,
-            c.last_assigned_at is not None,
-            c.last_assigned_at or datetime.min,
-            c.id,
-        ),
+    return min(candidates, key=load_key)
+
+
+LoadKey = tuple[float, int, bool, datetime, int]
+
+
+def load_key(c: Candidate) -> LoadKey:
+    """The least_loaded order (that of the least_loaded weights index, migration 0021)."""
+    return (
+        c.open_load / c.weight,
+        -c.weight,
+        c.last_assigned_at is not None,
+        c.last_assigned_at or datetime.min,
+        c.id,
     )
 
 

@@ -47,6 +47,17 @@ TOTAL_WRONG = """
                     WHERE w.source_id = s.id AND w.available), 0)
 """
 
+LOAD_COPY_WRONG = """
+    SELECT count(*) FROM source_weights w
+    JOIN operators o ON o.id = w.operator_id
+    JOIN sources s ON s.id = w.source_id
+    WHERE w.least_loaded IS DISTINCT FROM (s.strategy = 'least_loaded')
+       OR (w.least_loaded AND (w.open_load, w.last_assigned_at)
+                              IS DISTINCT FROM (o.open_load, o.last_assigned_at))
+       OR o.least_loaded_sources <> (SELECT count(*) FROM source_weights x
+                                     WHERE x.operator_id = o.id AND x.least_loaded)
+"""
+
 
 async def _owed(pool: asyncpg.Pool) -> dict[int, float]:
     return {r["operator_id"]: r["owed"] for r in await pool.fetch(SMOOTH_OWED)}
@@ -205,6 +216,8 @@ async def test_a_large_team_shared_by_sources_and_two_workers_never_exceeds_max_
                 problems.append("available flag out of step")
             if await pool.fetchval(TOTAL_WRONG):
                 problems.append("available weight out of step")
+            if await pool.fetchval(LOAD_COPY_WRONG):
+                problems.append("least_loaded copy of the load out of step")
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
