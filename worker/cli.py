@@ -1030,6 +1030,13 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     type=click.IntRange(1, 100_000),
     help="Operators weighted on each source, chosen at random (at most --operators).",
 )
+@click.option(
+    "--strategy",
+    default=DEFAULT_STRATEGY,
+    show_default=True,
+    type=click.Choice(list(STRATEGIES)),
+    help="Every source's strategy.",
+)
 @click.option("--rate", type=click.FloatRange(min=1), help="Paced mode: messages per second.")
 @click.option(
     "--reference",
@@ -1055,6 +1062,7 @@ async def bench(
     workers: int,
     operators: int,
     weights_per_source: int,
+    strategy: str,
     rate: float | None,
     reference: bool,
     schedules: bool,
@@ -1077,6 +1085,7 @@ async def bench(
         reference,
         operators=operators,
         weights_per_source=weights_per_source,
+        strategy=strategy,
         schedules=schedules,
         offers=offers,
     )

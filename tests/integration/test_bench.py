@@ -98,6 +98,26 @@ async def test_team_size_weights_every_source_as_asked(
     assert await _left_behind(made) == []
 
 
+@pytest.mark.parametrize("strategy", ["weighted_random", "least_loaded"])
+async def test_strategy_sets_every_sources(
+    settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    added: list[str | None] = []
+    real = bench.admin.add_source
+
+    async def recording(pool: asyncpg.Pool, key: str, *args: Any, **kwargs: Any) -> Any:
+        added.append(args[2])
+        return await real(pool, key, *args, **kwargs)
+
+    monkeypatch.setattr(bench.admin, "add_source", recording)
+    result = await bench.run_bench(
+        settings, 200, 2, 0, None, Console(quiet=True), operators=30, strategy=strategy
+    )
+    assert result.messages == 200 and result.strategy == strategy
+    assert added == [strategy, strategy]
+    assert await _left_behind(made) == []
+
+
 async def test_schedules_measures_with_and_without(
     settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,10 @@ state kept by the database (migrations 0012-0015), and capacity held with a larg
 shared by several sources and worker processes."""
 
 import asyncio
+import random
 import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,10 @@ from worker import admin, distribution
 from worker.migrate import migrate
 from worker.retry import is_transient
 from worker.settings import Settings
+from worker.strategies import Candidate, least_loaded
 
 ROOT = Path(__file__).resolve().parents[2]
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # assigned within the batch: after anything stored
 OVER_CAPACITY = """
     SELECT o.id FROM operators o
     LEFT JOIN contacts c ON c.operator_id = o.id AND c.status = 'open'
@@ -275,3 +280,103 @@ async def test_a_large_team_shared_by_sources_and_two_workers_never_exceeds_max_
     assert await pool.fetchval("SELECT count(DISTINCT inbound_message_id) FROM contacts") == total
     assert await pool.fetchval(FLAG_WRONG) == 0
     assert await pool.fetchval(TOTAL_WRONG) == 0
+
+
+async def test_least_loaded_rows_keep_their_operators_load_through_every_change(
+    pool: asyncpg.Pool,
+) -> None:
+    """The copy of the load on least_loaded weight rows (and the count of such rows per
+    operator) follows routing, closes, a change of strategy either way, and weights
+    replaced: the index least_loaded reads is never out of step with the operators."""
+    a, b, c = await setup_source(
+        pool, "tg", [("a", 5, 1), ("b", 5, 2), ("c", 5, 3)], "least_loaded"
+    )
+    await admin.add_source(pool, "web", None, "", None)
+    await admin.set_weights(pool, "web", {a: 1, b: 1})
+    async with pool.acquire() as conn, conn.transaction():
+        await route_new(conn, "tg", "x", "y", "z")
+        await route_new(conn, "web", "w")
+    assert await pool.fetchval(LOAD_COPY_WRONG) == 0
+    copies = "SELECT operator_id, open_load FROM source_weights WHERE least_loaded ORDER BY 1"
+    # x, y, z: c (0/3), b (0/2), then a (0/1 beats b's 1/2); w (web, smooth) takes a or b.
+    loads = {r["operator_id"]: r["open_load"] for r in await pool.fetch(copies)}
+    assert loads[c] == 1 and loads[a] + loads[b] == 3
+    contact = await pool.fetchval("SELECT min(id) FROM contacts WHERE operator_id IS NOT NULL")
+    await admin.close_contact(pool, contact)
+    assert await pool.fetchval(LOAD_COPY_WRONG) == 0
+    await admin.update_source(pool, "web", strategy="least_loaded")
+    counts = "SELECT id, least_loaded_sources FROM operators ORDER BY id"
+    assert [tuple(r) for r in await pool.fetch(counts)] == [(a, 2), (b, 2), (c, 1)]
+    assert await pool.fetchval(LOAD_COPY_WRONG) == 0
+    await admin.update_source(pool, "tg", strategy="smooth")
+    assert [tuple(r) for r in await pool.fetch(counts)] == [(a, 1), (b, 1), (c, 0)]
+    await admin.set_weights(pool, "web", {c: 4})
+    assert [tuple(r) for r in await pool.fetch(counts)] == [(a, 0), (b, 0), (c, 1)]
+    async with pool.acquire() as conn, conn.transaction():
+        await route_new(conn, "web", "v")
+    assert await pool.fetchval(LOAD_COPY_WRONG) == 0
+    assert await pool.fetchval(FLAG_WRONG) == 0
+
+
+async def test_least_loaded_reads_a_window_and_chooses_as_over_the_whole_team(
+    pool: asyncpg.Pool,
+) -> None:
+    """300 operators with loads already spread; each batch of 20 goes, contact by contact,
+    to whoever has the lowest load per weight over the whole team (then the larger
+    weight, then the longest wait, then the lower id), while routing reads 48 of them."""
+    team = [(f"op{n}", 6, 1 + n % 4) for n in range(300)]
+    ids = await setup_source(pool, "tg", team, "least_loaded")
+    await admin.add_source(pool, "web", None, "", None)
+    await admin.set_weights(pool, "web", dict.fromkeys(ids, 1))
+    async with pool.acquire() as conn, conn.transaction():  # loads spread by another source
+        await route_new(conn, "web", *(f"w{n}" for n in range(500)))
+    whole = """
+        SELECT o.id, w.weight, o.open_load, o.max_load, o.last_assigned_at
+        FROM source_weights w JOIN operators o ON o.id = w.operator_id
+        JOIN sources s ON s.id = w.source_id
+        WHERE s.key = 'tg' AND o.open_load < o.max_load
+    """
+    for n in range(5):
+        free = [
+            Candidate(r["id"], r["weight"], r["open_load"], r["max_load"], r["last_assigned_at"])
+            for r in await pool.fetch(whole)
+        ]
+        expected = []
+        for i in range(20):
+            c = least_loaded(free, random.Random(0))
+            expected.append(c.id)
+            later = LATER + timedelta(microseconds=i)
+            free = [
+                replace(x, open_load=x.open_load + 1, last_assigned_at=later) if x is c else x
+                for x in free
+                if x is not c or x.open_load + 1 < x.max_load
+            ]
+        async with pool.acquire() as conn, conn.transaction():
+            outcome = await route_new(conn, "tg", *(f"t{n}-{i}" for i in range(20)))
+        assert [outcome.assigned[c] for c in sorted(outcome.assigned)] == expected
+    assert await pool.fetchval(LOAD_COPY_WRONG) == 0
+
+
+async def test_weighted_random_draws_by_weight_from_its_window(pool: asyncpg.Pool) -> None:
+    """200 operators of weights 1-4 on a weighted_random source, 4,000 contacts in batches
+    of 50 (each reads 108 operators): the shares per weight follow the weights (chi-square
+    at p = 1e-6, so that the test cannot flake: a bias such as the index's tie-break by id
+    is far beyond it), and a fresh source does not hand its first contacts out by id."""
+    team = [(f"op{n}", 10_000, 1 + n % 4) for n in range(200)]
+    ids = await setup_source(pool, "tg", team, "weighted_random")
+    weight = {i: 1 + n % 4 for n, i in enumerate(ids)}
+    chosen: list[int] = []
+    for n in range(80):
+        async with pool.acquire() as conn, conn.transaction():
+            outcome = await route_new(conn, "tg", *(f"t{n}-{i}" for i in range(50)))
+        chosen += [outcome.assigned[c] for c in sorted(outcome.assigned)]
+    assert len(chosen) == 4000
+    assert len(set(chosen[:50])) > 35  # not the lowest ids first
+    total = sum(weight.values())
+    statistic = 0.0
+    for w in (1, 2, 3, 4):
+        expected = 4000 * w * 50 / total
+        observed = sum(weight[o] == w for o in chosen)
+        statistic += (observed - expected) ** 2 / expected
+    assert statistic < 30.66, statistic  # chi-square, 3 degrees of freedom, p = 1e-6
+    assert await pool.fetchval(FLAG_WRONG) == 0

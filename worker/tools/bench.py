@@ -48,6 +48,7 @@ from worker.app import Worker
 from worker.errors import UserError
 from worker.migrate import drop_database, migrate
 from worker.settings import Settings
+from worker.strategies import DEFAULT_STRATEGY
 from worker.tools import bench_reference
 from worker.tools.processes import spawn_module, spawn_worker
 
@@ -72,6 +73,7 @@ class Result:
     workers: int  # worker processes; 0: a worker inside the bench's own process
     operators: int
     weights_per_source: int  # operators weighted on each source (chosen at random)
+    strategy: str  # every source's
     batch_size: int
     prefetch: int
     seconds: float = 0.0
@@ -143,6 +145,7 @@ async def _setup_routing(
     sources: int,
     operators: int,
     weights_per_source: int,
+    strategy: str,
     rng: random.Random,
     schedules: bool = False,
     accept_timeout: int = 0,
@@ -157,7 +160,7 @@ async def _setup_routing(
             await availability.set_leave(pool, op, ["2099-12-24..2099-12-31"])
     keys = [f"bench-{n}" for n in range(sources)]
     for key in keys:
-        await admin.add_source(pool, key, None, "", None, accept_timeout=accept_timeout)
+        await admin.add_source(pool, key, None, "", strategy, accept_timeout=accept_timeout)
         chosen = rng.sample(ops, k=min(weights_per_source, len(ops)))
         await admin.set_weights(pool, key, {op: rng.randint(1, 5) for op in chosen})
     return keys
@@ -274,16 +277,18 @@ async def run_bench(
     reference: bool = False,
     operators: int = OPERATORS,
     weights_per_source: int = WEIGHTS_PER_SOURCE,
+    strategy: str = DEFAULT_STRATEGY,
     schedules: bool = False,
     offers: bool = False,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
     rate as a fraction of its into `ratio_to_reference`. The team: `operators`, each
-    source weighting `weights_per_source` of them (at random, weights 1 to 5). With
+    source weighting `weights_per_source` of them (at random, weights 1 to 5), every
+    source routing by `strategy`. With
     `offers`, leadrouter with offers off first, then on: the figures of the first go into
     `Result.offers_off`, the ratio into `ratio_to_offers_off`."""
-    team = (operators, weights_per_source)
+    team = (operators, weights_per_source, strategy)
     log.configure("WARNING", base.log_format)
     amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
     yardstick = None
@@ -327,7 +332,7 @@ async def _measure(
     base: Settings,
     messages: int,
     sources: int,
-    team: tuple[int, int],  # operators, weights per source
+    team: tuple[int, int, str],  # operators, weights per source, strategy
     workers: int,
     rate: float | None,
     console: Console,
@@ -344,7 +349,8 @@ async def _measure(
         sources=sources,
         workers=workers,
         operators=team[0],
-        weights_per_source=min(team),
+        weights_per_source=min(team[:2]),
+        strategy=team[2],
         batch_size=settings.batch_size if pipeline == LEADROUTER else bench_reference.BATCH,
         prefetch=settings.prefetch if pipeline == LEADROUTER else 2 * bench_reference.BATCH,
         schedules=schedules,
