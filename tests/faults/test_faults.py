@@ -117,16 +117,23 @@ def plan(rng: random.Random) -> list[tuple[str, str, bytes, str | None]]:
     return messages
 
 
-@pytest.mark.parametrize("offers", [False, True], ids=["offers-off", "offers-on"])
+@pytest.mark.parametrize(
+    ("offers", "team"),
+    [(False, 6), (True, 6), (False, 400)],
+    ids=["offers-off", "offers-on", "large-team"],
+)
 async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     settings: Settings,
     pool: asyncpg.Pool,
     tmp_path: Path,
     own_servers: OwnServers,
     offers: bool,
+    team: int,
 ) -> None:
     """With `offers`, the `web` source makes offers (2 s to answer) and an operator app
-    accepts most, declines some and ignores a few, through the same faults."""
+    accepts most, declines some and ignores a few, through the same faults. With a large
+    `team`, every operator (capacity 1 or 2) is weighted on all three sources, so routing
+    reads a window of each (issue 14's bounded path) and capacity still runs out."""
     # The fixtures' database and broker are the suite's own servers: those restart.
     assert settings.amqp_url == own_servers.rabbitmq.url
     assert urlsplit(settings.database_url).port == own_servers.postgres.port
@@ -137,12 +144,19 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
             "shutdown_grace_seconds": 5,
         }
     )
-    ops = [(await admin.add_operator(pool, f"op{n}", 25, True))["id"] for n in range(6)]
+    large = team > 6
+    ops = [
+        (await admin.add_operator(pool, f"op{n}", 1 + n % 2 if large else 25, True))["id"]
+        for n in range(team)
+    ]
     for i, key in enumerate(SOURCES):
         await admin.add_source(
             pool, key, None, "", ["smooth", "weighted_random", "least_loaded"][i]
         )
-        await admin.set_weights(pool, key, {ops[(i + j) % 6]: j + 1 for j in range(4)})
+        if large:
+            await admin.set_weights(pool, key, {op: 1 + n % 5 for n, op in enumerate(ops)})
+        else:
+            await admin.set_weights(pool, key, {ops[(i + j) % 6]: j + 1 for j in range(4)})
     if offers:
         await admin.update_source(pool, "web", accept_timeout=OFFER_SECONDS)
     rng = random.Random(2024)
@@ -368,6 +382,8 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
         f"event-redeliveries={sum(event_copies.values()) - len(event_copies)} "
         f"publish-retries={publisher.retries} seconds={elapsed:.0f}"
     )
+    if large:
+        summary += f" operators={team} (each on every source)"
     if offers:
         kinds = Counter(r["routing_key"] for r in outbox)
         summary += (
