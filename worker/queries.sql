@@ -777,11 +777,14 @@ SELECT * FROM withdrawn ORDER BY id;
 -- name: give_back_shares
 -- A declined or lapsed offer does not use up the operator's smooth share: their smooth
 -- start moves back by what it advanced, under their row lock (the caller released them
--- first) ($1 source ids, $2 operator ids, $3 offers each).
+-- first). Only for smooth sources: a weighted_random turn drawn is a draw like any
+-- other, owed nothing (migration 0021) ($1 source ids, $2 operator ids, $3 offers each).
 UPDATE source_weights w
 SET smooth_start = w.smooth_start - t.n::double precision / w.weight
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS t (source_id, operator_id, n)
-WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id;
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS t (source_id, operator_id, n),
+     sources s
+WHERE w.source_id = t.source_id AND w.operator_id = t.operator_id
+  AND s.id = t.source_id AND s.strategy = 'smooth';
 
 -- name: offer_deadlines
 -- For the workers' deadline keeper: the sources with offers past their deadline, and

@@ -144,6 +144,25 @@ async def test_a_declined_offer_does_not_use_up_the_smooth_share(pool: asyncpg.P
     assert abs(assigned[a] - assigned[b]) <= 2, assigned
 
 
+async def test_a_declined_weighted_random_offer_leaves_the_drawn_turn(pool: asyncpg.Pool) -> None:
+    """weighted_random owes nobody anything: the turn the offer drew for `a` stays where
+    it was drawn after `a` declines (moving it back, as smooth does, would favour
+    decliners)."""
+    a, b = await offering_source(pool, [("a", 100, 1), ("b", 100, 1)], "weighted_random")
+    turn = "SELECT smooth_start FROM source_weights WHERE operator_id = $1"
+    for n in range(10):
+        contact = (await new(pool, "web", f"w:{n}")).contacts[f"m-w:{n}"]
+        op = (await pool.fetchrow(CONTACT, f"m-w:{n}"))["operator_id"]
+        if op == a:
+            break
+    else:
+        raise AssertionError("a was never offered a contact")
+    drawn = await pool.fetchval(turn, a)
+    outcome = await answer(pool, contact, a, False, "d")
+    assert "contact.declined" in keys(outcome)
+    assert await pool.fetchval(turn, a) == drawn
+
+
 @pytest.mark.settings(backlog_sweep_seconds=3600)
 async def test_worker_answers_through_messages(
     pool: asyncpg.Pool,
