@@ -453,10 +453,12 @@ WHERE o.id = t.id;
 --   `read_limit` and, for smooth, `bound` (the clock after this batch's contacts, and one
 --   more);
 -- 'candidate': an available operator of a source with their weight, load and smooth
---   start; read whole ($5) or only the first `read_limit` (twice the contacts to route,
---   plus 8) in the strategy's order (smooth and weighted_random: by start + 1 / weight,
---   for smooth only those whose start is below `bound`; least_loaded: by load per
---   weight): who can be chosen within this batch, whatever the size of the team (the
+--   start; read whole ($5) or only the first `read_limit` in the strategy's order
+--   (smooth and weighted_random: by start + 1 / weight, twice the source's contacts to
+--   route, plus 8, for smooth only those whose start is below `bound`; least_loaded: by
+--   load per weight, the source's contacts plus the whole batch's plus 8, as every
+--   contact of the batch, whatever its source, may raise the load of an operator read
+--   here): who can be chosen within this batch, whatever the size of the team (the
 --   caller checks that it was enough);
 -- 'queued': a source's oldest queued contacts, as many as its available operators could
 --   take (at most $3, the clock row's `take`), each with the operators its offers skip
@@ -526,13 +528,16 @@ WITH folded AS (
     ) AS q
 ), windows AS MATERIALIZED (
     SELECT src.id, src.clock, src.weight, takes.take, src.strategy,
-           CASE WHEN NOT src.whole THEN 2 * n.k + 8 END AS read_limit,
+           CASE WHEN NOT src.whole AND src.strategy = 'least_loaded'
+                THEN n.k + n.batch + 8
+                WHEN NOT src.whole THEN 2 * n.k + 8 END AS read_limit,
            CASE WHEN NOT src.whole AND src.strategy = 'smooth'
                 THEN src.clock + (n.k + 1)::double precision / src.weight END AS bound
     FROM src
     CROSS JOIN LATERAL (
         SELECT src.arriving + (SELECT count(*) FROM queued WHERE queued.source_id = src.id)
-            AS k
+            AS k,
+               (SELECT sum(arriving) FROM src) + (SELECT count(*) FROM queued) AS batch
     ) AS n
     LEFT JOIN takes ON takes.source_id = src.id
     WHERE src.weight > 0
