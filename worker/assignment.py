@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from worker.decisions import Collector
 from worker.strategies import STRATEGIES, Candidate, finish_key, smooth_next
 
 
@@ -71,6 +72,7 @@ class _Smooth:
         self.waiting = [(c.start, c.id, 0) for c in candidates]
         heapq.heapify(self.waiting)
         self.ready: list[tuple[tuple[float, int, int], int, int]] = []
+        self.passed: list[int] = []  # the full ones a choice popped, for the history
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
         c = self.by_id[operator_id]
@@ -108,6 +110,8 @@ class _Smooth:
                     break
                 set_aside.append(heapq.heappop(self.ready))
                 continue
+            if version == self.version[operator_id]:
+                self.passed.append(operator_id)
             heapq.heappop(self.ready)
         if not self.ready:
             # Nobody available is owed anything (those who left are owed much): the
@@ -146,6 +150,7 @@ def assign(
     rng: random.Random,
     affinity_sources: Set[int] = frozenset(),
     windows: Mapping[int, Window] | None = None,
+    explain: Collector | None = None,
 ) -> Plan:
     """Walk the queues in the order given (each source's in its own order, see
     queue_order.py) and give each contact to an operator of that source who is active and
@@ -161,7 +166,7 @@ def assign(
     the operator who had its lead lately (for `affinity_sources`, a lead's earlier contact
     in this same batch counts too); `windows`: per smooth source, its clock and how its
     candidates were read (without one, the candidates are all there are, owed nothing
-    by a clock at 0)."""
+    by a clock at 0); `explain`: filled with what each decision was made on (history)."""
     load: dict[int, int] = {}
     limit: dict[int, int] = {}
     for candidates in weights.values():
@@ -195,6 +200,8 @@ def assign(
     for contact in queued:
         source = contact.source_id
         if source in blocked or contact.id in done:
+            if explain is not None and contact.id not in done:
+                explain.behind(contact.id, source)
             continue
         candidates = weights.get(source, ())
         wanted = preferred.get(contact.id)
@@ -217,6 +224,10 @@ def assign(
             elif skip:
                 chosen_id = state.choose(lambda i: load[i] < limit[i], skip)
                 if chosen_id is None and state.window.bound is None:
+                    if explain is not None:
+                        explain.smooth(
+                            contact.id, source, state, load, limit, skip, None, False, True
+                        )
                     continue  # read whole: only operators it skips can take it
             else:
                 chosen_id = state.choose(lambda i: load[i] < limit[i])
@@ -232,8 +243,23 @@ def assign(
                 if load[c.id] < limit[c.id] and c.id not in skip
             ]
             if not available and skip and any(load[c.id] < limit[c.id] for c in candidates):
+                if explain is not None:
+                    explain.other(
+                        contact.id, source, strategies[source], candidates, load, limit, skip,
+                        None, False, True,
+                    )  # fmt: skip
                 continue  # only operators it skips can take it
             chosen_id = STRATEGIES[strategies[source]](available, rng).id if available else None
+        if explain is not None:
+            if source in smooth:
+                explain.smooth(
+                    contact.id, source, smooth[source], load, limit, skip, chosen_id, by_affinity
+                )
+            else:
+                explain.other(
+                    contact.id, source, strategies[source], candidates, load, limit, skip,
+                    chosen_id, by_affinity,
+                )  # fmt: skip
         if chosen_id is None:
             blocked.add(source)
             continue
