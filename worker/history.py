@@ -8,7 +8,6 @@ stored form (`detail`), reading a contact's story back (`explain`) and pruning."
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -94,20 +93,23 @@ def _decision(row: asyncpg.Record, offers: list[asyncpg.Record]) -> dict[str, An
     out: dict[str, Any] = {"kind": row["kind"], "at": row["at"].isoformat()}
     out.update(expand(stored) if "candidates" in stored else stored)
     out.setdefault("operator_id", None)
+    before = out.get("attempt")  # the offers made before this decision
     for s in out.get("skipped", []):
         if s["why"] == "skip":
-            s["why"] = _skipped_why(s["operator_id"], row["at"], offers)
+            s["why"] = _skipped_why(s["operator_id"], before, offers)
     return out
 
 
-def _skipped_why(operator_id: int, at: datetime, offers: list[asyncpg.Record]) -> str:
+def _skipped_why(operator_id: int, before: int | None, offers: list[asyncpg.Record]) -> str:
     ended = [
         o
         for o in offers
-        if o["operator_id"] == operator_id and o["outcome"] is not None and o["answered_at"] <= at
+        if o["operator_id"] == operator_id
+        and o["outcome"] is not None
+        and (before is None or o["attempt"] < before)
     ]
     if not ended:
-        return "declined"  # its offer's row is gone with the data it was read from
+        return "declined"
     last = ended[-1]
     if last["outcome"] == "declined" and last["reason"] in _UNAVAILABLE:
         return _UNAVAILABLE[last["reason"]]

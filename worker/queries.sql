@@ -687,7 +687,7 @@ ORDER BY d.id;
 -- name: offer_outcomes
 -- How each offer of a contact ended, to tell why its skip list skips someone
 -- ($1 contact id).
-SELECT attempt, operator_id, outcome, reason, answered_at
+SELECT attempt, operator_id, outcome, reason
 FROM offers WHERE contact_id = $1 ORDER BY attempt;
 
 -- name: prune_decisions
