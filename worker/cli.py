@@ -1105,6 +1105,11 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     help="Run the load with offers off, then on (a simulated app accepts every offer), "
     "and compare.",
 )
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Measure twice: contacts' history off, then on; compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -1117,6 +1122,7 @@ async def bench(
     reference: bool,
     schedules: bool,
     offers: bool,
+    history: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -1137,6 +1143,7 @@ async def bench(
         weights_per_source=weights_per_source,
         schedules=schedules,
         offers=offers,
+        history=history,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))
