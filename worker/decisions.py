@@ -20,7 +20,7 @@ affinity, nobody (every candidate full: queued), passed_over (only operators the
 skips could take it), behind (an earlier contact of the source found nobody)."""
 
 import heapq
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from typing import Any
 
 from worker.strategies import Candidate
@@ -55,45 +55,48 @@ class Collector:
         passed_over: bool = False,
     ) -> None:
         """A smooth source's decision, after `state.choose` and before `state.took`: the
-        eligible operators by the smooth order (the top of its heap, found in O(SHOWN log
-        SHOWN)), the full ones it passed over, and the contact's skip list."""
-        seen: set[int] = set()
+        eligible operators (its heap of those owed something; past SHOWN, the first by
+        the smooth order, found in O(SHOWN log SHOWN)), the full ones the choice passed
+        over, and the contact's skip list."""
         rows: list[list[Any]] = []
-        skipped: list[list[Any]] = [[i, "skip"] for i in sorted(skip)]
-        seen.update(skip)
-        for operator_id in state.passed:  # full ones the choice popped
-            if operator_id not in seen:
-                seen.add(operator_id)
-                skipped.append([operator_id, "full"])
-        state.passed.clear()
-        ready = state.ready
-        frontier = [(ready[0][0], 0)] if ready else []
-        steps = 0
-        while frontier and len(rows) < SHOWN and steps < 4 * SHOWN:
-            steps += 1
-            _, i = heapq.heappop(frontier)
-            _, operator_id, version = ready[i]
-            for j in (2 * i + 1, 2 * i + 2):
-                if j < len(ready):
-                    heapq.heappush(frontier, (ready[j][0], j))
-            if version != state.version[operator_id] or operator_id in seen:
+        skipped: list[list[Any]] = [[i, "skip"] for i in sorted(skip)] if skip else []
+        seen = set(skip)
+        if state.passed:  # full ones the choice popped
+            for operator_id in state.passed:
+                if operator_id not in seen:
+                    seen.add(operator_id)
+                    skipped.append([operator_id, "full"])
+            state.passed.clear()
+        by_id, start, version = state.by_id, state.start, state.version
+        for operator_id, current in _first_ready(state.ready):
+            if current != version[operator_id] or operator_id in seen:
                 continue
             seen.add(operator_id)
             if load[operator_id] >= limit[operator_id]:
                 skipped.append([operator_id, "full"])
             else:
-                rows.append(_smooth_row(state, operator_id, load, limit))
-        if chosen is not None and all(r[0] != chosen for r in rows):
-            rows.insert(0, _smooth_row(state, chosen, load, limit))
+                rows.append(
+                    [
+                        operator_id,
+                        load[operator_id],
+                        limit[operator_id],
+                        by_id[operator_id].weight,
+                        start[operator_id],
+                    ]
+                )
+        if chosen is not None and chosen not in seen:
+            w = by_id[chosen].weight
+            rows.insert(0, [chosen, load[chosen], limit[chosen], w, start[chosen]])
         detail = {
             "strategy": "smooth",
             "routed_by": source,
-            "read": len(state.by_id),
-            "clock": round(state.clock, 6),
+            "read": len(by_id),
+            "clock": state.clock,
             "candidates": rows,
-            "skipped": skipped[:SHOWN],
             "result": _result(chosen, affinity, passed_over),
         }
+        if skipped:
+            detail["skipped"] = skipped[:SHOWN]
         self._keep(contact_id, source, detail, chosen, passed_over)
 
     def other(
@@ -114,26 +117,25 @@ class Collector:
         free = [c for c in candidates if load[c.id] < limit[c.id] and c.id not in skip]
         skipped: list[list[Any]] = [[i, "skip"] for i in sorted(skip)]
         skipped += [[c.id, "full"] for c in candidates if load[c.id] >= limit[c.id]][:SHOWN]
-        if strategy == "least_loaded":
-            if len(free) > SHOWN:
-                free = heapq.nsmallest(SHOWN, free, key=lambda c: load[c.id] / c.weight)
-            rows = [_row(c, load, limit, round(load[c.id] / c.weight, 4)) for c in free]
-        else:
-            total = sum(c.weight for c in free)
-            if len(free) > SHOWN:
-                free = heapq.nlargest(SHOWN, free, key=lambda c: c.weight)
-            rows = [_row(c, load, limit, round(c.weight / total, 4)) for c in free]
-        if chosen is not None and all(r[0] != chosen for r in rows):
-            [c] = [c for c in candidates if c.id == chosen]
-            rows.insert(0, _row(c, load, limit, None))
+        total = sum(c.weight for c in free)
+        shown = free
+        if len(free) > SHOWN:
+            if strategy == "least_loaded":
+                shown = heapq.nsmallest(SHOWN, free, key=lambda c: load[c.id] / c.weight)
+            else:
+                shown = heapq.nlargest(SHOWN, free, key=lambda c: c.weight)
+        if chosen is not None and all(c.id != chosen for c in shown):
+            shown = [c for c in candidates if c.id == chosen] + shown
         detail = {
             "strategy": strategy,
             "routed_by": source,
             "read": len(candidates),
-            "candidates": rows,
-            "skipped": skipped[:SHOWN],
+            "total_weight": total,  # of those free: weighted_random's denominator
+            "candidates": [[c.id, load[c.id], limit[c.id], c.weight] for c in shown],
             "result": _result(chosen, affinity, passed_over),
         }
+        if skipped:
+            detail["skipped"] = skipped[:SHOWN]
         self._keep(contact_id, source, detail, chosen, passed_over)
 
     def _keep(
@@ -144,6 +146,25 @@ class Collector:
             self._blocked[source] = detail
 
 
+def _first_ready(ready: list[tuple[Any, int, int]]) -> Iterator[tuple[int, int]]:
+    """(operator id, version) of a smooth heap's entries: all of them when few, else
+    the first ones in heap order (a walk of the heap from its root), at most 4 * SHOWN
+    entries looked at (stale ones included)."""
+    if len(ready) <= SHOWN:
+        for _, operator_id, version in ready:
+            yield operator_id, version
+        return
+    frontier = [(ready[0][0], 0)]
+    for _ in range(4 * SHOWN):
+        if not frontier:
+            return
+        _, i = heapq.heappop(frontier)
+        for j in (2 * i + 1, 2 * i + 2):
+            if j < len(ready):
+                heapq.heappush(frontier, (ready[j][0], j))
+        yield ready[i][1], ready[i][2]
+
+
 def _result(chosen: int | None, affinity: bool, passed_over: bool) -> str:
     if passed_over:
         return "passed_over"
@@ -152,48 +173,40 @@ def _result(chosen: int | None, affinity: bool, passed_over: bool) -> str:
     return "affinity" if affinity else "chosen"
 
 
-def _smooth_row(
-    state: Any, operator_id: int, load: Mapping[int, int], limit: Mapping[int, int]
-) -> list[Any]:
-    weight = state.by_id[operator_id].weight
-    start = state.start[operator_id]
-    return [
-        operator_id,
-        load[operator_id],
-        limit[operator_id],
-        weight,
-        round(weight * (state.clock - start), 4),
-        round(start + 1 / weight, 6),
-    ]
-
-
-def _row(
-    c: Candidate, load: Mapping[int, int], limit: Mapping[int, int], number: float | None
-) -> list[Any]:
-    return [c.id, load[c.id], limit[c.id], c.weight, number]
-
-
 # Queued without routing reaching it in this transaction (worker/distribution.py).
 NO_OPERATOR: Detail = {"result": "no_operator"}  # nobody available for the source
 BEHIND_BACKLOG: Detail = {"result": "behind_backlog"}  # older contacts it did not read wait
 
 
-# How history shows the rows: the names of each strategy's numbers.
-NUMBERS: dict[str, tuple[str, ...]] = {
-    "smooth": ("lag", "finish"),
-    "least_loaded": ("load_per_weight",),
-    "weighted_random": ("probability",),
-}
 CANDIDATE_FIELDS = ("operator_id", "load", "max_load", "weight")
 
 
 def expand(detail: Detail) -> Detail:
-    """A stored detail with its candidate and skipped rows as named fields (for --json
-    and the tables)."""
+    """A stored detail as `contacts explain` shows it: candidate and skipped rows as
+    named fields, with the strategy's numbers worked out (smooth: lag and finish from
+    the start stored; least_loaded: load per weight; weighted_random: probability),
+    the candidates in the strategy's order."""
     out = dict(detail)
-    names = CANDIDATE_FIELDS + NUMBERS.get(detail.get("strategy", ""), ())
-    out["candidates"] = [
-        dict(zip(names, row, strict=False)) for row in detail.get("candidates", [])
-    ]
+    out.pop("total_weight", None)
+    strategy = detail.get("strategy")
+    rows = []
+    for row in detail.get("candidates", []):
+        c = dict(zip(CANDIDATE_FIELDS, row, strict=False))
+        if strategy == "smooth":
+            start = row[4]
+            c["lag"] = round(c["weight"] * (detail["clock"] - start), 4)
+            c["finish"] = round(start + 1 / c["weight"], 6)
+        elif strategy == "least_loaded":
+            c["load_per_weight"] = round(c["load"] / c["weight"], 4)
+        elif detail.get("total_weight"):
+            c["probability"] = round(c["weight"] / detail["total_weight"], 4)
+        rows.append(c)
+    if strategy == "smooth":
+        rows.sort(key=lambda c: (c["finish"], -c["weight"], c["operator_id"]))
+    elif strategy == "least_loaded":
+        rows.sort(key=lambda c: (c["load_per_weight"], -c["weight"]))
+    out["candidates"] = rows
+    if "clock" in out:
+        out["clock"] = round(out["clock"], 6)
     out["skipped"] = [{"operator_id": i, "why": why} for i, why in detail.get("skipped", [])]
     return out

@@ -52,7 +52,10 @@ def detail(key: str, data: Mapping[str, Any], routing: Mapping[int, dict[str, An
             out[name] = value
     if key in _ROUTED:
         out.update(routing.get(data["contact_id"], ()))
-    return json.dumps(out, separators=(",", ":"))
+    return _encode(out)
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # A decline made on an operator's behalf (worker/availability.py) says why they could not.
