@@ -68,7 +68,7 @@ class Collector:
                     skipped.append([operator_id, "full"])
             state.passed.clear()
         by_id, start, version = state.by_id, state.start, state.version
-        for operator_id, current in _first_ready(state.ready):
+        for operator_id, current in _first(state, version):
             if current != version[operator_id] or operator_id in seen:
                 continue
             seen.add(operator_id)
@@ -146,13 +146,17 @@ class Collector:
             self._blocked[source] = detail
 
 
-def _first_ready(ready: list[tuple[Any, int, int]]) -> Iterator[tuple[int, int]]:
-    """(operator id, version) of a smooth heap's entries: all of them when few, else
-    the first ones in heap order (a walk of the heap from its root), at most 4 * SHOWN
-    entries looked at (stale ones included)."""
-    if len(ready) <= SHOWN:
-        for _, operator_id, version in ready:
-            yield operator_id, version
+def _first(state: Any, version: Mapping[int, int]) -> Iterator[tuple[int, int]]:
+    """(operator id, version) of the operators to show of a smooth source: every one
+    read when they are few (those not owed anything yet too: their lag says so), else
+    the first of those owed something in the smooth order (a walk of the eligible heap
+    from its root, at most 4 * SHOWN entries looked at, stale ones included)."""
+    if len(state.by_id) <= SHOWN:
+        for operator_id in state.by_id:
+            yield operator_id, version[operator_id]
+        return
+    ready = state.ready
+    if not ready:
         return
     frontier = [(ready[0][0], 0)]
     for _ in range(4 * SHOWN):

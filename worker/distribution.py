@@ -170,7 +170,7 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
         for query, arrays in _PREPARED:
             await conn.fetch(query, *([] for _ in range(arrays)))
         await conn.fetch(Q.routing_state, [], [], 0, [], [])
-        await conn.fetch(Q.insert_events, [], [], [], [], None, [], [], [])
+        await conn.fetch(Q.insert_events, [], [], [], [], None, [], [])
         await conn.fetch(Q.withdraw_offers, [], "declined", [])
         await conn.fetch(Q.overflowed_queued, [], [], 0)
     finally:

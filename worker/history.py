@@ -96,6 +96,8 @@ def _decision(row: asyncpg.Record, offers: list[asyncpg.Record]) -> dict[str, An
     out: dict[str, Any] = {"kind": row["kind"], "at": row["at"].isoformat()}
     out.update(expand(stored) if "candidates" in stored else stored)
     out.setdefault("operator_id", None)
+    out.setdefault("candidates", [])
+    out.setdefault("skipped", [])
     before = out.get("attempt")  # the offers made before this decision
     for s in out.get("skipped", []):
         if s["why"] == "skip":

@@ -67,8 +67,8 @@ class EventWriter:
     decided each contact on (worker/decisions.py), by contact id."""
 
     def __init__(self) -> None:
-        # event id, contact id, routing key, payload, attempt, time, decision (or None)
-        self.rows: list[tuple[uuid.UUID, int | None, str, str, int, datetime, str | None]] = []
+        # event id, contact id, routing key, payload, attempt, decision (or None)
+        self.rows: list[tuple[uuid.UUID, int | None, str, str, int, str | None]] = []
         self.derived_ids = False  # some event ids may have been written before
         self.recording = history.recording()
         self.routing: dict[int, dict[str, Any]] = {}
@@ -156,7 +156,7 @@ class EventWriter:
         key = "operator.presence_changed"
         event_id = uuid.uuid4()
         payload = json.dumps(operator_envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, None, key, payload, 0, time, None))
+        self.rows.append((event_id, None, key, payload, 0, None))
 
     def _add(
         self,
@@ -170,7 +170,7 @@ class EventWriter:
         event_id = event_id or uuid.uuid4()
         payload = json.dumps(envelope(str(event_id), key, time, data))
         decision = history.detail(key, data, self.routing) if self.recording else None
-        self.rows.append((event_id, data["contact_id"], key, payload, attempt, time, decision))
+        self.rows.append((event_id, data["contact_id"], key, payload, attempt, decision))
 
     async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
         if not self.rows:
@@ -185,12 +185,12 @@ class EventWriter:
             )
             if self.recording:
                 columns = list(map(list, zip(*self.rows, strict=True)))
-                await conn.execute(Q.insert_decisions, *columns[1:3], *columns[5:])
+                await conn.execute(Q.insert_decisions, *columns[1:3], columns[5])
             await conn.execute(Q.notify_outbox)
             return []
         columns = list(map(list, zip(*self.rows, strict=True)))
-        decided = columns[5:] if self.recording else [[], []]
-        written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4], *decided)
+        decided = columns[5] if self.recording else []
+        written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4], decided)
         if lease is None:
             await conn.execute(Q.notify_outbox)
         ids = {str(r["event_id"]): r["id"] for r in written}

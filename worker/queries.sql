@@ -643,9 +643,10 @@ SELECT * FROM given;
 -- long ago); NULL leaves them to the relays at once. An event id written before (a
 -- rejected answer's, derived from its message id, when the message comes again) is
 -- written once, and so is its decision. With history on, each contact event's decision
--- goes to contact_decisions in the same statement (empty $7 and $8: history off)
--- ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads, $5 lease seconds,
--- $6 offer attempts: 0 for a contact never offered, $7 times, $8 JSON decisions or NULL).
+-- goes to contact_decisions in the same statement, all of a transaction's at this
+-- statement's time (empty $7: history off) ($1 event ids, $2 contact ids, $3 routing
+-- keys, $4 JSON payloads, $5 lease seconds, $6 offer attempts: 0 for a contact never
+-- offered, $7 JSON decisions or NULL).
 WITH written AS (
     INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until, attempt)
     SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json,
@@ -656,9 +657,9 @@ WITH written AS (
     RETURNING id, event_id
 ), decided AS (
     INSERT INTO contact_decisions (contact_id, kind, at, detail)
-    SELECT t.contact_id, substr(t.routing_key, 9), t.at, t.detail::json
-    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $7::timestamptz[], $8::text[])
-        WITH ORDINALITY AS t (event_id, contact_id, routing_key, at, detail, n)
+    SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $7::text[])
+        WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
     WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
     ORDER BY t.n
 )
@@ -666,11 +667,11 @@ SELECT id, event_id FROM written;
 
 -- name: insert_decisions
 -- The decisions of events written by COPY (offers expired in bulk) ($1 contact ids,
--- $2 routing keys, $3 times, $4 JSON decisions or NULL).
+-- $2 routing keys, $3 JSON decisions or NULL).
 INSERT INTO contact_decisions (contact_id, kind, at, detail)
-SELECT t.contact_id, substr(t.routing_key, 9), t.at, t.detail::json
-FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[])
-    WITH ORDINALITY AS t (contact_id, routing_key, at, detail, n)
+SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+FROM unnest($1::bigint[], $2::text[], $3::text[])
+    WITH ORDINALITY AS t (contact_id, routing_key, detail, n)
 WHERE t.detail IS NOT NULL
 ORDER BY t.n;
 
@@ -972,8 +973,8 @@ WHERE f.source_id = $1 AND c.id = f.contact_id AND c.status <> 'open';
 
 -- name: insert_timer_events
 -- The timers' events; one per contact and kind, ever: a second is dropped, and so is its
--- decision ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads, $5 times,
--- $6 JSON decisions or NULL; $5 and $6 empty: history off).
+-- decision ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads, $5 JSON
+-- decisions or NULL; empty: history off).
 WITH written AS (
     INSERT INTO outbox (event_id, contact_id, routing_key, payload)
     SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json
@@ -985,9 +986,9 @@ WITH written AS (
     RETURNING event_id
 )
 INSERT INTO contact_decisions (contact_id, kind, at, detail)
-SELECT t.contact_id, substr(t.routing_key, 9), t.at, t.detail::json
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::timestamptz[], $6::text[])
-    WITH ORDINALITY AS t (event_id, contact_id, routing_key, at, detail, n)
+SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[])
+    WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
 WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
 ORDER BY t.n;
 
