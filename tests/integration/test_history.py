@@ -279,3 +279,30 @@ async def _id(pool: asyncpg.Pool, message_id: str) -> int:
 
 async def _operator(pool: asyncpg.Pool, contact: int) -> int:
     return int(await pool.fetchval("SELECT operator_id FROM contacts WHERE id = $1", contact))
+
+
+async def test_an_answer_that_comes_again_is_one_decision(pool: asyncpg.Pool) -> None:
+    [op] = await offering_source(pool, [("a", 5, 1)])
+    contact = (await new(pool, "web", "w:1")).contacts["m-w:1"]
+    await admin.close_contact(pool, contact)
+    for _ in range(2):  # the same message twice: its event is written once, so is this
+        await answer(pool, contact, op, True, "acc-1")
+    d = (await story(pool, "m-w:1"))["decisions"]
+    assert [k["kind"] for k in d] == ["offered", "closed", "answer_rejected"]
+    assert (d[2]["answer"], d[2]["reason"]) == ("accept", "closed")
+
+
+async def test_offers_expired_in_bulk_are_recorded_too(pool: asyncpg.Pool) -> None:
+    """From 1,000 events for the relays the outbox is written by COPY: the decisions
+    follow in a statement of their own, in the same transaction."""
+    await offering_source(pool, [("a", 1200, 1)])
+    ids = [f"w:{n}" for n in range(1100)]
+    await new(pool, "web", *ids)
+    await pool.execute("UPDATE contacts SET offer_expires_at = now() - interval '1 second'")
+    assert await offers.expire_source(pool, await pool.fetchval("SELECT id FROM sources")) == 1100
+    counts = dict(await pool.fetch("SELECT kind, count(*) FROM contact_decisions GROUP BY kind"))
+    # Offered again at once: with nobody else weighted, the skip list starts over.
+    assert counts == {"offered": 2200, "expired": 1100}
+    d = (await story(pool, "m-w:7"))["decisions"]
+    assert [k["kind"] for k in d] == ["offered", "expired", "offered"]
+    assert d[1]["at"] == d[2]["at"] and d[2]["attempt"] == 2
