@@ -69,6 +69,8 @@ class Collector:
             state.passed.clear()
         by_id, start, version = state.by_id, state.start, state.version
         for operator_id, current in _first(state, version):
+            if len(rows) == SHOWN:
+                break
             if current != version[operator_id] or operator_id in seen:
                 continue
             seen.add(operator_id)
