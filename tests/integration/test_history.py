@@ -306,3 +306,23 @@ async def test_offers_expired_in_bulk_are_recorded_too(pool: asyncpg.Pool) -> No
     d = (await story(pool, "m-w:7"))["decisions"]
     assert [k["kind"] for k in d] == ["offered", "expired", "offered"]
     assert d[1]["at"] == d[2]["at"] and d[2]["attempt"] == 2
+
+
+async def test_no_personal_data_in_the_history(pool: asyncpg.Pool) -> None:
+    from schemas.inbound import LeadContact
+    from worker import distribution
+
+    await setup_source(pool, "web", [("a", 5, 1)])
+    body = {
+        "source": "web",
+        "lead": {"external_id": "tg:secret-id", "name": "Ann Secret", "email": "ann@x.example"},
+        "message": "call me on +1 555 0100",
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        scope = await distribution.read_scope(conn, {"web"}, ())
+        new_contact = distribution.NewContact("m-1", LeadContact.model_validate(body))
+        await distribution.route(conn, scope, [new_contact])
+    stored = await pool.fetchval("SELECT string_agg(detail::text, ' ') FROM contact_decisions")
+    assert stored and '"operator_id"' in stored
+    for personal in ("secret", "Ann", "ann@", "555"):
+        assert personal not in stored
