@@ -15,7 +15,17 @@ import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 
-from worker import amqp_reads, amqp_writes, distribution, log, nodes, offers, timers, topology
+from worker import (
+    amqp_reads,
+    amqp_writes,
+    distribution,
+    history,
+    log,
+    nodes,
+    offers,
+    timers,
+    topology,
+)
 from worker.availability import ScheduleKeeper
 from worker.consumer import Consumer
 from worker.health import HealthServer, Readiness
@@ -60,6 +70,7 @@ class Worker:
 
     async def start(self) -> None:
         s = self.settings
+        history.configure(s.history)
         if s.metrics_port:
             # First, so that a port taken by another process fails the start at once.
             self._health = HealthServer(
@@ -336,16 +347,22 @@ class Worker:
     async def _prune_outbox(self) -> None:
         """Keep the outbox from growing without bound: published events are deleted once
         older than the retention (every worker does it; they do not get in each other's
-        way, nor in the relays': pending rows are never touched)."""
+        way, nor in the relays': pending rows are never touched). Contacts' history is
+        pruned here too, by its own retention."""
         assert self._pool is not None
         while not await self._stopped_within(PRUNE_INTERVAL_SECONDS):
             try:
                 pruned = await prune_outbox(self._pool, self.settings.outbox_retention_hours)
+                forgotten = await history.prune_history(
+                    self._pool, self.settings.history_retention_hours
+                )
             except Exception as exc:  # PostgreSQL away: next time
                 logger.warning("outbox_prune_failed", error=type(exc).__name__)
                 continue
             if pruned:
                 logger.info("outbox_pruned", events=pruned)
+            if forgotten:
+                logger.info("history_pruned", decisions=forgotten)
 
     async def _sweep_backlog(self) -> None:
         """The safety net: capacity is normally handed out by the transaction that frees

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from worker.decisions import Collector
 from worker.strategies import Candidate, LoadKey, finish_key, load_key, smooth_next
 
 
@@ -78,6 +79,7 @@ class _Smooth:
         self.waiting = [(c.start, c.id, 0) for c in candidates]
         heapq.heapify(self.waiting)
         self.ready: list[tuple[tuple[float, int, int], int, int]] = []
+        self.passed: list[int] = []  # the full ones a choice popped, for the history
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
         c = self.by_id[operator_id]
@@ -115,6 +117,8 @@ class _Smooth:
                     break
                 set_aside.append(heapq.heappop(self.ready))
                 continue
+            if version == self.version[operator_id]:
+                self.passed.append(operator_id)
             heapq.heappop(self.ready)
         if not self.ready:
             # Nobody available is owed anything (those who left are owed much): the
@@ -273,6 +277,7 @@ def assign(
     rng: random.Random,
     affinity_sources: Set[int] = frozenset(),
     windows: Mapping[int, Window] | None = None,
+    explain: Collector | None = None,
 ) -> Plan:
     """Walk the queues in the order given (each source's in its own order, see
     queue_order.py) and give each contact to an operator of that source who is active and
@@ -288,7 +293,8 @@ def assign(
     had its lead lately (for `affinity_sources`, a lead's earlier contact in this same
     batch counts too); `windows`: per source, its clock and how its candidates were read
     (without one, the candidates are all there are, owed nothing by a clock at 0, and
-    weighted_random draws everyone's turn afresh)."""
+    weighted_random draws everyone's turn afresh); `explain`: filled with what each
+    decision was made on (history)."""
     load: dict[int, int] = {}
     limit: dict[int, int] = {}
     read: dict[int, Candidate] = {}
@@ -339,6 +345,8 @@ def assign(
     for contact in queued:
         source = contact.source_id
         if source in blocked or contact.id in done:
+            if explain is not None and contact.id not in done:
+                explain.behind(contact.id, source)
             continue
         candidates = weights.get(source, ())
         wanted = preferred.get(contact.id)
@@ -360,9 +368,19 @@ def assign(
         elif skip:
             chosen_id = state.choose(free, skip)
             if chosen_id is None and state.window.whole:
+                if explain is not None:
+                    _explain(
+                        explain, contact, state, candidates, strategies[source], load, limit,
+                        None, False, passed_over=True,
+                    )  # fmt: skip
                 continue  # read whole: only operators it skips can take it
         else:
             chosen_id = state.choose(free)
+        if explain is not None:
+            _explain(
+                explain, contact, state, candidates, strategies[source], load, limit,
+                chosen_id, by_affinity,
+            )  # fmt: skip
         if chosen_id is None:
             if state is not None and state.room:
                 plan.unread.add(source)
@@ -401,3 +419,30 @@ def assign(
             plan.starts[(source, operator_id)] = shifted
             plan.clocks[source] = there.clock
     return plan
+
+
+def _explain(
+    explain: Collector,
+    contact: Queued,
+    state: "_Smooth | _Loaded | None",
+    candidates: Sequence[Candidate],
+    strategy: str,
+    load: Mapping[int, int],
+    limit: Mapping[int, int],
+    chosen: int | None,
+    affinity: bool,
+    passed_over: bool = False,
+) -> None:
+    """Hand the history's collector what this contact's decision was made on: a smooth
+    source's heap of those owed something, or the candidates read (weighted_random,
+    least_loaded: their window)."""
+    if type(state) is _Smooth:
+        explain.smooth(
+            contact.id, contact.source_id, state, load, limit, contact.skip, chosen, affinity,
+            passed_over,
+        )  # fmt: skip
+    else:
+        explain.other(
+            contact.id, contact.source_id, strategy, candidates, load, limit, contact.skip,
+            chosen, affinity, passed_over,
+        )  # fmt: skip

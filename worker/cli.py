@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from yarl import URL
 
-from worker import admin, log, source_queueing
+from worker import admin, history, log, source_queueing
 from worker.errors import Reason, UserError
 from worker.settings import Settings, mask_url, split_urls
 from worker.stats import parse_duration
@@ -74,6 +74,7 @@ def _settings(long_running: bool = False) -> Settings:
     settings = Settings()
     _check_settings(settings)
     log.configure(settings.log_level, settings.log_format)
+    history.configure(settings.history)
     if not long_running:
         # A one-shot command reports a failure in one line of its own; the AMQP
         # libraries' connection logging would add lines that say the same.
@@ -662,6 +663,63 @@ async def contacts_close(contact_id: int) -> None:
         _say(f"contact {contact_id} closed; {outcome.late_assignments} queued contact(s) assigned")
 
 
+@contacts.command("explain")
+@click.argument("contact_id", type=BIGINT)
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def contacts_explain(contact_id: int, as_json: bool) -> None:
+    """The contact's story, decision by decision: who routing could choose, with their
+    load, limit, weight and the strategy's numbers, who was skipped and why, and what came
+    of it."""
+    async with await _pool(_settings()) as pool, pool.acquire() as conn:
+        story = await history.explain(conn, contact_id)
+    if as_json:
+        click.echo(json.dumps(story))
+        return
+    _say(f"contact {contact_id} ({story['source']}, {story['status']})")
+    if not story["decisions"]:
+        _say("no decision recorded (history off, or pruned)")
+    console = _console()
+    for d in story["decisions"]:
+        _say("")
+        _say(f"{d['at']}  {d['kind']}  {_decision_summary(d)}")
+        if d.get("candidates"):
+            columns = list(d["candidates"][0])
+            table = Table(*columns, title=f"candidates ({d['strategy']}, {d['read']} read)")
+            for c in d["candidates"]:
+                table.add_row(*(cell(_cell(c.get(k))) for k in columns))
+            console.print(table)
+        if d.get("skipped"):
+            _say("skipped: " + ", ".join(f"{s['operator_id']} ({s['why']})" for s in d["skipped"]))
+
+
+_RESULTS = {
+    "chosen": "chosen by the strategy",
+    "affinity": "by affinity (had the lead lately)",
+    "nobody": "nobody could take it: queued",
+    "passed_over": "only operators it skips could take it: waits for someone else",
+    "behind": "an earlier contact of the source found nobody: queued behind it",
+    "no_operator": "nobody available for the source: queued",
+    "behind_backlog": "older contacts of the source wait: queued behind them",
+}
+
+
+def _decision_summary(d: dict[str, Any]) -> str:
+    """One line: who, through which source, why."""
+    parts = []
+    if d.get("operator_id") is not None:
+        parts.append(f"operator {d['operator_id']}")
+    parts.append(f"source {d['source']}")
+    if d.get("routed_by") not in (None, d["source"]):
+        parts.append(f"routed by {d['routed_by']}")
+    for name in ("attempt", "reason", "answer", "overflow_to", "requeued_from"):
+        if d.get(name) is not None:
+            parts.append(f"{name.replace('_', ' ')} {d[name]}")
+    if d.get("result"):
+        parts.append(_RESULTS.get(d["result"], d["result"]))
+    return ", ".join(parts)
+
+
 @contacts.command("accept")
 @click.argument("contact_id", type=BIGINT)
 @click.option("--operator", "operator_id", type=BIGINT, required=True)
@@ -1054,6 +1112,11 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     help="Run the load with offers off, then on (a simulated app accepts every offer), "
     "and compare.",
 )
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Measure twice: contacts' history off, then on; compare.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -1067,6 +1130,7 @@ async def bench(
     reference: bool,
     schedules: bool,
     offers: bool,
+    history: bool,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -1088,6 +1152,7 @@ async def bench(
         strategy=strategy,
         schedules=schedules,
         offers=offers,
+        history=history,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from schemas.inbound import LeadContact
-from worker import offers
+from worker import decisions, offers
 from worker.assignment import Assignment, Plan, Queued, Window, assign
 from worker.outbox import Event, EventWriter
 from worker.queue_order import Heads, serving_order
@@ -170,7 +170,7 @@ async def prepare_statements(conn: asyncpg.Connection) -> None:
         for query, arrays in _PREPARED:
             await conn.fetch(query, *([] for _ in range(arrays)))
         await conn.fetch(Q.routing_state, [], [], 0, [], [])
-        await conn.fetch(Q.insert_events, [], [], [], [], None, [])
+        await conn.fetch(Q.insert_events, [], [], [], [], None, [], [])
         await conn.fetch(Q.withdraw_offers, [], "declined", [])
         await conn.fetch(Q.overflowed_queued, [], [], 0)
     finally:
@@ -255,7 +255,7 @@ async def take_back_offers(
         await _drain(conn, routes, outcome, events)
     finally:
         await building
-    events.rows[:0] = expired.rows
+    events.rows[:0] = expired.rows  # their decisions need no routing detail
     offers.queue_again(outcome, events)
     await events.write(conn, lease=None)
     return outcome
@@ -344,14 +344,35 @@ async def _drain(
         if receiving:
             homes = await _read_overflowed(conn, receiving, by_id, heads)
         wanted = _serving_order(fresh, heads, sources, source_ids)
-        decided = await _decide(conn, state, wanted, sources, by_id)
+        explain = decisions.Collector() if events.recording else None
+        decided = await _decide(conn, state, wanted, sources, by_id, explain)
         if not decided.unread:
             break
         # A source's window did not hold the choice for sure (smooth: many operators ahead
         # of their share with early finishes): read its candidates whole, once.
         whole |= decided.unread
         outcome.duplicates.clear()
+    if explain is not None:
+        _explained(explain, events, fresh, sources, source_ids)
     await _write_decisions(conn, decided, fresh, by_id, source_ids, outcome, events, homes)
+
+
+def _explained(
+    explain: decisions.Collector,
+    events: EventWriter,
+    fresh: Sequence[NewContact],
+    sources: Sequence[int],
+    source_ids: dict[str, int],
+) -> None:
+    """Hand what routing decided each contact on to the event writer (history); a new
+    contact routing did not reach is queued because nobody was available for its source,
+    or behind older contacts of its source that were not read."""
+    routed = set(sources)
+    for i, n in enumerate(fresh, 1):
+        if -i not in explain.details:
+            none = source_ids[n.body.source] not in routed
+            explain.details[-i] = decisions.NO_OPERATOR if none else decisions.BEHIND_BACKLOG
+    events.routing.update(explain.details)
 
 
 @dataclass
@@ -490,8 +511,9 @@ async def _decide(
     wanted: list[Queued],
     sources: Sequence[int],
     by_id: dict[int, Route],
+    explain: decisions.Collector | None,
 ) -> Plan:
-    """Who takes which contact, in the serving order."""
+    """Who takes which contact, in the serving order (and, with `explain`, on what)."""
     preferred = await _previous_operators(conn, wanted, by_id, state.weights)
     return assign(
         wanted,
@@ -501,6 +523,7 @@ async def _decide(
         _rng,
         affinity_sources={s for s in sources if by_id[s].affinity_hours},
         windows=state.windows,
+        explain=explain,
     )
 
 
@@ -619,6 +642,8 @@ async def _insert(
     for row in rows:
         message_id = row["inbound_message_id"]
         outcome.contacts[message_id] = row["id"]
+        if events.recording:  # decided on as -position, before it had an id
+            events.routing[row["id"]] = events.routing.get(-position[message_id], {})
         item = fresh[position[message_id] - 1]
         external_id, route_ = item.body.lead.external_id, routes[row["source_id"]]
         if row["operator_id"] is None:

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
 from schemas.events import envelope, operator_envelope
-from worker import log
+from worker import history, log
 from worker.assignment import Assignment
 from worker.listen import keep_listening
 from worker.metrics import Metrics
@@ -60,11 +60,18 @@ class EventWriter:
     """Writes the outbox rows of one transaction: the routing transaction reports each
     state change here. The rows are kept in the order their state changes happened
     (closes before the assignments they made room for), written in one statement after
-    every operator row is locked: outbox order is then commit order per operator."""
+    every operator row is locked: outbox order is then commit order per operator.
+
+    With history on, each contact event also carries its decision (`history.detail`),
+    written to `contact_decisions` by the same statement; `routing` holds what routing
+    decided each contact on (worker/decisions.py), by contact id."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[uuid.UUID, int | None, str, str, int]] = []
+        # event id, contact id, routing key, payload, attempt, decision (or None)
+        self.rows: list[tuple[uuid.UUID, int | None, str, str, int, str | None]] = []
         self.derived_ids = False  # some event ids may have been written before
+        self.recording = history.recording()
+        self.routing: dict[int, dict[str, Any]] = {}
 
     def closed(self, row: asyncpg.Record) -> None:
         self._add(
@@ -149,7 +156,7 @@ class EventWriter:
         key = "operator.presence_changed"
         event_id = uuid.uuid4()
         payload = json.dumps(operator_envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, None, key, payload, 0))
+        self.rows.append((event_id, None, key, payload, 0, None))
 
     def _add(
         self,
@@ -162,7 +169,8 @@ class EventWriter:
         self.derived_ids = self.derived_ids or event_id is not None
         event_id = event_id or uuid.uuid4()
         payload = json.dumps(envelope(str(event_id), key, time, data))
-        self.rows.append((event_id, data["contact_id"], key, payload, attempt))
+        decision = history.detail(key, data, self.routing) if self.recording else None
+        self.rows.append((event_id, data["contact_id"], key, payload, attempt, decision))
 
     async def write(self, conn: asyncpg.Connection, lease: float | None) -> list[Event]:
         if not self.rows:
@@ -172,13 +180,17 @@ class EventWriter:
             # the INSERT, and nothing to hand back.
             await conn.copy_records_to_table(
                 "outbox",
-                records=self.rows,
+                records=[r[:5] for r in self.rows],
                 columns=["event_id", "contact_id", "routing_key", "payload", "attempt"],
             )
+            if self.recording:
+                columns = list(map(list, zip(*self.rows, strict=True)))
+                await conn.execute(Q.insert_decisions, *columns[1:3], columns[5])
             await conn.execute(Q.notify_outbox)
             return []
         columns = list(map(list, zip(*self.rows, strict=True)))
-        written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4])
+        decided = columns[5] if self.recording else []
+        written = await conn.fetch(Q.insert_events, *columns[:4], lease, columns[4], decided)
         if lease is None:
             await conn.execute(Q.notify_outbox)
         ids = {str(r["event_id"]): r["id"] for r in written}
@@ -186,7 +198,7 @@ class EventWriter:
         # twice, nor published again by this writer.
         return [
             Event(ids[str(e)], str(e), key, payload)
-            for e, _, key, payload, _ in self.rows
+            for e, _, key, payload, *_ in self.rows
             if str(e) in ids
         ]
 

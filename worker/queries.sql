@@ -674,15 +674,62 @@ SELECT * FROM given;
 -- $5 seconds from now (not from the transaction's start, which lock waits may have made
 -- long ago); NULL leaves them to the relays at once. An event id written before (a
 -- rejected answer's, derived from its message id, when the message comes again) is
--- written once ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads,
--- $5 lease seconds, $6 offer attempts: 0 for a contact never offered).
-INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until, attempt)
-SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json,
-       statement_timestamp() + make_interval(secs => $5::double precision), t.attempt
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $6::integer[])
-    AS t (event_id, contact_id, routing_key, payload, attempt)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING id, event_id;
+-- written once, and so is its decision. With history on, each contact event's decision
+-- goes to contact_decisions in the same statement, all of a transaction's at this
+-- statement's time (empty $7: history off) ($1 event ids, $2 contact ids, $3 routing
+-- keys, $4 JSON payloads, $5 lease seconds, $6 offer attempts: 0 for a contact never
+-- offered, $7 JSON decisions or NULL).
+WITH written AS (
+    INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until, attempt)
+    SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json,
+           statement_timestamp() + make_interval(secs => $5::double precision), t.attempt
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $6::integer[])
+        AS t (event_id, contact_id, routing_key, payload, attempt)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING id, event_id
+), decided AS (
+    INSERT INTO contact_decisions (contact_id, kind, at, detail)
+    SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $7::text[])
+        WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
+    WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
+    ORDER BY t.n
+)
+SELECT id, event_id FROM written;
+
+-- name: insert_decisions
+-- The decisions of events written by COPY (offers expired in bulk) ($1 contact ids,
+-- $2 routing keys, $3 JSON decisions or NULL).
+INSERT INTO contact_decisions (contact_id, kind, at, detail)
+SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+FROM unnest($1::bigint[], $2::text[], $3::text[])
+    WITH ORDINALITY AS t (contact_id, routing_key, detail, n)
+WHERE t.detail IS NOT NULL
+ORDER BY t.n;
+
+-- name: contact_history
+-- A contact's decisions in order, with the names the ids in them stand for; no row when
+-- there is no such contact, and one with NULL id when it has no decision ($1 contact id).
+SELECT c.id AS contact_id, s.key AS source, c.status, d.id, d.kind, d.at, d.detail::text
+FROM contacts c
+JOIN sources s ON s.id = c.source_id
+LEFT JOIN contact_decisions d ON d.contact_id = c.id
+WHERE c.id = $1
+ORDER BY d.id;
+
+-- name: offer_outcomes
+-- How each offer of a contact ended, to tell why its skip list skips someone
+-- ($1 contact id).
+SELECT attempt, operator_id, outcome, reason
+FROM offers WHERE contact_id = $1 ORDER BY attempt;
+
+-- name: prune_decisions
+-- Forget decisions older than the retention, among the $2 oldest rows (ids grow with
+-- time, so this never scans the whole table) ($1 retention in hours, $2 how many rows
+-- to look at).
+DELETE FROM contact_decisions
+WHERE id IN (SELECT id FROM contact_decisions ORDER BY id LIMIT $2)
+  AND at < now() - make_interval(secs => $1::double precision * 3600);
 
 -- name: notify_outbox
 -- Wake the workers' relays at commit: events were written for them to claim.
@@ -960,15 +1007,25 @@ USING contacts c
 WHERE f.source_id = $1 AND c.id = f.contact_id AND c.status <> 'open';
 
 -- name: insert_timer_events
--- The timers' events; one per contact and kind, ever: a second is dropped ($1 event ids,
--- $2 contact ids, $3 routing keys, $4 JSON payloads).
-INSERT INTO outbox (event_id, contact_id, routing_key, payload)
-SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
-    AS t (event_id, contact_id, routing_key, payload)
-ON CONFLICT (contact_id, routing_key, attempt)
-    WHERE routing_key IN ('contact.overflowed', 'contact.waiting')
-DO NOTHING;
+-- The timers' events; one per contact and kind, ever: a second is dropped, and so is its
+-- decision ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads, $5 JSON
+-- decisions or NULL; empty: history off).
+WITH written AS (
+    INSERT INTO outbox (event_id, contact_id, routing_key, payload)
+    SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])
+        AS t (event_id, contact_id, routing_key, payload)
+    ON CONFLICT (contact_id, routing_key, attempt)
+        WHERE routing_key IN ('contact.overflowed', 'contact.waiting')
+    DO NOTHING
+    RETURNING event_id
+)
+INSERT INTO contact_decisions (contact_id, kind, at, detail)
+SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[])
+    WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
+WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
+ORDER BY t.n;
 
 -- name: oldest_queued
 -- Per source, how long its oldest queued contact has waited, in seconds (0: none), one

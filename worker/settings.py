@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     outbox_lease_seconds: float = Field(default=10.0, gt=0)
     # Published events are kept this long (to inspect or replay by hand), then deleted.
     outbox_retention_hours: float = Field(default=168.0, gt=0)
+    # Each contact's history (`contacts explain`): recorded with every decision about it,
+    # in its transaction (off: nothing is recorded), kept this long, then deleted.
+    history: bool = True
+    history_retention_hours: float = Field(default=168.0, gt=0)
     backlog_sweep_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -101,7 +101,8 @@ async def _source_timers(conn: asyncpg.Connection, source_id: int, done: Tick) -
         await conn.execute(Q.advance_timers, source_id, alerted, overflowed)
     if events.rows:
         columns = list(map(list, zip(*events.rows, strict=True)))
-        await conn.execute(Q.insert_timer_events, *columns[:4])  # attempt: 0, never offered
+        decided = columns[5] if events.recording else []
+        await conn.execute(Q.insert_timer_events, *columns[:4], decided)  # attempt 0: no offer
         await conn.execute(Q.notify_outbox)
 
 

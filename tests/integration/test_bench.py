@@ -141,3 +141,33 @@ async def test_schedules_measures_with_and_without(
     assert result.no_schedules is not None and result.no_schedules["messages_per_second"] > 0
     assert result.ratio_to_no_schedules is not None and result.ratio_to_no_schedules > 0
     assert await _left_behind(made) == []
+
+
+async def test_history_measures_off_then_on(
+    settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--history: two runs on the same load, contacts' history off then on, compared."""
+    from worker import history
+
+    configured: list[bool] = []
+    real = history.configure
+
+    def recording(on: bool) -> None:
+        configured.append(on)
+        real(on)
+
+    monkeypatch.setattr(history, "configure", recording)
+    result = await bench.run_bench(
+        settings.model_copy(update={"history": False}),
+        200,
+        2,
+        0,  # in-process: the worker's own setting is seen here
+        None,
+        Console(quiet=True),
+        history=True,
+    )
+    assert [run.history for run in made] == [False, True]
+    assert configured == [False, True]
+    assert result.history_off is not None and result.history_off["messages_per_second"] > 0
+    assert result.ratio_to_history_off is not None and result.ratio_to_history_off > 0
+    assert await _left_behind(made) == []

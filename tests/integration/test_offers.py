@@ -148,7 +148,7 @@ async def test_a_declined_weighted_random_offer_leaves_the_drawn_turn(pool: asyn
     """weighted_random owes nobody anything: the turn the offer drew for `a` stays where
     it was drawn after `a` declines (moving it back, as smooth does, would favour
     decliners)."""
-    a, b = await offering_source(pool, [("a", 100, 1), ("b", 100, 1)], "weighted_random")
+    a, _ = await offering_source(pool, [("a", 100, 1), ("b", 100, 1)], "weighted_random")
     turn = "SELECT smooth_start FROM source_weights WHERE operator_id = $1"
     for n in range(10):
         contact = (await new(pool, "web", f"w:{n}")).contacts[f"m-w:{n}"]

@@ -19,7 +19,11 @@ fraction of the first (`ratio_to_no_schedules`): what routing pays for schedules
 `--offers` measures the same load twice, offers off then on (every source with an accept
 timeout), and reports the second against the first. With offers on, a simulated operator
 app accepts every offer as its `contact.offered` event arrives, publishing without waiting
-for each confirm, and a contact counts once its `contact.assigned` (the accept) arrives."""
+for each confirm, and a contact counts once its `contact.assigned` (the accept) arrives.
+
+`--history` measures the same load twice, back to back: contacts' history off
+(LEADROUTER_HISTORY=off), then on, and reports the second against the first
+(`ratio_to_history_off`): what recording every decision costs."""
 
 import asyncio
 import json
@@ -98,6 +102,10 @@ class Result:
     offers: bool = False
     offers_off: dict[str, float] | None = None
     ratio_to_offers_off: float | None = None
+    # With --history: the same load's figures with history off, and this run's (on)
+    # messages/s as a fraction of those.
+    history_off: dict[str, float] | None = None
+    ratio_to_history_off: float | None = None
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
@@ -280,6 +288,7 @@ async def run_bench(
     strategy: str = DEFAULT_STRATEGY,
     schedules: bool = False,
     offers: bool = False,
+    history: bool = False,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
@@ -287,7 +296,9 @@ async def run_bench(
     source weighting `weights_per_source` of them (at random, weights 1 to 5), every
     source routing by `strategy`. With
     `offers`, leadrouter with offers off first, then on: the figures of the first go into
-    `Result.offers_off`, the ratio into `ratio_to_offers_off`."""
+    `Result.offers_off`, the ratio into `ratio_to_offers_off`; with `history`, history off
+    first, then on (`Result.history_off`, `ratio_to_history_off`); without, as the
+    settings say."""
     team = (operators, weights_per_source, strategy)
     log.configure("WARNING", base.log_format)
     amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
@@ -295,8 +306,13 @@ async def run_bench(
     if reference:
         yardstick = await _measure(base, messages, sources, team, 1, rate, console, REFERENCE)
     plain = None
-    if schedules or offers:  # the same load without them first
-        plain = await _measure(base, messages, sources, team, workers, rate, console, LEADROUTER)
+    if history:
+        base = base.model_copy(update={"history": True})
+    if schedules or offers or history:  # the same load without them first
+        plain = await _measure(
+            base.model_copy(update={"history": base.history and not history}),
+            messages, sources, team, workers, rate, console, LEADROUTER,
+        )  # fmt: skip
     result = await _measure(
         base, messages, sources, team, workers, rate, console, LEADROUTER, schedules, offers
     )
@@ -315,6 +331,8 @@ async def run_bench(
             result.no_schedules, result.ratio_to_no_schedules = figures, ratio
         if offers:
             result.offers_off, result.ratio_to_offers_off = figures, ratio
+        if history:
+            result.history_off, result.ratio_to_history_off = figures, ratio
     if yardstick is not None:
         result.reference = {
             k: getattr(yardstick, k)
