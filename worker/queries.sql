@@ -1089,3 +1089,23 @@ SELECT id FROM contacts
 WHERE id = ANY($1::bigint[]) AND status = 'open' AND operator_id IS NULL
 ORDER BY id
 FOR UPDATE;
+
+-- name: simulation_contacts
+-- What `simulate` replays: the contacts created in the period [$1, $2), those created
+-- before it and still open at its start, and those created since $3 (the longest
+-- affinity window before the period), with whether each overflowed and how many of its
+-- offers lapsed ($1 period start, $2 period end, $3 affinity look-back start).
+SELECT c.id, c.source_id, l.external_id AS lead, c.priority, c.created_at, c.assigned_at,
+       c.closed_at, c.operator_id,
+       EXISTS (SELECT 1 FROM contact_overflows f WHERE f.contact_id = c.id) AS overflowed,
+       (SELECT count(*) FROM offers f
+        WHERE f.contact_id = c.id AND f.outcome = 'expired')::integer AS expired
+FROM contacts c
+JOIN leads l ON l.id = c.lead_id
+WHERE c.created_at < $2
+  AND (c.created_at >= $3 OR c.closed_at IS NULL OR c.closed_at > $1)
+ORDER BY c.id;
+
+-- name: simulation_weights
+-- Every weight, for `simulate`'s picture of the routing as it is.
+SELECT source_id, operator_id, weight FROM source_weights ORDER BY source_id, operator_id;
