@@ -3,6 +3,7 @@
 routing file that set it up, gives back exactly what happened for the deterministic
 strategies; a changed file changes the shares; nothing in the database changes."""
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,12 +211,10 @@ async def test_contacts_open_at_the_start_hold_capacity_and_overflow_is_replayed
     assert (await simulate.run(pool, live, earlier)).contacts == 0
 
 
-async def test_the_command_reads_only_and_prints_json(
-    pool: asyncpg.Pool, settings: Settings, tmp_path: Path
-) -> None:
-    await _setup(pool, LIVE, tmp_path)
-    await _drive(pool, ["web", "tg"], steps=80, seed=9)
-    tables = [
+# Every table simulate could touch, each read whole as text.
+DIGESTED = [
+    f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t"  # noqa: S608
+    for table in (
         "operators",
         "sources",
         "source_weights",
@@ -225,15 +224,20 @@ async def test_the_command_reads_only_and_prints_json(
         "offers",
         "contact_overflows",
         "available_weight_changes",
-    ]
-    digest = " UNION ALL ".join(
-        f"SELECT '{t}', md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {t} t"
-        for t in tables
     )
+]
+
+
+async def test_the_command_reads_only_and_prints_json(
+    pool: asyncpg.Pool, settings: Settings, tmp_path: Path
+) -> None:
+    await _setup(pool, LIVE, tmp_path)
+    await _drive(pool, ["web", "tg"], steps=80, seed=9)
+    digest = " UNION ALL ".join(DIGESTED)
     before = await pool.fetch(digest)
     path = _file(tmp_path, LIVE.replace("weights = { a = 2, b = 1 }", "weights = { a = 1 }"))
     result = leadrouter(settings, "simulate", str(path), "--since", "1h", "--json")
-    data: dict[str, Any] = __import__("json").loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     assert set(data) == {"actual", "simulated"}
     for report in data.values():
         assert set(report) == {"assigned", "wait_seconds", "queued", "overflowed", "expired"}
@@ -245,10 +249,6 @@ async def test_the_command_reads_only_and_prints_json(
     text = leadrouter(settings, "simulate", str(path), "--since", "1h").stdout
     assert "simulated" in text and "wait p95" in text
     assert await pool.fetch(digest) == before
-    # No transaction that wrote anything: the sequences did not move either.
-    assert await pool.fetchval("SELECT count(*) FROM contacts") == sum(
-        1 for _ in await pool.fetch("SELECT id FROM contacts")
-    )
 
 
 @pytest.mark.parametrize(
