@@ -93,21 +93,7 @@ async def run(
 
 
 def _record(r: asyncpg.Record) -> Record:
-    def us(at: datetime | None) -> int | None:
-        return None if at is None else microseconds(at)
-
-    return Record(
-        r["id"],
-        r["source_id"],
-        r["lead"],
-        r["priority"],
-        microseconds(r["created_at"]),
-        us(r["assigned_at"]),
-        us(r["closed_at"]),
-        r["operator_id"],
-        r["overflowed"],
-        r["expired"],
-    )
+    return Record(*r)
 
 
 async def _read_routing(conn: asyncpg.Connection) -> Routing:

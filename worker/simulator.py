@@ -140,7 +140,8 @@ def actual(records: Sequence[Record], routing: Routing, start: int, end: int) ->
 
 # Events at one instant: closes first, then arrivals (one routing transaction), then
 # overflow timers.
-_CLOSE, _ARRIVE, _OVERFLOW = 0, 1, 2
+_CLOSE, _OVERFLOW = 0, 2
+_NONE: frozenset[int] = frozenset()
 
 
 class _Queue:
@@ -187,17 +188,43 @@ class _Replay:
             (s.id, o): 0.0 for s in routing.sources.values() for o in s.weights
         }
         self.queues = {s.id: _Queue(s.lifo) for s in routing.sources.values()}
+        # Room per operator: max_load when active, 0 otherwise (or unknown to the routing).
+        self.cap = {o.id: o.max_load if o.active else 0 for o in routing.operators.values()}
+        # Per source, its available operators as routing would read them now: each kept
+        # up to date whenever its operator's load, last assignment or start changes.
+        self.candidates: dict[int, dict[int, Candidate]] = {s: {} for s in routing.sources}
         self.holder: dict[int, int] = {}  # open contact -> its operator
         self.had: dict[tuple[str, int], tuple[int, int]] = {}  # (lead, source) -> (created, op)
         self.events: list[tuple[int, int, int]] = []  # (time, kind, contact id)
+        self.arrivals: list[Record] = []  # in time order
+        self.strategies = {s.id: s.strategy for s in routing.sources.values()}
+        self.affinity_sources = frozenset(
+            s.id for s in routing.sources.values() if s.affinity_hours
+        )
+        self.affinity = bool(self.affinity_sources)
         self.report = Report()
         self.counted: set[int] = set()
 
     # --- the state ---
 
     def available(self, operator_id: int) -> bool:
-        op = self.routing.operators.get(operator_id)
-        return op is not None and op.active and self.load[operator_id] < op.max_load
+        return self.load[operator_id] < self.cap.get(operator_id, 0)
+
+    def _refresh(self, operator_id: int) -> None:
+        """Their candidates, after a change of their load, last assignment or starts."""
+        available = self.available(operator_id)
+        for s in self.sources_of.get(operator_id, ()):
+            if available:
+                self.candidates[s][operator_id] = Candidate(
+                    operator_id,
+                    self.routing.sources[s].weights[operator_id],
+                    self.load[operator_id],
+                    self.cap[operator_id],
+                    self.last.get(operator_id),
+                    start=self.starts[(s, operator_id)],
+                )
+            else:
+                self.candidates[s].pop(operator_id, None)
 
     def _flip(self, operator_id: int, now_available: bool) -> None:
         """An operator became available or not: their starts turn absolute or relative."""
@@ -216,6 +243,7 @@ class _Replay:
         self.load[operator_id] = max(self.load[operator_id] - 1, 0)
         if not was and self.available(operator_id):
             self._flip(operator_id, True)
+        self._refresh(operator_id)
 
     # --- setting up ---
 
@@ -226,11 +254,11 @@ class _Replay:
         sources with a backlog at the start. (Nobody was routed yet: every smooth start
         is 0, and stays so whatever the load.)"""
         backlog: set[int] = set()
-        for r in records:
+        for r in sorted(records, key=lambda r: (r.created, r.id)):
             if r.created >= self.start:
                 if r.created < self.end:
                     self.counted.add(r.id)
-                    self._push(r.created, _ARRIVE, r.id)
+                    self.arrivals.append(r)
                 continue
             if r.closed is not None and r.closed <= self.start:
                 if r.operator_id is not None:
@@ -266,6 +294,8 @@ class _Replay:
             self.queues[target].remove(r.id)
 
     def _had(self, r: Record, operator_id: int) -> None:
+        if not self.affinity:
+            return
         key = (r.lead, r.source_id)
         if key not in self.had or self.had[key][0] <= r.created:
             self.had[key] = (r.created, operator_id)
@@ -273,24 +303,33 @@ class _Replay:
     # --- running ---
 
     def run(self, backlog: set[int]) -> Report:
+        for operator_id in self.sources_of:
+            self._refresh(operator_id)
         if backlog:
             self._route(self.start, backlog)
-        while self.events:
-            now = self.events[0][0]
+        arrivals, events, n, i = self.arrivals, self.events, len(self.arrivals), 0
+        while events or i < n:
+            now = min(
+                events[0][0] if events else self.end + 1,
+                arrivals[i].created if i < n else self.end + 1,
+            )
             drain: set[int] = set()
+            while events and events[0][0] == now and events[0][1] == _CLOSE:
+                drain.update(self._close(heapq.heappop(events)[2]))
             arriving: list[int] = []
-            while self.events and self.events[0][0] == now:
-                _, kind, contact_id = heapq.heappop(self.events)
-                if kind == _CLOSE:
+            while i < n and arrivals[i].created == now:
+                r = arrivals[i]
+                i += 1
+                self._enqueue(r, now)
+                arriving.append(r.id)
+                drain.add(r.source_id)
+            while events and events[0][0] == now:
+                _, kind, contact_id = heapq.heappop(events)
+                if kind == _CLOSE:  # an arrival's own, at once
                     drain.update(self._close(contact_id))
-                elif kind == _ARRIVE:
-                    r = self.records[contact_id]
-                    self._enqueue(r, now)
-                    arriving.append(contact_id)
-                    drain.add(r.source_id)
                 else:
                     drain.update(self._overflow(contact_id))
-            assigned = self._route(now, drain) if drain else set()
+            assigned = self._route(now, drain) if drain else _NONE
             for contact_id in arriving:
                 self.report.queued += contact_id not in assigned
         return self.report
@@ -328,29 +367,19 @@ class _Replay:
             s, queue = self.routing.sources[source_id], self.queues[source_id]
             if not queue.contacts:
                 continue
-            candidates = [
-                Candidate(
-                    o,
-                    w,
-                    self.load[o],
-                    self.routing.operators[o].max_load,
-                    self.last.get(o),
-                    start=self.starts[(s.id, o)],
-                )
-                for o, w in s.weights.items()
-                if self.available(o)
-            ]
-            if not candidates:
+            if not self.candidates[source_id]:
                 continue
+            candidates = list(self.candidates[source_id].values())
             weights[s.id] = candidates
             queues[s.id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
             if s.strategy == "smooth":
                 windows[s.id] = Window(self.clock[s.id], sum(c.weight for c in candidates))
         if not queues:
             return set()
-        wanted = serving_order(queues)
-        plan = self._decide(wanted, weights, self._preferred(wanted, now), windows)
-        return self._apply(plan, now)
+        # One source's queue is its own serving order.
+        wanted = serving_order(queues) if len(queues) > 1 else next(iter(queues.values()))
+        preferred = self._preferred(wanted, now) if self.affinity else {}
+        return self._apply(self._decide(wanted, weights, preferred, windows), now)
 
     def _preferred(self, wanted: Sequence[Queued], now: int) -> dict[int, int]:
         """Who had each contact's lead through the routing source within its affinity
@@ -375,14 +404,13 @@ class _Replay:
         """The one call of the worker's routing decision. Every available operator of
         each source is among its candidates (none left unread), so a smooth source's
         window carries only its clock and total weight."""
-        sources = [self.routing.sources[s] for s in weights]
         return assign(
             wanted,
             weights,
-            {s.id: s.strategy for s in sources},
+            self.strategies,
             preferred,
             self.rng,
-            affinity_sources={s.id for s in sources if s.affinity_hours},
+            affinity_sources=self.affinity_sources,
             windows=windows,
         )
 
@@ -396,8 +424,8 @@ class _Replay:
         at = EPOCH + timedelta(microseconds=now)
         for a in plan.assignments:
             r = self.records[a.contact_id]
-            self._take(a.operator_id)
             self.last[a.operator_id] = at
+            self._take(a.operator_id)
             self.holder[r.id] = a.operator_id
             given.add(r.id)
             self._dequeue(r)
@@ -408,6 +436,8 @@ class _Replay:
                 self.report.given[r.id] = a.operator_id
             if r.handling is not None:
                 self._push(now + r.handling, _CLOSE, r.id)
+        for operator_id in {a.operator_id for a in plan.assignments} | {o for _, o in plan.starts}:
+            self._refresh(operator_id)
         return given
 
 
