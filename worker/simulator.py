@@ -261,13 +261,14 @@ class _Replay:
                     self.arrivals.append(r)
                 continue
             if r.closed is not None and r.closed <= self.start:
-                if r.operator_id is not None:
+                if r.operator_id is not None and self.affinity:
                     self._had(r, r.operator_id)
                 continue
             if r.assigned is not None and r.assigned <= self.start and r.operator_id is not None:
                 self.holder[r.id] = r.operator_id
                 self.load[r.operator_id] += 1
-                self._had(r, r.operator_id)
+                if self.affinity:
+                    self._had(r, r.operator_id)
                 if r.closed is not None:
                     self._push(r.closed, _CLOSE, r.id)
             else:
@@ -294,8 +295,6 @@ class _Replay:
             self.queues[target].remove(r.id)
 
     def _had(self, r: Record, operator_id: int) -> None:
-        if not self.affinity:
-            return
         key = (r.lead, r.source_id)
         if key not in self.had or self.had[key][0] <= r.created:
             self.had[key] = (r.created, operator_id)
@@ -332,6 +331,10 @@ class _Replay:
             assigned = self._route(now, drain) if drain else _NONE
             for contact_id in arriving:
                 self.report.queued += contact_id not in assigned
+        key = {s.id: s.key for s in self.routing.sources.values()}
+        self.report.assigned.update(
+            (key[self.records[c].source_id], o) for c, o in self.report.given.items()
+        )
         return self.report
 
     def _close(self, contact_id: int) -> list[int]:
@@ -371,7 +374,12 @@ class _Replay:
                 continue
             candidates = list(self.candidates[source_id].values())
             weights[s.id] = candidates
-            queues[s.id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
+            # Each candidate has room for one at least: a queue no longer than them is
+            # read whole.
+            if len(queue.order) <= len(candidates):
+                queues[s.id] = queue.heads(len(candidates))
+            else:
+                queues[s.id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
             if s.strategy == "smooth":
                 windows[s.id] = Window(self.clock[s.id], sum(c.weight for c in candidates))
         if not queues:
@@ -429,14 +437,16 @@ class _Replay:
             self.holder[r.id] = a.operator_id
             given.add(r.id)
             self._dequeue(r)
-            self._had(r, a.operator_id)
+            if self.affinity:
+                self._had(r, a.operator_id)
             if r.id in self.counted:
-                self.report.assigned[(self.routing.sources[r.source_id].key, a.operator_id)] += 1
                 self.report.waits.append(now - r.created)
                 self.report.given[r.id] = a.operator_id
             if r.handling is not None:
                 self._push(now + r.handling, _CLOSE, r.id)
-        for operator_id in {a.operator_id for a in plan.assignments} | {o for _, o in plan.starts}:
+        touched = {o for _, o in plan.starts}
+        touched.update(a.operator_id for a in plan.assignments)
+        for operator_id in touched:
             self._refresh(operator_id)
         return given
 

@@ -33,6 +33,7 @@ class Result:
     operators: int
     seed_seconds: float
     simulate_seconds: float  # reading, replaying and comparing, as the command does
+    simulate_cpu_seconds: float  # this process's CPU in that time (PostgreSQL's is not in it)
     simulated_queued: int
     actual_queued: int
 
@@ -70,9 +71,9 @@ async def run(settings: Settings, contacts: int, operators: int) -> Result:
             what_if = routing_file.parse(routing_text(operators, 12, shift=1), "toml")
             now = datetime.now(UTC)
             period = simulate.Period(now - timedelta(seconds=WEEK + 60), now)
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             outcome = await simulate.run(pool, what_if, period)
-            took = time.perf_counter() - began
+            took, cpu = time.perf_counter() - began, time.process_time() - cpu
     finally:
         await drop_database(url)
     return Result(
@@ -81,6 +82,7 @@ async def run(settings: Settings, contacts: int, operators: int) -> Result:
         operators,
         round(seeded, 2),
         round(took, 2),
+        round(cpu, 2),
         outcome.simulated.queued,
         outcome.actual.queued,
     )
