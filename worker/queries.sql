@@ -1116,11 +1116,11 @@ SELECT source_id, operator_id, weight FROM source_weights ORDER BY source_id, op
 
 -- name: seed_simulation_contacts
 -- The simulate bench's recorded traffic (worker/tools/simulate_bench.py), in a scratch
--- database: $1 contacts spread evenly over the $2 seconds before now, round robin over
--- the sources $3, each with a lead of its own among $4 and an operator weighted on its
--- source; one in ten was given its operator up to five minutes after it came; those of
--- the last half hour are still open, the others closed 1 to 31 minutes after being given
--- one.
+-- database: contacts spread evenly over the seconds before now, round robin over the
+-- sources, each with one of the leads made here and an operator weighted on its source;
+-- one in ten was given its operator up to five minutes after it came; those of the last
+-- half hour are still open, the others closed 1 to 31 minutes after being given one ($1
+-- contacts, $2 seconds, $3 source ids, $4 leads).
 WITH leads_made AS (
     INSERT INTO leads (external_id)
     SELECT 'sim:' || i FROM generate_series(1, $4::integer) AS i
