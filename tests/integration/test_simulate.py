@@ -14,7 +14,7 @@ import pytest
 
 from schemas.inbound import LeadContact
 from tests.commands import fails_cleanly, leadrouter
-from worker import distribution, routing_file, simulate
+from worker import distribution, offers, routing_file, simulate
 from worker.settings import Settings
 
 LIVE = """
@@ -209,6 +209,35 @@ async def test_contacts_open_at_the_start_hold_capacity_and_overflow_is_replayed
     # A period before anything: nothing arrives.
     earlier = simulate.Period(start - timedelta(hours=5), start - timedelta(hours=4))
     assert (await simulate.run(pool, live, earlier)).contacts == 0
+
+
+async def test_offers_that_lapsed_are_counted_and_simulated_as_accepted(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    text = TWO.replace('key = "web"\n', 'key = "web"\naccept_timeout = 30\n').replace(
+        "weights = { a = 1 }", "weights = { a = 1, c = 1 }"
+    )
+    live = await _setup(pool, text, tmp_path)
+    start = datetime.now(UTC)
+    await _one(pool, "web", "offered")
+    first = await pool.fetchval("SELECT operator_id FROM contacts")
+    # It lapses: expired as the workers do, and offered to the other one.
+    await pool.execute(
+        "UPDATE contacts SET offer_expires_at = now() - interval '1 second'; "
+        "UPDATE offers SET expires_at = now() - interval '1 second'"
+    )
+    web = await pool.fetchval("SELECT id FROM sources WHERE key = 'web'")
+    assert await offers.expire_source(pool, web) == 1
+    second = await pool.fetchval("SELECT operator_id FROM contacts")
+    assert second != first
+    outcome = await simulate.run(pool, live, simulate.Period(start, datetime.now(UTC)))
+    assert outcome.actual.expired == 1 and outcome.simulated.expired == 0
+    assert outcome.actual.given == {
+        outcome.actual.waits and next(iter(outcome.actual.given)): second
+    }
+    # The simulation's offer is accepted at once, by the operator routing chose first.
+    assert list(outcome.simulated.given.values()) == [first]
+    assert outcome.simulated.waits == [0]
 
 
 # Every table simulate could touch, each read whole as text.
