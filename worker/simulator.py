@@ -13,7 +13,7 @@ import heapq
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -175,12 +175,14 @@ class _Replay:
         self.start, self.end = start, end
         self.rng = random.Random(seed)
         self.records = {r.id: r for r in records}
-        self.load: Counter[int] = Counter()
+        self.load = dict.fromkeys(routing.operators, 0)
         self.last: dict[int, datetime] = {}  # operator -> their last assignment
         self.sources_of: dict[int, list[int]] = defaultdict(list)
+        self.weights_of: dict[int, list[tuple[int, int]]] = defaultdict(list)  # (source, w)
         for s in routing.sources.values():
-            for o in s.weights:
+            for o, w in s.weights.items():
                 self.sources_of[o].append(s.id)
+                self.weights_of[o].append((s.id, w))
         # The smooth state as the database keeps it (migration 0013): per source a clock;
         # per weight row a start, stored as start - clock while its operator is away.
         self.clock: dict[int, float] = dict.fromkeys(routing.sources, 0.0)
@@ -207,23 +209,17 @@ class _Replay:
 
     # --- the state ---
 
-    def available(self, operator_id: int) -> bool:
-        return self.load[operator_id] < self.cap.get(operator_id, 0)
-
     def _refresh(self, operator_id: int) -> None:
         """Their candidates, after a change of their load, last assignment or starts."""
-        available = self.available(operator_id)
-        for s in self.sources_of.get(operator_id, ()):
-            if available:
+        load, cap = self.load[operator_id], self.cap[operator_id]
+        if load < cap:
+            last = self.last.get(operator_id)
+            for s, weight in self.weights_of[operator_id]:
                 self.candidates[s][operator_id] = Candidate(
-                    operator_id,
-                    self.routing.sources[s].weights[operator_id],
-                    self.load[operator_id],
-                    self.cap[operator_id],
-                    self.last.get(operator_id),
-                    start=self.starts[(s, operator_id)],
+                    operator_id, weight, load, cap, last, start=self.starts[(s, operator_id)]
                 )
-            else:
+        else:
+            for s, _ in self.weights_of[operator_id]:
                 self.candidates[s].pop(operator_id, None)
 
     def _flip(self, operator_id: int, now_available: bool) -> None:
@@ -233,15 +229,15 @@ class _Replay:
             self.starts[key] += self.clock[s] if now_available else -self.clock[s]
 
     def _take(self, operator_id: int) -> None:
-        was = self.available(operator_id)
+        """One more contact (routing chose them: they had room)."""
         self.load[operator_id] += 1
-        if was and not self.available(operator_id):
+        if self.load[operator_id] == self.cap[operator_id]:
             self._flip(operator_id, False)
 
     def _release(self, operator_id: int) -> None:
-        was = self.available(operator_id)
-        self.load[operator_id] = max(self.load[operator_id] - 1, 0)
-        if not was and self.available(operator_id):
+        before = self.load[operator_id]
+        self.load[operator_id] = max(before - 1, 0)
+        if before >= self.cap[operator_id] > self.load[operator_id]:
             self._flip(operator_id, True)
         self._refresh(operator_id)
 
@@ -359,19 +355,18 @@ class _Replay:
             self.report.overflowed += 1
         return [target]
 
-    def _route(self, now: int, source_ids: set[int]) -> set[int]:
+    def _route(self, now: int, source_ids: set[int]) -> Set[int]:
         """One routing transaction over these sources' backlogs, as the worker's reads it:
         each source's available operators, and as many of its first queued contacts as
         they have room for. Returns the contacts given an operator."""
+        waiting = [s for s in source_ids if self.queues[s].contacts and self.candidates[s]]
+        if not waiting:
+            return _NONE
         queues: dict[int, list[Queued]] = {}
         weights: dict[int, list[Candidate]] = {}
         windows: dict[int, Window] = {}
-        for source_id in sorted(source_ids):
+        for source_id in sorted(waiting):
             s, queue = self.routing.sources[source_id], self.queues[source_id]
-            if not queue.contacts:
-                continue
-            if not self.candidates[source_id]:
-                continue
             candidates = list(self.candidates[source_id].values())
             weights[s.id] = candidates
             # Each candidate has room for one at least: a queue no longer than them is
@@ -382,8 +377,6 @@ class _Replay:
                 queues[s.id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
             if s.strategy == "smooth":
                 windows[s.id] = Window(self.clock[s.id], sum(c.weight for c in candidates))
-        if not queues:
-            return set()
         # One source's queue is its own serving order.
         wanted = serving_order(queues) if len(queues) > 1 else next(iter(queues.values()))
         preferred = self._preferred(wanted, now) if self.affinity else {}
