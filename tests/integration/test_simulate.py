@@ -310,3 +310,18 @@ async def test_bad_input_is_one_error_line(
         else _file(tmp_path, text if text is not None else LIVE, "what-if.toml")
     )
     fails_cleanly(settings, "simulate", str(path), *args, expect=expect)
+
+
+async def test_the_bench_seeds_a_week_and_times_simulate(settings: Settings) -> None:
+    from worker.tools import simulate_bench
+
+    result = await simulate_bench.run(settings, 600, 30, repeat=1)
+    assert (result.contacts, result.replayed) == (600, 600)
+    assert result.actual_queued == 60  # one in ten waited for real
+    assert len(result.simulate_seconds) == 1 and result.simulate_seconds[0] > 0
+    name = settings.database_url.rsplit("/", 1)[1] + "_simbench"
+    conn = await asyncpg.connect(settings.database_url)
+    try:  # the scratch database is gone
+        assert not await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name)
+    finally:
+        await conn.close()

@@ -4,7 +4,8 @@ sources (one per strategy) and N recorded contacts over the last week (SQL
 `seed_simulation_contacts`), then `simulate` replays them through a routing file that
 changes the weights, timed.
 
-    python -m worker.tools.simulate_bench [--contacts 100000] [--operators 30] [--json]
+    python -m worker.tools.simulate_bench [--contacts 100000] [--operators 30] [--repeat 3]
+                                          [--json]
 """
 
 import argparse
@@ -32,8 +33,8 @@ class Result:
     replayed: int
     operators: int
     seed_seconds: float
-    simulate_seconds: float  # reading, replaying and comparing, as the command does
-    simulate_cpu_seconds: float  # this process's CPU in that time (PostgreSQL's is not in it)
+    simulate_seconds: list[float]  # each run: reading, replaying, comparing, as the command
+    simulate_cpu_seconds: list[float]  # this process's CPU in each (PostgreSQL's not in it)
     simulated_queued: int
     actual_queued: int
 
@@ -52,7 +53,7 @@ def routing_text(operators: int, max_load: int, shift: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run(settings: Settings, contacts: int, operators: int) -> Result:
+async def run(settings: Settings, contacts: int, operators: int, repeat: int = 3) -> Result:
     parts = urlsplit(settings.database_url)
     url = urlunsplit(parts._replace(path=f"/{parts.path.lstrip('/') or 'leadrouter'}_simbench"))
     await drop_database(url)
@@ -71,9 +72,12 @@ async def run(settings: Settings, contacts: int, operators: int) -> Result:
             what_if = routing_file.parse(routing_text(operators, 12, shift=1), "toml")
             now = datetime.now(UTC)
             period = simulate.Period(now - timedelta(seconds=WEEK + 60), now)
-            began, cpu = time.perf_counter(), time.process_time()
-            outcome = await simulate.run(pool, what_if, period)
-            took, cpu = time.perf_counter() - began, time.process_time() - cpu
+            took, cpu = [], []
+            for _ in range(repeat):
+                began, used = time.perf_counter(), time.process_time()
+                outcome = await simulate.run(pool, what_if, period)
+                took.append(round(time.perf_counter() - began, 2))
+                cpu.append(round(time.process_time() - used, 2))
     finally:
         await drop_database(url)
     return Result(
@@ -81,8 +85,8 @@ async def run(settings: Settings, contacts: int, operators: int) -> Result:
         outcome.contacts,
         operators,
         round(seeded, 2),
-        round(took, 2),
-        round(cpu, 2),
+        took,
+        cpu,
         outcome.simulated.queued,
         outcome.actual.queued,
     )
@@ -92,9 +96,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contacts", type=int, default=100_000)
     parser.add_argument("--operators", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3, help="simulate runs on the same data")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(run(Settings(), args.contacts, args.operators))
+    result = asyncio.run(run(Settings(), args.contacts, args.operators, max(args.repeat, 1)))
     if args.json:
         print(json.dumps(asdict(result)))
     else:
