@@ -150,21 +150,22 @@ class _Queue:
     def __init__(self, lifo: bool) -> None:
         self.lifo = lifo
         self.order: list[tuple[Rank, int]] = []
-        self.contacts: dict[int, Queued] = {}
+        self.contacts: dict[int, tuple[tuple[Rank, int], Queued]] = {}  # id -> (place, it)
 
     def add(self, q: Queued) -> None:
-        bisect.insort(self.order, (rank(q, self.lifo), q.id))
-        self.contacts[q.id] = q
+        place = (rank(q, self.lifo), q.id)
+        bisect.insort(self.order, place)
+        self.contacts[q.id] = (place, q)
 
     def remove(self, contact_id: int) -> None:
-        q = self.contacts.pop(contact_id, None)
-        if q is not None:
-            item = (rank(q, self.lifo), q.id)
-            del self.order[bisect.bisect_left(self.order, item)]
+        found = self.contacts.pop(contact_id, None)
+        if found is not None:
+            del self.order[bisect.bisect_left(self.order, found[0])]
 
     def heads(self, take: int) -> list[Queued]:
         """The first `take`, as routing reads them (no more could be assigned)."""
-        return [self.contacts[i] for _, i in self.order[:take]]
+        contacts = self.contacts
+        return [contacts[i][1] for _, i in self.order[:take]]
 
 
 class _Replay:
@@ -418,27 +419,27 @@ class _Replay:
     def _apply(self, plan: Plan, now: int) -> set[int]:
         """Store what the plan decided, in the order the database does: the smooth state
         first, then the claims (an operator who fills keeps start - clock)."""
-        for key, start in plan.starts.items():
-            self.starts[key] = start
+        self.starts.update(plan.starts)
         self.clock.update(plan.clocks)
         given: set[int] = set()
+        touched = {o for _, o in plan.starts}
         at = EPOCH + timedelta(microseconds=now)
+        records, counted, report = self.records, self.counted, self.report
         for a in plan.assignments:
-            r = self.records[a.contact_id]
-            self.last[a.operator_id] = at
-            self._take(a.operator_id)
-            self.holder[r.id] = a.operator_id
+            r, operator_id = records[a.contact_id], a.operator_id
+            self.last[operator_id] = at
+            self._take(operator_id)
+            touched.add(operator_id)
+            self.holder[r.id] = operator_id
             given.add(r.id)
             self._dequeue(r)
             if self.affinity:
-                self._had(r, a.operator_id)
-            if r.id in self.counted:
-                self.report.waits.append(now - r.created)
-                self.report.given[r.id] = a.operator_id
-            if r.handling is not None:
-                self._push(now + r.handling, _CLOSE, r.id)
-        touched = {o for _, o in plan.starts}
-        touched.update(a.operator_id for a in plan.assignments)
+                self._had(r, operator_id)
+            if r.id in counted:
+                report.waits.append(now - r.created)
+                report.given[r.id] = operator_id
+            if r.closed is not None and r.assigned is not None:  # handled for this long
+                self._push(now + r.closed - r.assigned, _CLOSE, r.id)
         for operator_id in touched:
             self._refresh(operator_id)
         return given
