@@ -360,24 +360,25 @@ class _Replay:
         """One routing transaction over these sources' backlogs, as the worker's reads it:
         each source's available operators, and as many of its first queued contacts as
         they have room for. Returns the contacts given an operator."""
-        waiting = [s for s in source_ids if self.queues[s].contacts and self.candidates[s]]
-        if not waiting:
-            return _NONE
         queues: dict[int, list[Queued]] = {}
         weights: dict[int, list[Candidate]] = {}
         windows: dict[int, Window] = {}
-        for source_id in sorted(waiting):
-            s, queue = self.routing.sources[source_id], self.queues[source_id]
-            candidates = list(self.candidates[source_id].values())
-            weights[s.id] = candidates
+        for source_id in sorted(source_ids) if len(source_ids) > 1 else source_ids:
+            queue, available = self.queues[source_id], self.candidates[source_id]
+            if not queue.contacts or not available:
+                continue
+            candidates = weights[source_id] = list(available.values())
             # Each candidate has room for one at least: a queue no longer than them is
             # read whole.
             if len(queue.order) <= len(candidates):
-                queues[s.id] = queue.heads(len(candidates))
+                queues[source_id] = queue.heads(len(candidates))
             else:
-                queues[s.id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
-            if s.strategy == "smooth":
-                windows[s.id] = Window(self.clock[s.id], sum(c.weight for c in candidates))
+                queues[source_id] = queue.heads(sum(c.max_load - c.open_load for c in candidates))
+            if self.strategies[source_id] == "smooth":
+                total = sum(c.weight for c in candidates)
+                windows[source_id] = Window(self.clock[source_id], total)
+        if not queues:
+            return _NONE
         # One source's queue is its own serving order.
         wanted = serving_order(queues) if len(queues) > 1 else next(iter(queues.values()))
         preferred = self._preferred(wanted, now) if self.affinity else {}
