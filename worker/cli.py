@@ -894,6 +894,39 @@ async def stats(source_key: str | None, since: str | None, as_json: bool) -> Non
         render(result, _console(), since)
 
 
+# --- simulate ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", type=_FilePath(dir_okay=False, path_type=Path))
+@click.option(
+    "--since",
+    help="The last this long, e.g. 24h, 7d (the default: 7d).",
+    callback=_usage(parse_duration),
+)
+@click.option("--from", "start", help="Period start, ISO 8601 (UTC unless it says).")
+@click.option("--to", "end", help="Period end, ISO 8601 (default: now).")
+@click.option("--seed", default=0, show_default=True, help="Seeds weighted_random's choices.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def simulate(
+    file: Path, since: str | None, start: str | None, end: str | None, seed: int, as_json: bool
+) -> None:
+    """Replay a period's recorded contacts through a routing file's routing, in memory,
+    and print the result next to what really happened. Reads only; writes nothing."""
+    from worker import routing_file
+    from worker import simulate as simulation
+
+    when = simulation.period(parse_duration(since) if since else None, start, end)
+    desired = routing_file.load(file)
+    async with await _pool(_settings()) as pool:
+        outcome = await simulation.run(pool, desired, when, seed)
+    if as_json:
+        click.echo(json.dumps(outcome.as_dict()))
+    else:
+        simulation.render(outcome, _console())
+
+
 def _offers_only_if_used(source: dict[str, Any]) -> dict[str, Any]:
     """A source that never made offers shows no offer fields, as before offers existed."""
     if not source["accept_timeout"] and all(o["offers"] is None for o in source["operators"]):

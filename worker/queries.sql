@@ -1181,3 +1181,59 @@ SELECT id FROM contacts
 WHERE id = ANY($1::bigint[]) AND status = 'open' AND operator_id IS NULL
 ORDER BY id
 FOR UPDATE;
+
+-- name: simulation_contacts
+-- What `simulate` replays: the contacts created in the period [$1, $2), those created
+-- before it and still open at its start, and those created since $3 (the longest
+-- affinity window before the period), with whether each overflowed and how many of its
+-- offers lapsed; times in microseconds since the epoch, in the order of
+-- worker.simulator.Record's fields ($1 period start, $2 period end, $3 affinity look-back
+-- start).
+SELECT c.id, c.source_id, l.external_id AS lead, c.priority,
+       (extract(epoch FROM c.created_at) * 1000000)::bigint AS created,
+       (extract(epoch FROM c.assigned_at) * 1000000)::bigint AS assigned,
+       (extract(epoch FROM c.closed_at) * 1000000)::bigint AS closed, c.operator_id,
+       EXISTS (SELECT 1 FROM contact_overflows f WHERE f.contact_id = c.id) AS overflowed,
+       (SELECT count(*) FROM offers f
+        WHERE f.contact_id = c.id AND f.outcome = 'expired')::integer AS expired
+FROM contacts c
+JOIN leads l ON l.id = c.lead_id
+WHERE c.created_at < $2
+  AND (c.created_at >= $3 OR c.closed_at IS NULL OR c.closed_at > $1)
+ORDER BY c.id;
+
+-- name: simulation_weights
+-- Every weight, for `simulate`'s picture of the routing as it is.
+SELECT source_id, operator_id, weight FROM source_weights ORDER BY source_id, operator_id;
+
+-- name: seed_simulation_contacts
+-- The simulate bench's recorded traffic (worker/tools/simulate_bench.py), in a scratch
+-- database: contacts spread evenly over the seconds before now, round robin over the
+-- sources, each with one of the leads made here and an operator weighted on its source;
+-- one in ten was given its operator up to five minutes after it came; those of the last
+-- half hour are still open, the others closed 1 to 31 minutes after being given one ($1
+-- contacts, $2 seconds, $3 source ids, $4 leads).
+WITH leads_made AS (
+    INSERT INTO leads (external_id)
+    SELECT 'sim:' || i FROM generate_series(1, $4::integer) AS i
+    RETURNING id, external_id
+), traffic AS (
+    SELECT i, ($3::bigint[])[1 + i % cardinality($3::bigint[])] AS source_id,
+           now() - make_interval(secs => $2::double precision)
+               + make_interval(secs => i * $2::double precision / $1::integer) AS created,
+           CASE WHEN i % 10 = 0 THEN random() * 300 ELSE 0 END AS waited,
+           60 + random() * 1800 AS handled
+    FROM generate_series(1, $1::integer) AS i
+), traffic_open AS (
+    SELECT *, created > now() - interval '30 minutes' AS open FROM traffic
+)
+INSERT INTO contacts (lead_id, source_id, operator_id, status, inbound_message_id,
+                      created_at, assigned_at, closed_at)
+SELECT l.id, t.source_id,
+       (SELECT w.operator_id FROM source_weights w WHERE w.source_id = t.source_id
+        ORDER BY w.operator_id OFFSET (t.i / 7) % 10 LIMIT 1),
+       CASE WHEN t.open THEN 'open' ELSE 'closed' END, 'sim-' || t.i, t.created,
+       t.created + make_interval(secs => t.waited),
+       CASE WHEN NOT t.open THEN t.created + make_interval(secs => t.waited + t.handled) END
+FROM traffic_open t
+JOIN leads_made l ON l.external_id = 'sim:' || (1 + t.i % $4::integer);
