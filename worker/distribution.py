@@ -6,9 +6,9 @@ they can be), set-based, and writes the events to the outbox.
 
 Routing reads the operators without locking them, and only those it may choose: the few
 first in its strategy's order by an index (see `routing_state`), so that a contact costs
-about the same whatever the size of the team. The write then locks and
-claims only the operators chosen, and the database re-checks their capacity there; when a
-concurrent transaction took it first, the whole transaction is retried (`CapacityTaken`).
+about the same whatever the size of the team. The write then locks and claims only the
+operators chosen, and the database re-checks their capacity there; when a concurrent
+transaction took it first, the whole transaction is retried (`CapacityTaken`).
 
 Lock order, everywhere: source advisory locks (ascending), then operator rows (ascending,
 `FOR UPDATE`), then lead rows (ascending external id, by the leads upsert), so two
