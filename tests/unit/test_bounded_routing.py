@@ -15,72 +15,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.routed_source import BIG, RoutedSource
 from worker.assignment import Queued, Window, assign
-from worker.strategies import Candidate, finish_key, least_loaded, load_key
+from worker.strategies import Candidate, least_loaded, load_key
 
-BIG = 10**9  # max_load: nobody fills up
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 # Chi-square critical values at p = 0.001 by degrees of freedom.
 CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}
 
 
-class Race:
-    """One weighted_random source's state as the database keeps it: the clock, and per
-    operator the start (available) or start - clock (unavailable), drawn at first as the
-    migration and the weight rows' trigger draw it."""
-
-    def __init__(self, weights: Sequence[int], seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.weights = list(weights)
-        self.clock = 0.0
-        self.start = [self.rng.expovariate(w) - 1 / w for w in weights]
-        self.available = [True] * len(weights)
-        self.rereads = 0
-
-    def set_available(self, available: Sequence[bool]) -> None:
-        """What the trigger of migration 0013 does when availability flips."""
-        for i, ok in enumerate(available):
-            if ok and not self.available[i]:
-                self.start[i] += self.clock
-            elif not ok and self.available[i]:
-                self.start[i] -= self.clock
-            self.available[i] = ok
-
-    def read(self, k: int, whole: bool) -> tuple[list[Candidate], Window]:
-        total = sum(w for w, ok in zip(self.weights, self.available, strict=True) if ok)
-        everyone = [
-            Candidate(i, w, 0, BIG, start=self.start[i])
-            for i, w in enumerate(self.weights)
-            if self.available[i]
-        ]
-        if whole:
-            return sorted(everyone, key=finish_key), Window(self.clock, total)
-        limit = 2 * k + 8
-        read = heapq.nsmallest(limit, everyone, key=finish_key)
-        last = finish_key(read[-1]) if len(read) >= limit else None
-        return read, Window(self.clock, total, None, last)
-
-    def route(self, contacts: Sequence[Queued]) -> list[int]:
-        """Route a batch as distribution._drain does; returns who took them, in order."""
-        whole = False
-        while True:
-            candidates, window = self.read(len(contacts), whole)
-            plan = assign(
-                contacts,
-                {1: candidates},
-                {1: "weighted_random"},
-                {},
-                self.rng,
-                windows={1: window},
-            )
-            if not plan.unread:
-                break
-            whole = True
-            self.rereads += 1
-        for (_, operator_id), start in plan.starts.items():
-            self.start[operator_id] = start
-        self.clock = plan.clocks.get(1, self.clock)
-        return [a.operator_id for a in plan.assignments]
+def drawn_race(weights: Sequence[int], seed: int) -> RoutedSource:
+    """A weighted_random source whose turns were drawn at first as the migration and the
+    weight rows' trigger draw them."""
+    rng = random.Random(seed)
+    return RoutedSource(
+        "weighted_random", weights, [rng.expovariate(w) - 1 / w for w in weights], rng
+    )
 
 
 def batch(k: int, skip: frozenset[int] = frozenset()) -> list[Queued]:
@@ -103,7 +53,7 @@ def chi_square_by_weight(counts: Counter[int], weights: Sequence[int], ids: set[
 
 def test_thousands_of_operators_are_drawn_by_weight_from_a_bounded_window() -> None:
     weights = [1 + n % 5 for n in range(3000)]
-    race = Race(weights, seed=14)
+    race = drawn_race(weights, seed=14)
     counts: Counter[int] = Counter()
     for _ in range(300):
         counts.update(race.route(batch(200)))
@@ -127,7 +77,7 @@ def test_thousands_of_operators_are_drawn_by_weight_from_a_bounded_window() -> N
 def test_each_contact_is_a_fresh_draw_among_those_available(weights: list[int], seed: int) -> None:
     """Operators leave and come back between batches (their turns kept as start - clock);
     in each phase the picks follow the weights of those available then."""
-    race = Race(weights, seed)
+    race = drawn_race(weights, seed)
     phases = [
         [True] * len(weights),
         [i % 2 == 0 for i in range(len(weights))],
@@ -148,7 +98,7 @@ def test_each_contact_is_a_fresh_draw_among_those_available(weights: list[int], 
 
 def test_a_skipped_operator_is_never_drawn_and_the_others_keep_their_law() -> None:
     weights = [1 + n % 3 for n in range(900)]
-    race = Race(weights, seed=3)
+    race = drawn_race(weights, seed=3)
     skipped = frozenset(range(0, 900, 4))
     counts: Counter[int] = Counter()
     for _ in range(150):
@@ -174,7 +124,7 @@ def test_a_turn_passed_while_skipped_is_drawn_again_within_the_batch() -> None:
     nobody: the skipped operators whose turns the clock passed meanwhile take no more of
     those 100 than their weight says (served first, they would take most of them)."""
     weights = [1 + n % 3 for n in range(900)]
-    race = Race(weights, seed=11)
+    race = drawn_race(weights, seed=11)
     skipped = frozenset(range(0, 900, 4))
     contacts = [
         Queued(n, 1, f"lead-{n}", skipped if n <= 300 else frozenset()) for n in range(1, 401)

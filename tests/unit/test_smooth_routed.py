@@ -4,7 +4,6 @@ the batch's bound), with the database's trigger freezing what an operator is owe
 they are unavailable. The promises of tests/unit/test_smooth.py hold the same way, and
 with teams in the thousands."""
 
-import heapq
 import random
 from collections.abc import Sequence
 from fractions import Fraction
@@ -12,74 +11,28 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.routed_source import BIG, RoutedSource
 from worker.assignment import Queued, Window, assign
-from worker.strategies import Candidate, finish_key
+from worker.strategies import Candidate
 
 WITHIN_ONE = 1 + Fraction(1, 10**9)
-BIG = 10**9  # max_load: nobody fills up
 
 
-class Source:
-    """One smooth source's state as the database keeps it: the clock, and per operator
-    the start (available) or start - clock at leaving (unavailable)."""
+def smooth(weights: Sequence[int]) -> RoutedSource:
+    return RoutedSource("smooth", weights, [0.0] * len(weights), random.Random(0))
 
-    def __init__(self, weights: Sequence[int]) -> None:
-        self.weights = list(weights)
-        self.clock = 0.0
-        self.start = [0.0] * len(weights)
-        self.available = [True] * len(weights)
-        self.rereads = 0
 
-    def set_available(self, available: Sequence[bool]) -> None:
-        """What the trigger of migration 0013 does when availability flips."""
-        for i, ok in enumerate(available):
-            if ok and not self.available[i]:
-                self.start[i] += self.clock
-            elif not ok and self.available[i]:
-                self.start[i] -= self.clock
-            self.available[i] = ok
-
-    def read(self, k: int, whole: bool) -> tuple[list[Candidate], Window]:
-        """routing_state's window for k contacts: below the bound, in the index's order,
-        at most 2k + 8."""
-        total = sum(w for w, ok in zip(self.weights, self.available, strict=True) if ok)
-        everyone = [
-            Candidate(i, w, 0, BIG, start=self.start[i])
-            for i, w in enumerate(self.weights)
-            if self.available[i]
-        ]
-        if whole:
-            return sorted(everyone, key=finish_key), Window(self.clock, total)
-        bound = self.clock + (k + 1) / total
-        limit = 2 * k + 8
-        read = heapq.nsmallest(limit, (c for c in everyone if c.start < bound), key=finish_key)
-        last = finish_key(read[-1]) if len(read) >= limit else None
-        return read, Window(self.clock, total, bound, last)
-
-    def route(self, k: int) -> list[int]:
-        """Route k contacts in one batch; returns who took them, in order."""
-        queued = [Queued(-n, 1, f"l{n}") for n in range(1, k + 1)]
-        whole = False
-        while True:
-            candidates, window = self.read(k, whole)
-            plan = assign(
-                queued, {1: candidates}, {1: "smooth"}, {}, random.Random(0), windows={1: window}
-            )
-            if not plan.unread:
-                break
-            self.rereads += 1
-            whole = True
-        for (_, operator_id), start in plan.starts.items():
-            self.start[operator_id] = start
-        self.clock = plan.clocks.get(1, self.clock)
-        assert len(plan.assignments) == k
-        return [a.operator_id for a in plan.assignments]
+def route(source: RoutedSource, k: int) -> list[int]:
+    """Route k new contacts in one batch; returns who took them, in order."""
+    chosen = source.route([Queued(-n, 1, f"l{n}") for n in range(1, k + 1)])
+    assert len(chosen) == k
+    return chosen
 
 
 def run(weights: Sequence[int], availability: Sequence[Sequence[bool]]) -> list[list[Fraction]]:
     """One contact per step among the available operators; after each step every
     operator's exact share (counted while available) minus their count."""
-    source = Source(weights)
+    source = smooth(weights)
     share = [Fraction(0)] * len(weights)
     count = [0] * len(weights)
     history = []
@@ -88,7 +41,7 @@ def run(weights: Sequence[int], availability: Sequence[Sequence[bool]]) -> list[
             continue
         source.set_available(available)
         total = sum(w for w, ok in zip(weights, available, strict=True) if ok)
-        [chosen] = source.route(1)
+        [chosen] = route(source, 1)
         for i, ok in enumerate(available):
             if ok:
                 share[i] += Fraction(weights[i], total)
@@ -164,8 +117,8 @@ def test_thousands_of_operators_in_batches_stay_within_one_at_every_step() -> No
     rng = random.Random(14)
     for team, batch, steps in ((1000, 200, 4000), (5000, 50, 3000), (2000, 1, 600)):
         weights = [rng.randint(1, 100) for _ in range(team)]
-        source = Source(weights)
-        picks = [p for _ in range(steps // batch) for p in source.route(batch)]
+        source = smooth(weights)
+        picks = [p for _ in range(steps // batch) for p in route(source, batch)]
         assert _worst(weights, picks) <= WITHIN_ONE, team
         assert source.rereads <= steps // batch // 10, (team, source.rereads)
 
@@ -173,8 +126,8 @@ def test_thousands_of_operators_in_batches_stay_within_one_at_every_step() -> No
 def test_thousands_of_operators_get_exact_whole_rounds() -> None:
     rng = random.Random(5000)
     weights = [rng.randint(1, 4) for _ in range(2000)]
-    source = Source(weights)
-    picks = [p for _ in range(sum(weights) // 100 + 1) for p in source.route(100)]
+    source = smooth(weights)
+    picks = [p for _ in range(sum(weights) // 100 + 1) for p in route(source, 100)]
     total = sum(weights)
     counts = [0] * len(weights)
     for p in picks[:total]:
@@ -188,10 +141,10 @@ def test_a_window_that_misses_the_choice_is_read_again_whole() -> None:
     within the window's bound) finish before the light one, who is the only one owed:
     the window of 2k + 8 = 10 holds only heavy ones, so routing reads the source whole
     and gives the light one the contact, as the rule says."""
-    source = Source([1] + [1000] * 20)
+    source = smooth([1] + [1000] * 20)
     total = 1 + 1000 * 20
     source.start = [0.0] + [1.5 / total] * 20
-    [chosen] = source.route(1)
+    [chosen] = route(source, 1)
     assert source.rereads == 1
     assert chosen == 0
 
