@@ -445,4 +445,5 @@ def _explain(
         explain.other(
             contact.id, contact.source_id, strategy, candidates, load, limit, contact.skip,
             chosen, affinity, passed_over,
+            available_weight=state.total if isinstance(state, _Race) else None,
         )  # fmt: skip

@@ -89,17 +89,9 @@ class Collector:
         if chosen is not None and chosen not in seen:
             w = by_id[chosen].weight
             rows.insert(0, [chosen, load[chosen], limit[chosen], w, start[chosen]])
-        detail = {
-            "strategy": "smooth",
-            "routed_by": source,
-            "read": len(by_id),
-            "clock": state.clock,
-            "candidates": rows,
-            "result": _result(chosen, affinity, passed_over),
-        }
-        if skipped:
-            detail["skipped"] = skipped[:SHOWN]
-        self._keep(contact_id, source, detail, chosen, passed_over)
+        detail = {"strategy": "smooth", "routed_by": source, "read": len(by_id)}
+        detail["clock"] = state.clock
+        self._keep(contact_id, source, detail, rows, skipped, chosen, affinity, passed_over)
 
     def other(
         self,
@@ -113,13 +105,20 @@ class Collector:
         chosen: int | None,
         affinity: bool,
         passed_over: bool = False,
+        available_weight: int | None = None,
     ) -> None:
         """A weighted_random or least_loaded decision: the candidates read (its window),
-        the first SHOWN by its order when there are more."""
+        the first SHOWN by its order when there are more. `available_weight`: the total
+        weight of the source's available operators at that point, read or not
+        (weighted_random's denominator; without it, that of the candidates read)."""
         free = [c for c in candidates if load[c.id] < limit[c.id] and c.id not in skip]
         skipped: list[list[Any]] = [[i, "skip"] for i in sorted(skip)]
         skipped += [[c.id, "full"] for c in candidates if load[c.id] >= limit[c.id]][:SHOWN]
         total = sum(c.weight for c in free)
+        if available_weight is not None:  # less those read whom the contact skips
+            total = available_weight - sum(
+                c.weight for c in candidates if c.id in skip and load[c.id] < limit[c.id]
+            )
         shown = free
         if len(free) > SHOWN:
             if strategy == "least_loaded":
@@ -128,23 +127,31 @@ class Collector:
                 shown = heapq.nlargest(SHOWN, free, key=lambda c: c.weight)
         if chosen is not None and all(c.id != chosen for c in shown):
             shown = [c for c in candidates if c.id == chosen] + shown
-        detail = {
-            "strategy": strategy,
-            "routed_by": source,
-            "read": len(candidates),
-            "total_weight": total,  # of those free: weighted_random's denominator
-            "candidates": [[c.id, load[c.id], limit[c.id], c.weight] for c in shown],
-            "result": _result(chosen, affinity, passed_over),
-        }
-        if skipped:
-            detail["skipped"] = skipped[:SHOWN]
-        self._keep(contact_id, source, detail, chosen, passed_over)
+        rows = [[c.id, load[c.id], limit[c.id], c.weight] for c in shown]
+        detail = {"strategy": strategy, "routed_by": source, "read": len(candidates)}
+        detail["total_weight"] = total  # of those free: weighted_random's denominator
+        self._keep(contact_id, source, detail, rows, skipped, chosen, affinity, passed_over)
 
     def _keep(
-        self, contact_id: int, source: int, detail: Detail, chosen: int | None, passed: bool
+        self,
+        contact_id: int,
+        source: int,
+        detail: Detail,
+        rows: list[list[Any]],
+        skipped: list[list[Any]],
+        chosen: int | None,
+        affinity: bool,
+        passed_over: bool,
     ) -> None:
+        """Complete the decision's `detail` (its candidate rows, the result, who was
+        skipped) and keep it; one that found nobody is what the source's later contacts
+        were behind."""
+        detail["candidates"] = rows
+        detail["result"] = _result(chosen, affinity, passed_over)
+        if skipped:
+            detail["skipped"] = skipped[:SHOWN]
         self.details[contact_id] = detail
-        if chosen is None and not passed:
+        if chosen is None and not passed_over:
             self._blocked[source] = detail
 
 

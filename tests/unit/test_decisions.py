@@ -81,3 +81,24 @@ def test_affinity_and_skips_are_named() -> None:
     assert first["skipped"] == [{"operator_id": 3, "why": "skip"}]
     assert {c["operator_id"]: c["probability"] for c in first["candidates"]} == {1: 0.5, 2: 0.5}
     assert explain.details[8]["result"] == "affinity"
+
+
+def test_a_weighted_random_window_gives_each_its_odds_in_the_whole_team() -> None:
+    """A window read 10 operators of a team of weight 1,000: each candidate's probability
+    is its weight over the team's available weight (less the contact's skips), not over
+    the window's."""
+    read = [Candidate(i, 2, 0, 5, start=i / 100) for i in range(1, 11)]
+    window = Window(0.0, 1000, None, (1.0, -2, 10))
+    explain = Collector()
+    plan = assign(
+        [Queued(7, 1, "a", skip=frozenset({1}))],
+        {1: read},
+        {1: "weighted_random"},
+        {},
+        random.Random(0),
+        windows={1: window},
+        explain=explain,
+    )
+    assert plan.assignments
+    shown = expand(explain.details[7])
+    assert {c["probability"] for c in shown["candidates"]} == {round(2 / 998, 4)}
