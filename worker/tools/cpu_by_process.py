@@ -1,0 +1,85 @@
+"""Where a benchmark's CPU goes on this machine: runs a command and reports the CPU seconds
+used meanwhile by RabbitMQ (beam.smp), PostgreSQL's backends of bench databases (their
+database name has `_bench_` in it), leadrouter worker processes, and the bench itself,
+from /proc (Linux; the servers must run on this machine).
+
+    python -m worker.tools.cpu_by_process leadrouter bench --offers
+
+On a machine whose cores the worker shares with the broker and the database, throughput
+follows the CPU all of them spend per message, not the worker's alone."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAMPLE_SECONDS = 0.2
+
+
+def kind(cmdline: str) -> str | None:
+    """Which of the reported kinds a process is, by its command line."""
+    if "beam.smp" in cmdline:
+        return "rabbitmq"
+    if cmdline.startswith("postgres:"):
+        return "postgresql" if "_bench_" in cmdline else None
+    if "worker.cli worker" in cmdline or "worker.tools.bench_reference" in cmdline:
+        return "worker"
+    if "leadrouter bench" in cmdline or "worker.cli bench" in cmdline:
+        return "bench"
+    return None
+
+
+def _processes(known: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """Per process of a reported kind: (kind, CPU seconds so far). `known`: the kinds
+    found before, by pid (a process that has exited but is not reaped yet shows its final
+    CPU, but no command line)."""
+    out = {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        found = kind(cmdline) or known.get(int(entry.name))
+        if found is not None:
+            out[int(entry.name)] = (found, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def measure(command: list[str]) -> dict[str, float]:
+    """Run `command` (its output discarded); CPU seconds per kind while it ran. A process
+    that ends before the command counts up to its last reading (SAMPLE_SECONDS apart);
+    the command itself, to its end."""
+    last = _processes({})
+    first = {pid: cpu for pid, (_, cpu) in last.items()}
+    began = time.monotonic()
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL) as proc:
+        exited = False
+        while not exited:
+            # Looked at before the reading: once it has exited (not reaped, WNOWAIT), the
+            # reading has its final CPU.
+            exited = bool(os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT))
+            last.update(_processes({pid: found for pid, (found, _) in last.items()}))
+            if not exited:
+                time.sleep(SAMPLE_SECONDS)
+    used: dict[str, float] = {}
+    for pid, (found, cpu) in last.items():
+        used[found] = used.get(found, 0.0) + cpu - first.get(pid, 0.0)
+    return {"wall_seconds": round(time.monotonic() - began, 1)} | {
+        k: round(v, 1) for k, v in sorted(used.items())
+    }
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(json.dumps(measure(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
