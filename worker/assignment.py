@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.decisions import Collector
-from worker.strategies import Candidate, LoadKey, finish_key, load_key, smooth_next
+from worker.strategies import Candidate, LoadKey, finish_key_of, load_key_of, smooth_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +82,7 @@ class _Smooth:
         self.passed: list[int] = []  # the full ones a choice popped, for the history
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
-        c = self.by_id[operator_id]
-        return finish_key(Candidate(c.id, c.weight, 0, 0, start=self.start[operator_id]))
+        return finish_key_of(self.start[operator_id], self.by_id[operator_id].weight, operator_id)
 
     def choose(self, available: Callable[[int], bool], skip: Set[int] = frozenset()) -> int | None:
         """The next operator by the smooth rule among those `available` and not in `skip`
@@ -317,7 +316,7 @@ def assign(
     def loaded(operator_id: int) -> LoadKey:
         c = read[operator_id]
         at = last.get(operator_id, c.last_assigned_at)
-        return load_key(Candidate(operator_id, c.weight, load[operator_id], 0, at))
+        return load_key_of(load[operator_id], c.weight, at, operator_id)
 
     def free(operator_id: int) -> bool:
         return load[operator_id] < limit[operator_id]
