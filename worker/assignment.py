@@ -69,6 +69,13 @@ class _Smooth:
     ones by the smooth order, so that a contact costs O(log n) in the candidates read."""
 
     def __init__(self, window: Window, candidates: Sequence[Candidate]) -> None:
+        self._read(window, candidates)
+        self.waiting = [(c.start, c.id, 0) for c in candidates]
+        heapq.heapify(self.waiting)
+        self.ready: list[tuple[tuple[float, int, int], int, int]] = []
+
+    def _read(self, window: Window, candidates: Sequence[Candidate]) -> None:
+        """What a smooth source and a race keep alike: all but their heaps."""
         self.window = window
         self.room = sum(c.open_load < c.max_load for c in candidates)  # how many can take one
         self.clock = window.clock
@@ -76,9 +83,6 @@ class _Smooth:
         self.start = {c.id: c.start for c in candidates}
         self.by_id = {c.id: c for c in candidates}
         self.version = dict.fromkeys(self.start, 0)
-        self.waiting = [(c.start, c.id, 0) for c in candidates]
-        heapq.heapify(self.waiting)
-        self.ready: list[tuple[tuple[float, int, int], int, int]] = []
         self.passed: list[int] = []  # the full ones a choice popped, for the history
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
@@ -168,7 +172,7 @@ class _Race(_Smooth):
     def __init__(
         self, window: Window, candidates: Sequence[Candidate], rng: random.Random, fresh: bool
     ) -> None:
-        super().__init__(window, candidates)
+        self._read(window, candidates)
         self.rng = rng
         self.drawn: set[int] = set()  # operators whose turn was drawn here, to be stored
         for c in candidates:
