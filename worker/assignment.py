@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.decisions import Collector
-from worker.strategies import Candidate, LoadKey, finish_key, load_key, smooth_next
+from worker.strategies import Candidate, LoadKey, finish_key_of, load_key_of, smooth_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,13 @@ class _Smooth:
     ones by the smooth order, so that a contact costs O(log n) in the candidates read."""
 
     def __init__(self, window: Window, candidates: Sequence[Candidate]) -> None:
+        self._read(window, candidates)
+        self.waiting = [(c.start, c.id, 0) for c in candidates]
+        heapq.heapify(self.waiting)
+        self.ready: list[tuple[tuple[float, int, int], int, int]] = []
+
+    def _read(self, window: Window, candidates: Sequence[Candidate]) -> None:
+        """What a smooth source and a race keep alike: all but their heaps."""
         self.window = window
         self.room = sum(c.open_load < c.max_load for c in candidates)  # how many can take one
         self.clock = window.clock
@@ -76,14 +83,10 @@ class _Smooth:
         self.start = {c.id: c.start for c in candidates}
         self.by_id = {c.id: c for c in candidates}
         self.version = dict.fromkeys(self.start, 0)
-        self.waiting = [(c.start, c.id, 0) for c in candidates]
-        heapq.heapify(self.waiting)
-        self.ready: list[tuple[tuple[float, int, int], int, int]] = []
         self.passed: list[int] = []  # the full ones a choice popped, for the history
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
-        c = self.by_id[operator_id]
-        return finish_key(Candidate(c.id, c.weight, 0, 0, start=self.start[operator_id]))
+        return finish_key_of(self.start[operator_id], self.by_id[operator_id].weight, operator_id)
 
     def choose(self, available: Callable[[int], bool], skip: Set[int] = frozenset()) -> int | None:
         """The next operator by the smooth rule among those `available` and not in `skip`
@@ -169,7 +172,7 @@ class _Race(_Smooth):
     def __init__(
         self, window: Window, candidates: Sequence[Candidate], rng: random.Random, fresh: bool
     ) -> None:
-        super().__init__(window, candidates)
+        self._read(window, candidates)
         self.rng = rng
         self.drawn: set[int] = set()  # operators whose turn was drawn here, to be stored
         for c in candidates:
@@ -221,6 +224,36 @@ class _Race(_Smooth):
         self.version[operator_id] += 1
         heapq.heappush(self.ready, (self.key(operator_id), operator_id, self.version[operator_id]))
         return True
+
+
+class _LoadOrder:
+    """The least_loaded order of the operators at this point of the batch (their load in
+    `load`, which `assign` counts), shared by the least_loaded sources of a batch. Kept
+    only when one is in it: no other strategy reads a last assignment."""
+
+    def __init__(self, weights: Mapping[int, Sequence[Candidate]], load: Mapping[int, int]) -> None:
+        self.read = {c.id: c for cs in weights.values() for c in cs}
+        self.load = load
+        # Assigned in this batch: later than anything in the database, in batch order.
+        self.latest = max(
+            (
+                c.last_assigned_at
+                for cs in weights.values()
+                for c in cs
+                if c.last_assigned_at is not None
+            ),
+            default=datetime.now(UTC),
+        )
+        self.last: dict[int, datetime] = {}
+
+    def key(self, operator_id: int) -> LoadKey:
+        c = self.read[operator_id]
+        at = self.last.get(operator_id, c.last_assigned_at)
+        return load_key_of(self.load[operator_id], c.weight, at, operator_id)
+
+    def took(self, operator_id: int, assignments: int) -> None:
+        """`operator_id` took the batch's `assignments`-th contact."""
+        self.last[operator_id] = self.latest + timedelta(microseconds=assignments)
 
 
 class _Loaded:
@@ -295,48 +328,29 @@ def assign(
     (without one, the candidates are all there are, owed nothing by a clock at 0, and
     weighted_random draws everyone's turn afresh); `explain`: filled with what each
     decision was made on (history)."""
-    load: dict[int, int] = {}
-    limit: dict[int, int] = {}
-    read: dict[int, Candidate] = {}
-    for candidates in weights.values():
-        for c in candidates:
-            load[c.id], limit[c.id] = c.open_load, c.max_load
-            read[c.id] = c
-    # Assigned in this batch: later than anything in the database, in batch order.
-    latest = max(
-        (
-            c.last_assigned_at
-            for cs in weights.values()
-            for c in cs
-            if c.last_assigned_at is not None
-        ),
-        default=datetime.now(UTC),
-    )
-    last: dict[int, datetime] = {}
-
-    def loaded(operator_id: int) -> LoadKey:
-        c = read[operator_id]
-        at = last.get(operator_id, c.last_assigned_at)
-        return load_key(Candidate(operator_id, c.weight, load[operator_id], 0, at))
+    load = {c.id: c.open_load for candidates in weights.values() for c in candidates}
+    limit = {c.id: c.max_load for candidates in weights.values() for c in candidates}
 
     def free(operator_id: int) -> bool:
         return load[operator_id] < limit[operator_id]
 
+    order: _LoadOrder | None = None
+    if any(strategies.get(source) == "least_loaded" for source in weights):
+        order = _LoadOrder(weights, load)
     states: dict[int, _Smooth | _Loaded] = {}
     for source, candidates in weights.items():
-        given = (windows or {}).get(source)
+        given = windows.get(source) if windows else None
         window = given or Window(0.0, sum(c.weight for c in candidates))
         strategy = strategies.get(source)
         if strategy == "weighted_random":
             states[source] = _Race(window, candidates, rng, fresh=given is None)
         elif strategy == "least_loaded":
-            states[source] = _Loaded(window, candidates, loaded)
+            assert order is not None
+            states[source] = _Loaded(window, candidates, order.key)
         else:
             states[source] = _Smooth(window, candidates)
-    weighted_in: dict[int, list[int]] = {}  # operator -> the sources they were read for
-    for source, candidates in weights.items():
-        for c in candidates:
-            weighted_in.setdefault(c.id, []).append(source)
+    # operator -> the sources they were read for: built when someone first fills up
+    weighted_in: dict[int, list[int]] | None = None
     left_at: dict[tuple[int, int], float] = {}  # (source, operator) -> clock when they filled
     just_had: dict[tuple[str, int], int] = {}  # (lead, source) -> operator, this batch
     plan = Plan([])
@@ -387,7 +401,8 @@ def assign(
             blocked.add(source)
             continue
         load[chosen_id] += 1
-        last[chosen_id] = latest + timedelta(microseconds=len(plan.assignments) + 1)
+        if order is not None:
+            order.took(chosen_id, len(plan.assignments) + 1)
         just_had[(contact.lead, source)] = chosen_id
         if state is not None and state.took(chosen_id, by_affinity):
             assert isinstance(state, _Smooth)
@@ -398,6 +413,11 @@ def assign(
             # drops from here on, and their start there (smooth, weighted_random) is
             # stored as if they left at the end of the batch (the database then keeps
             # start - clock).
+            if weighted_in is None:
+                weighted_in = {}
+                for other, cs in weights.items():
+                    for c in cs:
+                        weighted_in.setdefault(c.id, []).append(other)
             for other in weighted_in.get(chosen_id, ()):
                 there = states[other]
                 if there.left(chosen_id):

@@ -423,7 +423,11 @@ class _Replay:
         self.starts.update(plan.starts)
         self.clock.update(plan.clocks)
         given: set[int] = set()
-        touched = {o for _, o in plan.starts}
+        # Whose candidates change: those who took a contact (their load, last assignment,
+        # their smooth starts: a smooth start changes only with a contact taken). A
+        # weighted_random turn drawn afresh changes a start too, but the next decision
+        # draws afresh again (no window): it never reads it.
+        touched: set[int] = set()
         at = EPOCH + timedelta(microseconds=now)
         records, counted, report = self.records, self.counted, self.report
         for a in plan.assignments:

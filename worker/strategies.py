@@ -82,7 +82,12 @@ def smooth_next(candidates: Sequence[Candidate], clock: float, total: int) -> Ca
 def finish_key(c: Candidate) -> tuple[float, int, int]:
     """The smooth order: earliest virtual finish, then the larger weight, then the lower id
     (the order of the available-weights index)."""
-    return (c.start + 1 / c.weight, -c.weight, c.id)
+    return finish_key_of(c.start, c.weight, c.id)
+
+
+def finish_key_of(start: float, weight: int, operator_id: int) -> tuple[float, int, int]:
+    """`finish_key` of plain values, for routing's heaps (no Candidate built per key)."""
+    return (start + 1 / weight, -weight, operator_id)
 
 
 def least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> Candidate:
@@ -98,13 +103,12 @@ LoadKey = tuple[float, int, bool, datetime, int]
 
 def load_key(c: Candidate) -> LoadKey:
     """The least_loaded order (that of the least_loaded weights index, migration 0021)."""
-    return (
-        c.open_load / c.weight,
-        -c.weight,
-        c.last_assigned_at is not None,
-        c.last_assigned_at or datetime.min,
-        c.id,
-    )
+    return load_key_of(c.open_load, c.weight, c.last_assigned_at, c.id)
+
+
+def load_key_of(load: int, weight: int, at: datetime | None, operator_id: int) -> LoadKey:
+    """`load_key` of plain values, for routing's heap (no Candidate built per key)."""
+    return (load / weight, -weight, at is not None, at or datetime.min, operator_id)
 
 
 STRATEGIES: dict[str, Strategy] = {
