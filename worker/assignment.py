@@ -232,7 +232,7 @@ class _LoadOrder:
     only when one is in it: no other strategy reads a last assignment."""
 
     def __init__(self, weights: Mapping[int, Sequence[Candidate]], load: Mapping[int, int]) -> None:
-        self.read = {c.id: c for cs in weights.values() for c in cs}
+        self.assigned_at = {c.id: c.last_assigned_at for cs in weights.values() for c in cs}
         self.load = load
         # Assigned in this batch: later than anything in the database, in batch order.
         self.latest = max(
@@ -246,10 +246,11 @@ class _LoadOrder:
         )
         self.last: dict[int, datetime] = {}
 
-    def key(self, operator_id: int) -> LoadKey:
-        c = self.read[operator_id]
-        at = self.last.get(operator_id, c.last_assigned_at)
-        return load_key_of(self.load[operator_id], c.weight, at, operator_id)
+    def key(self, operator_id: int, weight: int) -> LoadKey:
+        """Their place in the order of a source that weights them `weight` (their load
+        and last assignment are theirs, whatever the source)."""
+        at = self.last.get(operator_id, self.assigned_at[operator_id])
+        return load_key_of(self.load[operator_id], weight, at, operator_id)
 
     def took(self, operator_id: int, assignments: int) -> None:
         """`operator_id` took the batch's `assignments`-th contact."""
@@ -262,14 +263,16 @@ class _Loaded:
     so an entry whose key is no longer its operator's (they took a contact, here or for
     another source) is pushed back with the new one when it comes up."""
 
-    def __init__(
-        self, window: Window, candidates: Sequence[Candidate], key: Callable[[int], LoadKey]
-    ) -> None:
+    def __init__(self, window: Window, candidates: Sequence[Candidate], order: _LoadOrder) -> None:
         self.window = window
         self.room = sum(c.open_load < c.max_load for c in candidates)
-        self.key = key
-        self.heap = [(key(c.id), c.id) for c in candidates]
+        self.order = order
+        self.weight = {c.id: c.weight for c in candidates}  # this source's
+        self.heap = [(self.key(c.id), c.id) for c in candidates]
         heapq.heapify(self.heap)
+
+    def key(self, operator_id: int) -> LoadKey:
+        return self.order.key(operator_id, self.weight[operator_id])
 
     def choose(self, available: Callable[[int], bool], skip: Set[int] = frozenset()) -> int | None:
         """The first operator in the order among those `available` and not in `skip` (or
@@ -346,7 +349,7 @@ def assign(
             states[source] = _Race(window, candidates, rng, fresh=given is None)
         elif strategy == "least_loaded":
             assert order is not None
-            states[source] = _Loaded(window, candidates, order.key)
+            states[source] = _Loaded(window, candidates, order)
         else:
             states[source] = _Smooth(window, candidates)
     # operator -> the sources they were read for: built when someone first fills up

@@ -70,3 +70,15 @@ def test_a_lead_is_not_sent_back_by_affinity_to_an_operator_it_skips() -> None:
     plan = assign(queued, {1: _team()}, {1: "least_loaded"}, {7: 10}, random.Random(0), {1})
     [a] = plan.assignments
     assert (a.operator_id, a.affinity) == (11, False)
+
+
+def test_least_loaded_orders_by_the_weights_of_the_source_it_routes() -> None:
+    """Operator 1 is weighted 1 on the least_loaded source and 3 on another source of the
+    same batch: for the first, their load per weight is 2 / 1, above operator 2's 3 / 2,
+    whichever order the sources come in."""
+    for_least = [Candidate(1, 1, 2, 10), Candidate(2, 2, 3, 10)]
+    for_smooth = [Candidate(1, 3, 2, 10)]
+    strategies = {1: "least_loaded", 2: "smooth"}
+    for weights in ({1: for_least, 2: for_smooth}, {2: for_smooth, 1: for_least}):
+        plan = assign([Queued(-1, 1, "l")], weights, strategies, {}, random.Random(0))
+        assert [a.operator_id for a in plan.assignments] == [2]
