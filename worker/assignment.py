@@ -83,7 +83,8 @@ class _Smooth:
         self.start = {c.id: c.start for c in candidates}
         self.by_id = {c.id: c for c in candidates}
         self.version = dict.fromkeys(self.start, 0)
-        self.passed: list[int] = []  # the full ones a choice popped, for the history
+        # The full ones a choice popped, for the history (None: not recording it).
+        self.passed: list[int] | None = None
 
     def key(self, operator_id: int) -> tuple[float, int, int]:
         return finish_key_of(self.start[operator_id], self.by_id[operator_id].weight, operator_id)
@@ -120,7 +121,7 @@ class _Smooth:
                     break
                 set_aside.append(heapq.heappop(self.ready))
                 continue
-            if version == self.version[operator_id]:
+            if self.passed is not None and version == self.version[operator_id]:
                 self.passed.append(operator_id)
             heapq.heappop(self.ready)
         if not self.ready:
@@ -145,13 +146,16 @@ class _Smooth:
         """`operator_id` took a contact (by the rule or by affinity: both count, so that
         shares stay fair). Returns whether the source's state changed."""
         self.start[operator_id] += 1 / self.by_id[operator_id].weight
-        self.version[operator_id] += 1
-        heapq.heappush(
-            self.waiting, (self.start[operator_id], operator_id, self.version[operator_id])
-        )
+        self._moved(self.waiting, operator_id, self.start[operator_id])
         if self.total > 0:
             self.clock += 1 / self.total
         return True
+
+    def _moved(self, heap: list[tuple[Any, int, int]], operator_id: int, key: Any) -> None:
+        """Their start moved: the entries of theirs in the heaps are stale from now on, and
+        one with the new `key` goes into `heap`."""
+        self.version[operator_id] += 1
+        heapq.heappush(heap, (key, operator_id, self.version[operator_id]))
 
     def left(self, operator_id: int) -> bool:
         """`operator_id` filled up. Returns whether their start is stored as of leaving."""
@@ -221,8 +225,7 @@ class _Race(_Smooth):
             return False
         self.clock = self.start[operator_id] + 1 / self.by_id[operator_id].weight
         self.start[operator_id] += self.rng.expovariate(self.by_id[operator_id].weight)
-        self.version[operator_id] += 1
-        heapq.heappush(self.ready, (self.key(operator_id), operator_id, self.version[operator_id]))
+        self._moved(self.ready, operator_id, self.key(operator_id))
         return True
 
 
@@ -351,7 +354,9 @@ def assign(
             assert order is not None
             states[source] = _Loaded(window, candidates, order)
         else:
-            states[source] = _Smooth(window, candidates)
+            states[source] = smooth = _Smooth(window, candidates)
+            if explain is not None:
+                smooth.passed = []
     # operator -> the sources they were read for: built when someone first fills up
     weighted_in: dict[int, list[int]] | None = None
     left_at: dict[tuple[int, int], float] = {}  # (source, operator) -> clock when they filled
