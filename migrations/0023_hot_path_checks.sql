@@ -1,5 +1,5 @@
--- Foreign keys off the two tables every routing transaction writes most, as offers,
--- overflows and history already have none: leads, sources, operators and contacts are
+-- Foreign keys off the two tables every routing transaction writes most, as offers and
+-- history (contact_decisions) already have none: leads, sources, operators and contacts are
 -- never deleted, and the code only writes ids it has just read or written. Each key
 -- checked a row per write: an event's check of its contact also locked that contact's
 -- row (a page write), and a contact updated twice in one transaction (an offer taken

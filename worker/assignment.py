@@ -178,6 +178,7 @@ class _Race(_Smooth):
     ) -> None:
         self._read(window, candidates)
         self.rng = rng
+        self.fresh = fresh  # no window given: `total` is every candidate's, full ones too
         self.drawn: set[int] = set()  # operators whose turn was drawn here, to be stored
         for c in candidates:
             if fresh or c.start + 1 / c.weight <= self.clock:
@@ -473,5 +474,5 @@ def _explain(
         explain.other(
             contact.id, contact.source_id, strategy, candidates, load, limit, contact.skip,
             chosen, affinity, passed_over,
-            available_weight=state.total if isinstance(state, _Race) else None,
+            available_weight=state.total if isinstance(state, _Race) and not state.fresh else None,
         )  # fmt: skip

@@ -110,7 +110,8 @@ class Collector:
         """A weighted_random or least_loaded decision: the candidates read (its window),
         the first SHOWN by its order when there are more. `available_weight`: the total
         weight of the source's available operators at that point, read or not
-        (weighted_random's denominator; without it, that of the candidates read)."""
+        (weighted_random's denominator, less those read whom the contact skips; those it
+        skips that were not read stay in it); without it, that of the free candidates."""
         free = [c for c in candidates if load[c.id] < limit[c.id] and c.id not in skip]
         skipped: list[list[Any]] = [[i, "skip"] for i in sorted(skip)]
         skipped += [[c.id, "full"] for c in candidates if load[c.id] >= limit[c.id]][:SHOWN]
@@ -129,7 +130,7 @@ class Collector:
             shown = [c for c in candidates if c.id == chosen] + shown
         rows = [[c.id, load[c.id], limit[c.id], c.weight] for c in shown]
         detail = {"strategy": strategy, "routed_by": source, "read": len(candidates)}
-        detail["total_weight"] = total  # of those free: weighted_random's denominator
+        detail["total_weight"] = total  # weighted_random's denominator
         self._keep(contact_id, source, detail, rows, skipped, chosen, affinity, passed_over)
 
     def _keep(

@@ -1,6 +1,6 @@
 """Offer deadlines are kept in PostgreSQL by the workers themselves: an unanswered offer
-moves on within a second of its deadline, in bulk, shared by several worker processes,
-and also when the worker that was expiring them was killed."""
+moves on within a second of its deadline, also when the worker that was expiring it was
+killed; 10,000 due at once move on in bulk, shared by several worker processes."""
 
 import asyncio
 from pathlib import Path
@@ -123,12 +123,13 @@ async def test_an_unanswered_offer_moves_on_within_a_second(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-async def test_ten_thousand_offers_expiring_in_one_second_move_on_within_a_second(
+async def test_ten_thousand_offers_due_at_once_move_on_in_bulk(
     pool: asyncpg.Pool, settings: Settings, tmp_path: Path
 ) -> None:
     """10,000 offers over 10 sources, all due at the same instant; two worker processes
     share the work (a source at a time each) and route every one on to the other
-    operator, each within a second of the deadline."""
+    operator, in bulk, at once; how long after the deadline is printed (the design's 1 s
+    is out of reach on this machine: README, Offers)."""
     total, sources = 10_000, 10
     _, keys = await _two_operators_many_sources(pool, sources, total, timeout=3600)
     await _offer(pool, keys, total // sources)
@@ -167,9 +168,9 @@ async def test_ten_thousand_offers_expiring_in_one_second_move_on_within_a_secon
     sweeps = [e for e in logs if e.get("event") == "offers_expired"]
     assert sum(e["expired"] for e in sweeps) == total
     assert len(sweeps) <= 4, [(e["sources"], e["expired"]) for e in sweeps]
-    # The target is 1 s, which this machine does not reach (README, Offers: measured
-    # 1.3-3.6 s, both workers' relays publishing the 20,000 events meanwhile). The time
-    # is printed; the bound here only catches an expiry gone astray, not a slow machine.
+    # The target is 1 s, which this machine does not reach (README, Offers: 2.5-2.7 s,
+    # both workers' relays publishing the 20,000 events meanwhile). The time is printed;
+    # the bound here only catches an expiry gone astray, not a slow machine.
     assert seen < SECONDS_FOR_TEN_THOUSAND, f"the offers moved on {seen:.3f} s after their deadline"
     # No offer was expired twice.
     assert (

@@ -14,11 +14,12 @@ def test_processes_are_told_apart_by_their_command_line() -> None:
     assert kind("postgres: checkpointer ") is None
     assert kind("/venv/bin/python -m worker.cli worker ") == "worker"
     assert kind("/venv/bin/python /venv/bin/leadrouter bench --offers ") == "bench"
-    assert kind("/usr/bin/bash ") is None
 
 
-def test_the_cpu_a_command_used_is_counted() -> None:
+def test_the_cpu_of_the_command_is_counted_to_its_end() -> None:
+    """The command burns 0.5 s of CPU and exits at once, between two readings: counted
+    whole (read while it waits to be reaped), and nothing is taken for a worker."""
     burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
-    used = measure([sys.executable, "-c", burn, "leadrouter bench"])
-    assert 0.5 <= used["bench"] <= 1.0, used  # its whole CPU, to its end
-    assert used["wall_seconds"] >= 0.5
+    used = measure([sys.executable, "-c", burn])
+    assert 0.45 <= used["bench"] <= 0.8, used
+    assert "worker" not in used

@@ -102,3 +102,20 @@ def test_a_weighted_random_window_gives_each_its_odds_in_the_whole_team() -> Non
     assert plan.assignments
     shown = expand(explain.details[7])
     assert {c["probability"] for c in shown["candidates"]} == {round(2 / 998, 4)}
+
+
+def test_without_a_window_the_odds_are_over_those_free() -> None:
+    """No window given (every candidate read, full ones too): the denominator is the
+    weight of those who can take the contact."""
+    team = [Candidate(1, 1, 5, 5), Candidate(2, 1, 0, 5)]
+    explain = Collector()
+    assign(
+        [Queued(7, 1, "a")],
+        {1: team},
+        {1: "weighted_random"},
+        {},
+        random.Random(0),
+        explain=explain,
+    )
+    [shown] = expand(explain.details[7])["candidates"]
+    assert shown["operator_id"] == 2 and shown["probability"] == 1.0

@@ -1,7 +1,11 @@
 """Where a benchmark's CPU goes on this machine: runs a command and reports the CPU seconds
-used meanwhile by RabbitMQ (beam.smp), PostgreSQL's backends of bench databases (their
-database name has `_bench_` in it), leadrouter worker processes, and the bench itself,
-from /proc (Linux; the servers must run on this machine).
+used meanwhile by the command itself and what it started (as `bench` and, for the
+leadrouter worker processes among them, `worker`), RabbitMQ (every beam.smp of the
+machine) and PostgreSQL's backends of bench databases (their database name has `_bench_`
+in it; not the server's background processes), from /proc (Linux; the servers must run on
+this machine). RabbitMQ and the backends are counted whoever uses them: run nothing else
+meanwhile. The command's own output goes to standard error, the figures to standard
+output as JSON.
 
     python -m worker.tools.cpu_by_process leadrouter bench --offers
 
@@ -19,24 +23,27 @@ SAMPLE_SECONDS = 0.2
 
 
 def kind(cmdline: str) -> str | None:
-    """Which of the reported kinds a process is, by its command line."""
+    """Which of the reported kinds a process is, by its command line (`bench` stands for
+    anything the command started that is not a worker)."""
     if "beam.smp" in cmdline:
         return "rabbitmq"
     if cmdline.startswith("postgres:"):
         return "postgresql" if "_bench_" in cmdline else None
     if "worker.cli worker" in cmdline or "worker.tools.bench_reference" in cmdline:
         return "worker"
-    if "leadrouter bench" in cmdline or "worker.cli bench" in cmdline:
-        return "bench"
-    return None
+    return "bench"
 
 
-def _processes(known: dict[int, str]) -> dict[int, tuple[str, float]]:
-    """Per process of a reported kind: (kind, CPU seconds so far). `known`: the kinds
-    found before, by pid (a process that has exited but is not reaped yet shows its final
-    CPU, but no command line)."""
-    out = {}
+# Counted only for the command and what it started.
+_OURS = frozenset({"bench", "worker"})
+
+
+def _processes(root: int, known: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """Per process of a reported kind: (kind, CPU seconds so far). `root`: the command's
+    pid; `known`: the kinds found before, by pid (a process that has exited but is not
+    reaped yet shows its final CPU, but no command line)."""
     ticks = os.sysconf("SC_CLK_TCK")
+    seen: dict[int, tuple[int, str, float]] = {}  # pid -> (parent pid, command line, CPU)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -45,26 +52,36 @@ def _processes(known: dict[int, str]) -> dict[int, tuple[str, float]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        found = kind(cmdline) or known.get(int(entry.name))
-        if found is not None:
-            out[int(entry.name)] = (found, (int(fields[11]) + int(fields[12])) / ticks)
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        seen[int(entry.name)] = (int(fields[1]), cmdline, cpu)
+    ours = {root}
+    grew = True
+    while grew:  # the command's descendants
+        before = len(ours)
+        ours |= {pid for pid, (parent, _, _) in seen.items() if parent in ours}
+        grew = len(ours) > before
+    out = {}
+    for pid, (_, cmdline, cpu) in seen.items():
+        found = known.get(pid) or (kind(cmdline) if cmdline else None)
+        if found is not None and (pid in ours) == (found in _OURS):
+            out[pid] = (found, cpu)
     return out
 
 
 def measure(command: list[str]) -> dict[str, float]:
-    """Run `command` (its output discarded); CPU seconds per kind while it ran. A process
-    that ends before the command counts up to its last reading (SAMPLE_SECONDS apart);
-    the command itself, to its end."""
-    last = _processes({})
+    """Run `command` (its output sent to standard error); CPU seconds per kind while it
+    ran. A process that ends before the command counts up to its last reading
+    (SAMPLE_SECONDS apart); the command itself, to its end."""
+    last = _processes(-1, {})  # the servers' processes, before
     first = {pid: cpu for pid, (_, cpu) in last.items()}
     began = time.monotonic()
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL) as proc:
+    with subprocess.Popen(command, stdout=sys.stderr) as proc:
         exited = False
         while not exited:
             # Looked at before the reading: once it has exited (not reaped, WNOWAIT), the
             # reading has its final CPU.
             exited = bool(os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT))
-            last.update(_processes({pid: found for pid, (found, _) in last.items()}))
+            last.update(_processes(proc.pid, {pid: found for pid, (found, _) in last.items()}))
             if not exited:
                 time.sleep(SAMPLE_SECONDS)
     used: dict[str, float] = {}
