@@ -27,7 +27,6 @@ for each confirm, and a contact counts once its `contact.assigned` (the accept) 
 
 import asyncio
 import json
-import os
 import random
 import resource
 import signal
@@ -35,7 +34,6 @@ import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,7 +52,7 @@ from worker.migrate import drop_database, migrate
 from worker.settings import Settings
 from worker.strategies import DEFAULT_STRATEGY
 from worker.tools import bench_reference
-from worker.tools.processes import spawn_module, spawn_worker
+from worker.tools.processes import proc_stat, spawn_module, spawn_worker
 
 OPERATORS = 40
 WEIGHTS_PER_SOURCE = 4
@@ -133,11 +131,6 @@ def _status_mb(field: str, pid: int | str = "self") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -467,7 +460,7 @@ async def _measure(
                     )
         result.rss_at_end_mb = round(rss_now(), 1)
         if workers:
-            cpu = sum(_cpu_seconds(p.pid) for p in procs)
+            cpu = sum(proc_stat(p.pid)[1] for p in procs)
             peak = max(_status_mb("VmHWM", p.pid) for p in procs)
         else:
             cpu = time.process_time() - cpu_before

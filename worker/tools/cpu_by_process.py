@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from worker.tools.processes import proc_stat
+
 SAMPLE_SECONDS = 0.2
 
 
@@ -42,18 +44,16 @@ def _processes(root: int, known: dict[int, str]) -> dict[int, tuple[str, float]]
     """Per process of a reported kind: (kind, CPU seconds so far). `root`: the command's
     pid; `known`: the kinds found before, by pid (a process that has exited but is not
     reaped yet shows its final CPU, but no command line)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     seen: dict[int, tuple[int, str, float]] = {}  # pid -> (parent pid, command line, CPU)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parent, cpu = proc_stat(entry.name)
         except OSError:  # gone meanwhile
             continue
-        cpu = (int(fields[11]) + int(fields[12])) / ticks
-        seen[int(entry.name)] = (int(fields[1]), cmdline, cpu)
+        seen[int(entry.name)] = (parent, cmdline, cpu)
     ours = {root}
     grew = True
     while grew:  # the command's descendants

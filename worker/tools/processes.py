@@ -1,4 +1,5 @@
-"""Starting `leadrouter worker` as a child process (the bench, the tests)."""
+"""Starting `leadrouter worker` as a child process (the bench, the tests), and reading a
+process's CPU (the bench, cpu_by_process)."""
 
 import contextlib
 import ctypes
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 from worker.settings import Settings
@@ -15,6 +17,13 @@ _prctl: Any = None
 with contextlib.suppress(OSError, AttributeError):  # not Linux: children may outlive us
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 PR_SET_PDEATHSIG = 1
+
+
+def proc_stat(pid: int | str) -> tuple[int, float]:
+    """A process's parent pid and the CPU seconds it has used (user and system), from
+    /proc/PID/stat (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
