@@ -188,9 +188,9 @@ class _Race(_Smooth):
         heapq.heapify(self.ready)
 
     def _draw(self, operator_id: int) -> None:
+        """A turn drawn afresh from the clock (its heap entry is the caller's)."""
         weight = self.by_id[operator_id].weight
         self.start[operator_id] = self.clock + self.rng.expovariate(weight) - 1 / weight
-        self.version[operator_id] += 1
         self.drawn.add(operator_id)
 
     def _choose(
@@ -209,9 +209,7 @@ class _Race(_Smooth):
             elif key[0] <= self.clock:
                 heapq.heappop(self.ready)
                 self._draw(operator_id)
-                heapq.heappush(
-                    self.ready, (self.key(operator_id), operator_id, self.version[operator_id])
-                )
+                self._moved(self.ready, operator_id, self.key(operator_id))
             elif operator_id in skip:
                 set_aside.append(heapq.heappop(self.ready))
             elif last is not None and key > last:
@@ -240,13 +238,7 @@ class _LoadOrder:
         self.load = load
         # Assigned in this batch: later than anything in the database, in batch order.
         self.latest = max(
-            (
-                c.last_assigned_at
-                for cs in weights.values()
-                for c in cs
-                if c.last_assigned_at is not None
-            ),
-            default=datetime.now(UTC),
+            (at for at in self.assigned_at.values() if at is not None), default=datetime.now(UTC)
         )
         self.last: dict[int, datetime] = {}
 
