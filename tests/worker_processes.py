@@ -46,11 +46,27 @@ def spawn(settings: Settings, log_dir: Path, n: int) -> subprocess.Popen[bytes]:
         return spawn_worker(settings, log)
 
 
+def has_started(log_dir: Path, n: int) -> bool:
+    """Whether the worker logging to worker-N.log got as far as `worker_started`."""
+    return b"worker_started" in (log_dir / f"worker-{n}.log").read_bytes()
+
+
 async def wait_ready(pool: asyncpg.Pool, settings: Settings, log_dir: Path, n: int) -> None:
     async def started() -> bool:
-        return b"worker_started" in (log_dir / f"worker-{n}.log").read_bytes()
+        return has_started(log_dir, n)
 
     await wait_until(started, timeout=20, what=f"worker {n} started")
+
+
+async def started_or_ended(
+    procs: list[subprocess.Popen[bytes]], numbers: list[int], log_dir: Path
+) -> bool:
+    """Whether each of `procs` (logging to worker-N.log, N from `numbers`) has started or
+    has exited."""
+    return all(
+        proc.poll() is not None or has_started(log_dir, n)
+        for proc, n in zip(procs, numbers, strict=True)
+    )
 
 
 # The load of every operator after every commit that changed it, replayed from the

@@ -27,7 +27,7 @@ import pytest
 
 from tests.helpers import CLIENT_LIBRARIES, SUMMARIES, Expected, assert_clean_end, lead, wait_until
 from tests.servers import OwnCluster, OwnRabbitMQ
-from tests.worker_processes import PEAK_LOADS, logs_of, spawn
+from tests.worker_processes import PEAK_LOADS, has_started, logs_of, spawn
 from worker import admin, nodes, topology
 from worker.settings import Settings
 
@@ -245,7 +245,7 @@ async def test_nothing_lost_doubled_or_over_capacity_across_node_and_database_fa
         workers.append(spawn(worker_settings(0), tmp_path, WORKERS))
 
         async def late_worker_started() -> bool:
-            return b"worker_started" in (tmp_path / f"worker-{WORKERS}.log").read_bytes()
+            return has_started(tmp_path, WORKERS)
 
         await wait_until(late_worker_started, timeout=30, what="a worker started on two nodes")
         await back_in_the_cluster(cluster, first, settings.inbound_queue)

@@ -32,7 +32,7 @@ import pytest
 
 from tests.helpers import SUMMARIES, assert_clean_end, lead, wait_until
 from tests.servers import OwnServers
-from tests.worker_processes import PEAK_LOADS, logs_of, spawn
+from tests.worker_processes import PEAK_LOADS, logs_of, spawn, started_or_ended
 from worker import admin
 from worker.errors import REASON_HEADER
 from worker.settings import Settings
@@ -194,6 +194,7 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
     await event_queue.consume(on_event)
 
     workers = [spawn(settings, tmp_path, n) for n in range(2)]
+    numbers = [0, 1]  # each worker's log: worker-N.log
     spawned = 2
     killed = 0
     restarts: list[str] = []
@@ -285,6 +286,7 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
                 await asyncio.to_thread(workers[victim].wait)
                 killed += 1
                 workers[victim] = spawn(settings, tmp_path, spawned)
+                numbers[victim] = spawned
                 spawned += 1
                 next_kill = time.monotonic() + KILL_EVERY_SECONDS * rng.uniform(0.6, 1.4)
             await asyncio.sleep(0.1)
@@ -320,6 +322,15 @@ async def test_nothing_lost_doubled_or_over_capacity_through_faults(
             settled, timeout=180, what="every valid lead routed and every event received"
         )
     finally:
+        # One respawned just before the end may still be importing, and a SIGTERM before
+        # its handler is set ends it by default (-15). A graceful stop is what is checked,
+        # so each is given time to start first.
+        with contextlib.suppress(AssertionError):
+            await wait_until(
+                lambda: started_or_ended(workers, numbers, tmp_path),
+                timeout=30,
+                what="the last workers started",
+            )
         for proc in workers:
             proc.send_signal(signal.SIGTERM)
         exits = []
