@@ -1150,6 +1150,14 @@ async def dlq_purge(reason: str | None, yes: bool, scan_limit: int) -> int:
     is_flag=True,
     help="Measure twice: contacts' history off, then on; compare.",
 )
+@click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 20),
+    help="Repeat the comparison, every other round in the opposite order; ratios are "
+    "the rounds' geometric mean.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def bench(
@@ -1164,6 +1172,7 @@ async def bench(
     schedules: bool,
     offers: bool,
     history: bool,
+    rounds: int,
     as_json: bool,
 ) -> None:
     """Measure end-to-end throughput (or paced latency) in a throwaway database."""
@@ -1186,6 +1195,7 @@ async def bench(
         schedules=schedules,
         offers=offers,
         history=history,
+        rounds=rounds,
     )
     if as_json:
         click.echo(json.dumps(asdict(result)))

@@ -3,6 +3,7 @@ reference pipeline when asked, and leaves no database, exchange or queue behind.
 
 import json
 import re
+import statistics
 from dataclasses import asdict
 from typing import Any
 
@@ -170,4 +171,38 @@ async def test_history_measures_off_then_on(
     assert configured == [False, True]
     assert result.history_off is not None and result.history_off["messages_per_second"] > 0
     assert result.ratio_to_history_off is not None and result.ratio_to_history_off > 0
+    assert await _left_behind(made) == []
+
+
+async def test_rounds_alternate_the_order_and_average_the_ratios(
+    settings: Settings, made: list[Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--rounds 2 with --reference and --history: the reference, history off, history on,
+    then the other way round; each ratio the geometric mean of the rounds'."""
+    runs: list[tuple[str, bool]] = []
+    real = bench._measure
+
+    async def recording(base: Settings, *args: Any, **kwargs: Any) -> bench.Result:
+        runs.append((args[6], base.history))  # the pipeline, and history on or off
+        return await real(base, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", recording)
+    result = await bench.run_bench(
+        settings.model_copy(update={"history": False}),
+        200,
+        2,
+        0,
+        None,
+        Console(quiet=True),
+        reference=True,
+        history=True,
+        rounds=2,
+    )
+    first = [("reference", True), ("leadrouter", False), ("leadrouter", True)]
+    assert runs == first + first[::-1]
+    assert result.round_ratios is not None
+    for name in ("ratio_to_reference", "ratio_to_history_off"):
+        rounds = result.round_ratios[name]
+        assert len(rounds) == 2 and all(r > 0 for r in rounds)
+        assert getattr(result, name) == round(statistics.geometric_mean(rounds), 3)
     assert await _left_behind(made) == []

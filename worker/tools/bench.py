@@ -23,16 +23,23 @@ for each confirm, and a contact counts once its `contact.assigned` (the accept) 
 
 `--history` measures the same load twice, back to back: contacts' history off
 (LEADROUTER_HISTORY=off), then on, and reports the second against the first
-(`ratio_to_history_off`): what recording every decision costs."""
+(`ratio_to_history_off`): what recording every decision costs.
+
+`--rounds N` repeats a comparison N times, every other round in the opposite order, and
+reports each ratio as the geometric mean of the rounds' (`round_ratios`): on a shared
+machine the second of two back-to-back runs is often the faster, and alternating cancels
+that out."""
 
 import asyncio
 import json
 import random
 import resource
 import signal
+import statistics
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -104,6 +111,9 @@ class Result:
     # messages/s as a fraction of those.
     history_off: dict[str, float] | None = None
     ratio_to_history_off: float | None = None
+    # With --rounds N (N > 1): each ratio above is the geometric mean of these, one per
+    # round, every other round measured in the opposite order.
+    round_ratios: dict[str, list[float]] | None = None
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
@@ -282,6 +292,7 @@ async def run_bench(
     schedules: bool = False,
     offers: bool = False,
     history: bool = False,
+    rounds: int = 1,
 ) -> Result:
     """Measure leadrouter; with `reference`, first the reference pipeline on the same
     load: its figures go into `Result.reference`, and in throughput mode leadrouter's
@@ -291,51 +302,72 @@ async def run_bench(
     `offers`, leadrouter with offers off first, then on: the figures of the first go into
     `Result.offers_off`, the ratio into `ratio_to_offers_off`; with `history`, history off
     first, then on (`Result.history_off`, `ratio_to_history_off`); without, as the
-    settings say."""
+    settings say.
+
+    With `rounds` > 1 all of that is measured `rounds` times, every other round in the
+    opposite order (what ran first runs last), since on a shared machine the second of
+    two back-to-back runs is often the faster: each ratio is then the geometric mean of
+    the rounds' (each round's in `Result.round_ratios`), the figures the last round's."""
     team = (operators, weights_per_source, strategy)
     log.configure("WARNING", base.log_format)
     amqp_writes.install()  # the bench's own publishing and reading, lean (see _Publisher)
-    yardstick = None
-    if reference:
-        yardstick = await _measure(base, messages, sources, team, 1, rate, console, REFERENCE)
-    plain = None
     if history:
         base = base.model_copy(update={"history": True})
-    if schedules or offers or history:  # the same load without them first
-        plain = await _measure(
+    arms: dict[str, Callable[[], Awaitable[Result]]] = {}
+    if reference:
+        arms[REFERENCE] = lambda: _measure(
+            base, messages, sources, team, 1, rate, console, REFERENCE
+        )
+    if schedules or offers or history:  # the same load without them
+        arms["plain"] = lambda: _measure(
             base.model_copy(update={"history": base.history and not history}),
             messages, sources, team, workers, rate, console, LEADROUTER,
         )  # fmt: skip
-    result = await _measure(
+    arms[LEADROUTER] = lambda: _measure(
         base, messages, sources, team, workers, rate, console, LEADROUTER, schedules, offers
     )
-    if plain is not None:
+    ratios: dict[str, list[float]] = {}
+    for n in range(rounds):
+        order = list(arms) if n % 2 == 0 else list(reversed(arms))
+        measured = {name: await arms[name]() for name in order}
+        result = _compared(measured, schedules, offers, history, rate is None)
+        for name, value in asdict(result).items():
+            if name.startswith("ratio_to_") and value is not None:
+                ratios.setdefault(name, []).append(value)
+    if rounds > 1:
+        result.round_ratios = ratios
+        for name, values in ratios.items():
+            setattr(result, name, round(statistics.geometric_mean(values), 3))
+    return result
+
+
+def _compared(
+    measured: dict[str, Result], schedules: bool, offers: bool, history: bool, throughput: bool
+) -> Result:
+    """One round's leadrouter result, with the figures and ratios of what it is compared
+    with: the reference, the same load without schedules, offers or history ("plain")."""
+    result = measured[LEADROUTER]
+
+    def against(then: Result) -> tuple[dict[str, float], float | None]:
         figures = {
-            k: getattr(plain, k)
+            k: getattr(then, k)
             for k in ("messages_per_second", "latency_p50_ms", "latency_p99_ms")
-            if getattr(plain, k) is not None
-        } | {"cpu_seconds_per_1000": plain.cpu_seconds_per_1000}
-        ratio = (
-            round(result.messages_per_second / plain.messages_per_second, 3)
-            if rate is None
-            else None
-        )
+            if getattr(then, k) is not None
+        } | {"cpu_seconds_per_1000": then.cpu_seconds_per_1000}
+        if not throughput:
+            return figures, None
+        return figures, round(result.messages_per_second / then.messages_per_second, 3)
+
+    if REFERENCE in measured:
+        result.reference, result.ratio_to_reference = against(measured[REFERENCE])
+    if "plain" in measured:
+        figures, ratio = against(measured["plain"])
         if schedules:
             result.no_schedules, result.ratio_to_no_schedules = figures, ratio
         if offers:
             result.offers_off, result.ratio_to_offers_off = figures, ratio
         if history:
             result.history_off, result.ratio_to_history_off = figures, ratio
-    if yardstick is not None:
-        result.reference = {
-            k: getattr(yardstick, k)
-            for k in ("messages_per_second", "latency_p50_ms", "latency_p99_ms")
-            if getattr(yardstick, k) is not None
-        } | {"cpu_seconds_per_1000": yardstick.cpu_seconds_per_1000}
-        if rate is None:
-            result.ratio_to_reference = round(
-                result.messages_per_second / yardstick.messages_per_second, 3
-            )
     return result
 
 
