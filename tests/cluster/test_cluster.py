@@ -77,9 +77,9 @@ class Progress:
 
 
 class Publisher:
-    """Publishes leads at RATE in STREAMS, each with a message id of its own, waiting
-    for the broker's confirm and retrying (on another node) until it comes: `sent` holds
-    the confirmed ones, as an upstream bot would count them."""
+    """Publishes leads at RATE in STREAMS, each on a channel of its own and with a message
+    id of its own, waiting for the broker's confirm and retrying (on another node) until
+    it comes: `sent` holds the confirmed ones, as an upstream bot would count them."""
 
     def __init__(self, amqp_url: str, exchange: str) -> None:
         self._url = amqp_url
@@ -91,33 +91,41 @@ class Publisher:
     async def run(self, stop: asyncio.Event) -> None:
         connection = await nodes.connect_robust(self._url)
         try:
-            channel = await connection.channel(publisher_confirms=True)
-            await asyncio.gather(*(self._stream(channel, s, stop) for s in range(STREAMS)))
+            await asyncio.gather(*(self._stream(connection, s, stop) for s in range(STREAMS)))
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
 
     async def _stream(
-        self, channel: aio_pika.abc.AbstractChannel, stream: int, stop: asyncio.Event
+        self, connection: aio_pika.abc.AbstractConnection, stream: int, stop: asyncio.Event
     ) -> None:
+        channel = None
         n = 0
         while not stop.is_set():
             message_id = f"{stream}-{n}"
             if n % BAD_EVERY == BAD_EVERY - 1:
-                await self._one(channel, f"bad-{message_id}", b'{"source": ')
+                channel = await self._one(connection, channel, f"bad-{message_id}", b'{"source": ')
                 self.bad.append(f"bad-{message_id}")
             else:
                 body = json.dumps(lead(SOURCES[n % len(SOURCES)], f"x:{message_id}")).encode()
-                await self._one(channel, f"c-{message_id}", body)
+                channel = await self._one(connection, channel, f"c-{message_id}", body)
                 self.sent.append(f"c-{message_id}")
             n += 1
             await asyncio.sleep(STREAMS / RATE)
 
     async def _one(
-        self, channel: aio_pika.abc.AbstractChannel, message_id: str, body: bytes
-    ) -> None:
+        self,
+        connection: aio_pika.abc.AbstractConnection,
+        channel: aio_pika.abc.AbstractChannel | None,
+        message_id: str,
+        body: bytes,
+    ) -> aio_pika.abc.AbstractChannel:
+        """Publish until confirmed; returns the channel that got the confirm."""
         while True:
             try:
+                if channel is None:
+                    channel = connection.channel(publisher_confirms=True)
+                    await asyncio.wait_for(channel.initialize(), timeout=10)
                 exchange = await channel.get_exchange(self._exchange, ensure=False)
                 await asyncio.wait_for(
                     exchange.publish(
@@ -131,9 +139,16 @@ class Publisher:
                 )
             except Exception:  # the node went away before the confirm: again, elsewhere
                 self.retries += 1
+                # And on a fresh channel: RabbitMQ 3.10 nacks every later publish of a
+                # channel whose quorum queue client still names the stopped leader's node
+                # (it asks that node alone, again at each publish, until it is back).
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(channel.close(), timeout=5)
+                channel = None
                 await asyncio.sleep(0.2)
                 continue
-            return
+            return channel
 
 
 def leader(cluster: OwnCluster, queue: str) -> OwnRabbitMQ:
