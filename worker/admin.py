@@ -192,6 +192,15 @@ async def list_sources(pool: asyncpg.Pool) -> list[Row]:
     return [dict(r) for r in await pool.fetch(Q.list_sources)]
 
 
+async def set_source_history(pool: asyncpg.Pool, key: str, on: bool) -> Row:
+    """Record the source's decisions (`contacts explain`) from now on, or not; what is
+    recorded stays until pruned."""
+    row = await pool.fetchrow(Q.set_source_history, key, on)
+    if row is None:
+        raise UserError(f"no source with key {key!r}")
+    return dict(row)
+
+
 async def set_weights(pool: asyncpg.Pool, source_key: str, weights: dict[int, int]) -> int:
     """Replace the source's weights; returns how many queued contacts were then assigned."""
     bad = {op: w for op, w in weights.items() if w <= 0}

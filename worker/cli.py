@@ -564,7 +564,21 @@ async def sources_list(as_json: bool) -> None:
     columns = ["id", "key", "name", "description", "strategy", "affinity_hours"]
     if any(r.get("accept_timeout") for r in rows):  # a column of its own once offers are used
         columns.append("accept_timeout")
+    if not all(r.get("history") for r in rows):  # ... and once a source records no history
+        columns.append("history")
     _print_rows(rows, columns, as_json)
+
+
+@sources.command("history")
+@click.argument("key")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def sources_history(key: str, state: str, as_json: bool) -> None:
+    """Record the source's decisions (contacts explain) from now on, or not."""
+    async with await _pool(_settings()) as pool:
+        row = await admin.set_source_history(pool, key, state == "on")
+    _print_one(row, as_json)
 
 
 # --- weights -----------------------------------------------------------------------

@@ -139,9 +139,13 @@ FROM updated;
 -- Every source, with its queueing settings (the overflow target by key).
 SELECT s.id, s.key, s.name, s.description, s.strategy, s.affinity_hours, s.accept_timeout,
        s.expire_to_away, s.queue_order,
-       t.key AS overflow_to, s.overflow_after, s.alert_after
+       t.key AS overflow_to, s.overflow_after, s.alert_after, s.history
 FROM sources s LEFT JOIN sources t ON t.id = s.overflow_to
 ORDER BY s.id;
+
+-- name: set_source_history
+-- Record a source's decisions from now on, or not ($1 key, $2 on); no row: no source.
+UPDATE sources SET history = $2 WHERE key = $1 RETURNING key, history;
 
 -- name: delete_weights
 -- Remove all weights of a source ($1 source id).
@@ -676,9 +680,10 @@ SELECT * FROM given;
 -- rejected answer's, derived from its message id, when the message comes again) is
 -- written once, and so is its decision. With history on, each contact event's decision
 -- goes to contact_decisions in the same statement, all of a transaction's at this
--- statement's time (empty $7: history off) ($1 event ids, $2 contact ids, $3 routing
--- keys, $4 JSON payloads, $5 lease seconds, $6 offer attempts: 0 for a contact never
--- offered, $7 JSON decisions or NULL).
+-- statement's time, but for sources with history off (empty $7: history off everywhere,
+-- LEADROUTER_HISTORY) ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads,
+-- $5 lease seconds, $6 offer attempts: 0 for a contact never offered, $7 JSON decisions
+-- or NULL).
 WITH written AS (
     INSERT INTO outbox (event_id, contact_id, routing_key, payload, lease_until, attempt)
     SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json,
@@ -693,18 +698,20 @@ WITH written AS (
     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $7::text[])
         WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
     WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
+      AND t.detail::json ->> 'source' NOT IN (SELECT key FROM sources WHERE NOT history)
     ORDER BY t.n
 )
 SELECT id, event_id FROM written;
 
 -- name: insert_decisions
--- The decisions of events written by COPY (offers expired in bulk) ($1 contact ids,
--- $2 routing keys, $3 JSON decisions or NULL).
+-- The decisions of events written by COPY (offers expired in bulk), but for sources with
+-- history off ($1 contact ids, $2 routing keys, $3 JSON decisions or NULL).
 INSERT INTO contact_decisions (contact_id, kind, at, detail)
 SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::json
 FROM unnest($1::bigint[], $2::text[], $3::text[])
     WITH ORDINALITY AS t (contact_id, routing_key, detail, n)
 WHERE t.detail IS NOT NULL
+  AND t.detail::json ->> 'source' NOT IN (SELECT key FROM sources WHERE NOT history)
 ORDER BY t.n;
 
 -- name: contact_history
@@ -1008,8 +1015,8 @@ WHERE f.source_id = $1 AND c.id = f.contact_id AND c.status <> 'open';
 
 -- name: insert_timer_events
 -- The timers' events; one per contact and kind, ever: a second is dropped, and so is its
--- decision ($1 event ids, $2 contact ids, $3 routing keys, $4 JSON payloads, $5 JSON
--- decisions or NULL; empty: history off).
+-- decision; none for sources with history off ($1 event ids, $2 contact ids, $3 routing
+-- keys, $4 JSON payloads, $5 JSON decisions or NULL; empty: history off).
 WITH written AS (
     INSERT INTO outbox (event_id, contact_id, routing_key, payload)
     SELECT t.event_id, t.contact_id, t.routing_key, t.payload::json
@@ -1025,6 +1032,7 @@ SELECT t.contact_id, substr(t.routing_key, 9), statement_timestamp(), t.detail::
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[])
     WITH ORDINALITY AS t (event_id, contact_id, routing_key, detail, n)
 WHERE t.detail IS NOT NULL AND t.event_id IN (SELECT event_id FROM written)
+  AND t.detail::json ->> 'source' NOT IN (SELECT key FROM sources WHERE NOT history)
 ORDER BY t.n;
 
 -- name: oldest_queued

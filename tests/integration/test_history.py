@@ -13,7 +13,7 @@ import pytest
 from tests.commands import as_json, fails_cleanly, leadrouter
 from tests.helpers import EventCollector, lead, route_new, send, setup_source
 from tests.offering import answer, new, offering_source
-from worker import admin, availability, history, offers, source_queueing
+from worker import admin, availability, history, offers, source_queueing, timers
 from worker.app import Worker
 from worker.errors import UserError
 from worker.settings import Settings
@@ -200,6 +200,46 @@ async def test_history_off_records_nothing(pool: asyncpg.Pool, history_off: None
     assert await pool.fetchval("SELECT count(*) FROM contact_decisions") == 0
     s = await story(pool, "m-w:1")
     assert s["decisions"] == []
+
+
+async def test_a_source_with_history_off_records_nothing_the_others_do(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """`sources history KEY off`: that source's decisions, from routing, closes, the
+    timers and the bulk expiry, are not recorded; another source's still are."""
+    await setup_source(pool, "tg", [("t", 5, 1)])
+    [a] = await offering_source(pool, [("a", 1200, 1)])
+    await source_queueing.update_source(
+        pool, QueueingChange(alert_after=1), key="web", strategy=None
+    )
+    assert as_json(settings, "sources", "history", "web", "off", "--json") == {
+        "key": "web",
+        "history": False,
+    }
+    listed = leadrouter(settings, "sources", "list").stdout
+    assert "history" in listed and "False" in listed
+    await new(pool, "tg", "t:1")
+    ids = [f"w:{n}" for n in range(1100)]  # from 1,000 expired, the outbox is COPY'd
+    await new(pool, "web", *ids)
+    await pool.execute("UPDATE contacts SET offer_expires_at = now() - interval '1 second'")
+    web = await pool.fetchval("SELECT id FROM sources WHERE key = 'web'")
+    assert await offers.expire_source(pool, web) == 1100
+    await admin.close_contact(pool, await _id(pool, "m-w:1"))
+    await admin.update_operator(pool, a, max_load=0)
+    await new(pool, "web", "w:queued")
+    await pool.execute(
+        "UPDATE contacts SET created_at = now() - interval '2 seconds'"
+        " WHERE inbound_message_id = 'm-w:queued'"
+    )
+    await timers.tick(pool)
+    waiting = "SELECT count(*) FROM outbox WHERE routing_key = 'contact.waiting'"
+    assert await pool.fetchval(waiting) == 1  # the timers' event, without its decision
+    assert kinds(await story(pool, "m-t:1")) == ["assigned"]
+    assert await pool.fetchval("SELECT count(*) FROM contact_decisions") == 1
+    fails_cleanly(settings, "sources", "history", "nope", "off", expect="no source with key")
+    await admin.set_source_history(pool, "web", True)
+    await new(pool, "web", "w:again")
+    assert kinds(await story(pool, "m-w:again")) == ["queued"]
 
 
 async def test_retention_prunes_old_decisions_only(pool: asyncpg.Pool) -> None:
